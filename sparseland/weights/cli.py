@@ -1,0 +1,115 @@
+"""``sparseland prune``: post-training weight pruning of a model, saved as a sparse checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from sparseland.cli import add_data_args, add_model_args, positive_int
+from sparseland.errors import SparselandError
+
+METHODS = ("magnitude", "random", "wanda", "sparsegpt")
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a fraction such as 0.5") from None
+
+
+def build_config(args: argparse.Namespace):
+    from sparseland.weights import DSnoTConfig, MagnitudeConfig, RandomConfig, SparseGPTConfig, WandaConfig
+
+    common = dict(sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation, seed=args.seed)
+    if args.refine == "dsnot":
+        return DSnoTConfig(init=args.method, **common)
+    cls = {
+        "magnitude": MagnitudeConfig,
+        "random": RandomConfig,
+        "wanda": WandaConfig,
+        "sparsegpt": SparseGPTConfig,
+    }
+    return cls[args.method](**common)
+
+
+def _prune_command(args: argparse.Namespace) -> int:
+    config = build_config(args)  # validate before the slow model load
+    if Path(args.out).expanduser().exists():
+        raise SparselandError(f"--out {args.out} already exists; choose a new directory or delete it first")
+    from sparseland import sparsify_
+    from sparseland.data import load_corpus
+    from sparseland.models import load_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    corpus = load_corpus(tokenizer, args.text)
+    calib = (
+        corpus.calibration(args.calib_samples, args.seq_len, args.seed) if config.uses_calibration else None
+    )
+    report = sparsify_(model, config, calibration=calib)
+    print(f"pruned      {config.kind} {config.pattern} target {config.sparsity:.4g} ({config.allocation})")
+    print(
+        f"sparsity    {report.overall_sparsity:.4f} of the decoder-block Linear weights "
+        "(lm_head and embeddings stay dense)"
+    )
+    print(f"time        load {load_s:.1f} s, prune {report.seconds:.1f} s")
+    if args.eval:
+        from sparseland.evaluate import perplexity
+
+        windows = corpus.evaluation(args.seq_len, args.max_windows)
+        res = perplexity(model, windows, seq_len=args.seq_len, batch_size=args.batch_size)
+        print(f"perplexity  {res.perplexity:.3f} on {res.n_windows} x {res.seq_len} evaluation tokens")
+    from sparseland.runtime.checkpoint import save_sparse_checkpoint  # lazily: another area's module
+
+    metadata = {
+        "method": config.to_dict(),
+        "report": report.to_dict(),
+        "model": args.model,
+        "calibration": {"text": corpus.name, "samples": args.calib_samples, "seq_len": args.seq_len},
+    }
+    path = save_sparse_checkpoint(model, tokenizer, args.out, metadata=json.loads(json.dumps(metadata)))
+    print(f"saved       {path}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prune", help="post-training weight pruning (magnitude, random, Wanda, SparseGPT)"
+    )
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--method", choices=METHODS, default="wanda", help="pruning method (default: %(default)s)")
+    p.add_argument(
+        "--sparsity",
+        type=_fraction,
+        default=0.5,
+        help="fraction of weights set to zero, in [0, 1) (default: 0.5)",
+    )
+    p.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="'unstructured' or N:M, keep N of every M, e.g. 2:4 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--allocation", choices=("uniform", "owl"), default="uniform", help="per-layer sparsity allocation"
+    )
+    p.add_argument(
+        "--refine", choices=("dsnot",), default=None, help="refine the mask training-free with DSnoT"
+    )
+    p.add_argument(
+        "--calib-samples",
+        type=positive_int,
+        default=64,
+        help="calibration windows of --seq-len tokens (default: 64)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random pruning")
+    p.add_argument("--eval", action="store_true", help="print the perplexity after pruning")
+    p.add_argument("--out", required=True, help="output directory of the sparse checkpoint")
+    p.set_defaults(func=_prune_command)
+
+
+__all__ = ["SparselandError", "add_commands", "build_config"]

@@ -1,0 +1,331 @@
+"""The calibration driver: block by block through the decoder layers, as the Wanda and SparseGPT
+reference code do.
+
+Step 1: run the calibration windows through the embeddings and capture the first block's inputs (hidden
+states and the position-embedding / mask kwargs) with a pre-hook that raises to stop the forward.
+Step 2 (OWL only): one dense pass over the blocks to measure each block's outlier ratio, then allocate.
+Step 3: for each block, hook its Linear modules to collect input statistics over the calibration
+windows (sum of squares; X^T X when the method needs it), prune them, then run the pruned block on the
+inputs to make the next block's inputs. Memory: one block's activations of the calibration windows.
+
+Only the Linear modules inside the decoder blocks are pruned: lm_head and the embeddings stay dense.
+``filter_fn(module, name)`` narrows the set further (``name`` is the module's full name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparseland.api import FilterFn, register
+from sparseland.errors import SparselandError
+from sparseland.weights.config import (
+    DSnoTConfig,
+    MagnitudeConfig,
+    PruningConfig,
+    RandomConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
+from sparseland.weights.dsnot import dsnot_refine
+from sparseland.weights.masks import check_nm_shape, magnitude_scores, make_mask, random_scores, wanda_scores
+from sparseland.weights.owl import outlier_ratio, owl_allocation
+from sparseland.weights.sparsegpt import sparsegpt_prune
+
+CALIB_BATCH = 8  # calibration windows per block forward
+
+
+@dataclass
+class PruningReport:
+    method: str
+    pattern: str
+    target_sparsity: float
+    allocation: str
+    block_sparsity: list[float]  # the sparsity asked of each decoder block
+    layer_sparsity: dict[str, float] = field(default_factory=dict)  # measured zeros per pruned Linear
+    overall_sparsity: float = 0.0  # zeros / weights over the pruned Linears
+    seconds: float = 0.0
+    calibration_windows: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Temporarily set torch's intra-op threads (tight small-op loops want 1)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, old)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise SparselandError(
+            f"{type(model).__name__} has no decoder blocks at model.model.layers; weight pruning supports "
+            "Llama-style causal LMs (LlamaForCausalLM, Qwen2, Mistral, ...)"
+        )
+    return layers
+
+
+def block_linears(
+    block: torch.nn.Module, prefix: str, filter_fn: FilterFn | None
+) -> dict[str, torch.nn.Linear]:
+    out = {}
+    for name, mod in block.named_modules():
+        full = f"{prefix}.{name}"
+        if isinstance(mod, torch.nn.Linear) and (filter_fn is None or filter_fn(mod, full)):
+            out[full] = mod
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model, layers, calibration: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+    """Inputs of the first decoder block for each batch of calibration windows: [(hidden, kwargs)]."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for batch in calibration.split(CALIB_BATCH):
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_block(block, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    outs = []
+    for hidden, kwargs in batches:
+        y = block(hidden, **kwargs)
+        outs.append((y[0] if isinstance(y, tuple) else y, kwargs))
+    return outs
+
+
+class InputStats:
+    """Running statistics of a Linear's inputs x (in,): count, sum, sum of squares, optional sum x x^T."""
+
+    def __init__(self, in_features: int, gram: bool):
+        self.n = 0
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.sumsq = torch.zeros(in_features, dtype=torch.float64)
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64) if gram else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.n += x.shape[0]
+        self.sum += x.sum(0).double()
+        self.sumsq += (x * x).sum(0).double()
+        if self.gram is not None:
+            self.gram += (x.T @ x).double()
+
+    @property
+    def norm(self) -> torch.Tensor:  # ||X_j||_2 over all calibration tokens
+        return self.sumsq.sqrt().float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.n, 1)).float()
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sumsq / max(self.n, 1) - (self.sum / max(self.n, 1)) ** 2).clamp_min(0).float()
+
+
+@torch.no_grad()
+def collect_stats(block, linears: dict[str, torch.nn.Linear], batches, gram: bool) -> dict[str, InputStats]:
+    """Run ``block`` on ``batches`` with hooks on ``linears``; Linears fed the same tensor share stats."""
+    stats: dict[str, InputStats] = {}
+    seen: list[
+        tuple[torch.Tensor, InputStats]
+    ] = []  # this batch's input tensors (kept alive) and their stats
+
+    def make_hook(name):
+        def hook(module, args, output):
+            x = args[0]
+            shared = next((st for t, st in seen if t is x), None)
+            st = stats.get(name)
+            if st is None:
+                st = shared or InputStats(x.shape[-1], gram)
+                stats[name] = st
+            if shared is not st:  # first Linear of this batch fed by x
+                st.add(x)
+                seen.append((x, st))
+
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(name)) for name, mod in linears.items()]
+    try:
+        for hidden, kwargs in batches:
+            seen.clear()
+            block(hidden, **kwargs)
+        seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _layer_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7919) % (2**63)
+
+
+def prune_weight(
+    W: torch.Tensor, config: PruningConfig, sparsity: float, stats: InputStats | None, name: str, index: int
+) -> torch.Tensor:
+    """The pruned weight of one Linear under ``config`` at ``sparsity`` (pure given the statistics)."""
+    nm = config.nm
+    if nm is not None:
+        check_nm_shape(W.shape[1], nm[1], name)
+    if isinstance(config, DSnoTConfig):
+        W0 = prune_weight(W, config.init_config(), sparsity, stats, name, index)
+        with num_threads(1):
+            return dsnot_refine(
+                W,
+                W0,
+                stats.gram,
+                stats.mean,
+                stats.var,
+                max_cycles=config.max_cycles,
+                update_threshold=config.update_threshold,
+                pow_of_var=config.pow_of_var,
+                nm=nm,
+            )
+    if isinstance(config, SparseGPTConfig):
+        n, m = nm if nm is not None else (0, 0)
+        with num_threads(1):
+            return sparsegpt_prune(W, stats.gram, sparsity, n, m, config.blocksize, config.percdamp, name).to(
+                W.dtype
+            )
+    if isinstance(config, WandaConfig):
+        scores = wanda_scores(W, stats.norm)
+    elif isinstance(config, RandomConfig):
+        scores = random_scores(W, _layer_seed(config.seed, index))
+    elif isinstance(config, MagnitudeConfig):
+        scores = magnitude_scores(W)
+    else:
+        raise SparselandError(f"no pruning rule for {type(config).__name__}")
+    # torch.where, not W * mask: a product writes -0.0 for pruned negative weights, which sparse
+    # formats (bit-exact, so -0.0 is kept as a value) would then store as nonzeros.
+    return torch.where(make_mask(scores, sparsity, nm, name), W, torch.zeros((), dtype=W.dtype))
+
+
+def _check_calibration(calibration, config: PruningConfig) -> torch.Tensor:
+    if calibration is None:
+        raise SparselandError(
+            f"{type(config).__name__} needs calibration data: pass calibration=corpus.calibration(64, 512) "
+            "(a (N, T) LongTensor of token windows)"
+        )
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise SparselandError(
+            "calibration must be a (N, T) LongTensor of token ids, e.g. corpus.calibration(64, 512)"
+        )
+    if calibration.shape[0] == 0 or calibration.shape[1] == 0:
+        raise SparselandError("calibration is empty; pass at least one window of tokens")
+    return calibration
+
+
+@torch.no_grad()
+def owl_block_sparsities(
+    model, layers, batches, config: PruningConfig, filter_fn, progress: bool
+) -> list[float]:
+    """Dense pass over the blocks measuring each block's Wanda outlier ratio; OWL allocation of the target."""
+    ratios = []
+    for i, block in enumerate(
+        tqdm(layers, desc="owl outliers", unit="block", disable=not progress, leave=False)
+    ):
+        linears = block_linears(block, f"model.layers.{i}", filter_fn)
+        stats = collect_stats(block, linears, batches, gram=False)
+        scores = [
+            wanda_scores(mod.weight, stats[name].norm) for name, mod in linears.items() if name in stats
+        ]
+        ratios.append(outlier_ratio(scores, config.owl_m) if scores else 0.0)
+        batches = run_block(block, batches)
+    return owl_allocation(ratios, config.sparsity, config.owl_lambda)
+
+
+@torch.no_grad()
+def prune_model(
+    model: torch.nn.Module,
+    config: PruningConfig,
+    calibration: torch.Tensor | None = None,
+    filter_fn: FilterFn | None = None,
+    progress: bool = True,
+) -> PruningReport:
+    """Prune the Linear modules of ``model``'s decoder blocks in place; see the module docstring."""
+    start = time.perf_counter()
+    layers = decoder_layers(model)
+    n_blocks = len(layers)
+    nm = config.nm
+    # Fail early (before any work) on shapes an N:M pattern cannot cover.
+    if nm is not None:
+        for i, block in enumerate(layers):
+            for name, mod in block_linears(block, f"model.layers.{i}", filter_fn).items():
+                check_nm_shape(mod.in_features, nm[1], name)
+    batches = None
+    if config.uses_calibration:
+        calibration = _check_calibration(calibration, config)
+        was_training = model.training
+        model.eval()
+        batches = capture_block_inputs(model, layers, calibration)
+        model.train(was_training)
+    if config.allocation == "owl":
+        block_sparsity = owl_block_sparsities(model, layers, batches, config, filter_fn, progress)
+    else:
+        block_sparsity = [float(config.sparsity)] * n_blocks
+
+    report = PruningReport(
+        method=config.kind,
+        pattern=config.pattern,
+        target_sparsity=float(config.sparsity),
+        allocation=config.allocation,
+        block_sparsity=block_sparsity,
+        calibration_windows=0
+        if calibration is None or not config.uses_calibration
+        else int(calibration.shape[0]),
+    )
+    zeros = total = 0
+    index = 0
+    for i, block in enumerate(tqdm(layers, desc=f"prune {config.kind}", unit="block", disable=not progress)):
+        linears = block_linears(block, f"model.layers.{i}", filter_fn)
+        stats = {}
+        if config.needs_calibration:
+            stats = collect_stats(block, linears, batches, gram=config.needs_hessian)
+        for name, mod in linears.items():
+            W = mod.weight.data
+            new = prune_weight(W, config, block_sparsity[i], stats.get(name), name, index)
+            W.copy_(new)
+            z = int((W == 0).sum())
+            report.layer_sparsity[name] = z / W.numel()
+            zeros += z
+            total += W.numel()
+            index += 1
+        if batches is not None and i + 1 < n_blocks:
+            batches = run_block(block, batches)
+    report.overall_sparsity = zeros / total if total else 0.0
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+for _cfg in (MagnitudeConfig, RandomConfig, WandaConfig, SparseGPTConfig, DSnoTConfig):
+    register(_cfg)(prune_model)

@@ -1,0 +1,451 @@
+"""The frontier: a grid of (method x sparsity x pattern) cells, each measured side by side with dense.
+
+A ``Cell`` says what to do declaratively; a ``Runner`` registered under the cell's method name does
+it (``register_runner``), so new families (activation, attention sparsity) plug in without touching
+the sweep. Each cell is measured on a fresh copy of the dense model: perplexity on a fixed number of
+evaluation windows, the seconds the method took, model bytes (nonzero-aware, ``model_bytes``) and,
+optionally, decode tokens/s from a pluggable ``measure_speed(model) -> dict``. The dense model's speed
+is measured again right before each cell's, so each speedup is a side-by-side ratio even when the
+machine's load changes during a long sweep.
+
+Cells are keyed by a hash of the cell, the model, the data settings, the speed measurement and the
+code versions (``FRONTIER_VERSION`` for the protocol, ``Runner.version`` per method), and stored one
+by one as they finish (``store.ResultStore``); a rerun skips every cell whose key is stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparseland.bench.store import open_store
+from sparseland.errors import SparselandError
+
+FRONTIER_VERSION = "1"  # bump when the measurement protocol changes: invalidates every cell
+BASELINES = ("dense", "random", "magnitude")  # always in the grid
+SpeedFn = Callable[[torch.nn.Module], dict]
+Calibration = Callable[[], torch.Tensor]  # () -> (n, T) LongTensor, computed on first use
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"N:M"`` -> ``(N, M)``; ``"unstructured"`` -> ``None``; anything else is a clear error."""
+    if pattern == "unstructured":
+        return None
+    n, sep, m = pattern.partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+        return int(n), int(m)
+    raise SparselandError(f"pattern {pattern!r} is not 'unstructured' or 'N:M' with 0 < N < M (e.g. 2:4)")
+
+
+@dataclass
+class Cell:
+    """One grid point. ``pattern``: "dense", "unstructured" or "N:M"; ``options`` go to the method config."""
+
+    method: str
+    sparsity: float
+    pattern: str = "unstructured"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "sparsity": round(float(self.sparsity), 6),
+            "pattern": self.pattern,
+            "options": dict(sorted(self.options.items())),
+        }
+
+    @property
+    def label(self) -> str:
+        if self.method == "dense":
+            return "dense"
+        opts = "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.method} {self.sparsity:.0%} {self.pattern}{opts}"
+
+
+@dataclass(frozen=True)
+class FrontierSettings:
+    """What every cell shares: the model, the text and how much of it is used."""
+
+    model: str = "smollm2-135m"
+    text: str | None = None  # None: the embedded text
+    seq_len: int = 512
+    eval_windows: int = 16
+    calib_windows: int = 16
+    seed: int = 0
+    batch_size: int = 4  # not part of the cell key: it does not change the numbers
+
+    def key_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("batch_size")
+        return d
+
+
+@dataclass
+class Workload:
+    """The loaded dense model plus its data: evaluation windows and a lazy calibration set."""
+
+    model: torch.nn.Module
+    eval_windows: torch.Tensor  # (N, T)
+    calibration: Calibration
+    seed: int = 0  # for seeded methods (random pruning)
+
+
+# -- runners -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Runner:
+    """How to apply one method: ``apply(model, cell, workload)`` edits the model in place and may
+    return a JSON-able report. ``version`` is part of the cell key: bump it when the method changes."""
+
+    apply: Callable[[torch.nn.Module, Cell, Workload], Any]
+    version: str = "1"
+    family: str = "weights"
+    nm_patterns: bool = True  # False: the grid gives this method unstructured cells only
+
+
+RUNNERS: dict[str, Runner] = {}
+
+
+def register_runner(method: str, runner: Runner) -> None:
+    """Make ``method`` usable in grid cells (replaces an earlier runner of that name)."""
+    RUNNERS[method] = runner
+
+
+def get_runner(method: str) -> Runner:
+    if method not in RUNNERS:
+        raise SparselandError(f"unknown frontier method {method!r}; known: {', '.join(sorted(RUNNERS))}")
+    return RUNNERS[method]
+
+
+def _weights_runner(config_name: str, **defaults: Any) -> Runner:
+    """A runner for a ``sparseland.weights`` config class (imported when a cell runs, not before);
+    ``defaults`` are config fields the cell's ``options`` may override."""
+
+    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
+        import importlib.util
+
+        if importlib.util.find_spec("sparseland.weights") is None:
+            raise SparselandError(
+                f"method {cell.method!r} needs the sparseland.weights package, which is not installed; "
+                "install a sparseland release that includes weight pruning"
+            )
+        import sparseland.weights as weights
+        from sparseland.api import sparsify_
+
+        config_cls = getattr(weights, config_name, None)
+        if config_cls is None:
+            raise SparselandError(
+                f"sparseland.weights has no {config_name}; method {cell.method!r} is unavailable"
+            )
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        opts = {**({"seed": workload.seed} if "seed" in fields else {}), **defaults, **cell.options}
+        config = config_cls(sparsity=cell.sparsity, pattern=cell.pattern, **opts)
+        needs = getattr(config, "uses_calibration", getattr(config, "needs_calibration", True))
+        return sparsify_(model, config, calibration=workload.calibration() if needs else None)
+
+    return Runner(apply=apply, version="1", family="weights")
+
+
+register_runner("dense", Runner(apply=lambda model, cell, workload: None, family="dense"))
+register_runner("random", _weights_runner("RandomConfig"))
+register_runner("magnitude", _weights_runner("MagnitudeConfig"))
+register_runner("wanda", _weights_runner("WandaConfig"))
+register_runner("sparsegpt", _weights_runner("SparseGPTConfig"))
+register_runner("owl", _weights_runner("WandaConfig", allocation="owl"))  # OWL's allocation over Wanda
+register_runner("dsnot", _weights_runner("DSnoTConfig", init="wanda"))  # DSnoT refining Wanda
+
+
+# -- measurements --------------------------------------------------------------------------------
+def _linear_weights(model: torch.nn.Module, *, skip_output: bool = True) -> list[torch.Tensor]:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen, weights = set(), []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) and id(mod.weight) not in seen:
+            if skip_output and out_emb is not None and mod.weight is out_emb.weight:
+                continue
+            seen.add(id(mod.weight))
+            weights.append(mod.weight)
+    return weights
+
+
+def estimate_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a nonzero-aware checkpoint: dense tensors as they are, and each Linear weight with
+    zeros as a bitmask (1 bit per entry) plus its nonzero values, if that is smaller."""
+    linear = {id(w) for w in _linear_weights(model, skip_output=False)}
+    total = 0
+    for p in model.parameters():  # tied parameters are listed once
+        dense = p.numel() * p.element_size()
+        if id(p) in linear:
+            nnz = int(torch.count_nonzero(p.detach()))
+            dense = min(dense, (p.numel() + 7) // 8 + nnz * p.element_size())
+        total += dense
+    return total
+
+
+def model_bytes(model: torch.nn.Module) -> tuple[int, str]:
+    """``(bytes, source)``: the size of the runtime's compressed sparse checkpoint (``"checkpoint"``)
+    when the runtime is installed, else ``estimate_model_bytes`` (``"estimate"``)."""
+    try:
+        from sparseland.runtime.checkpoint import checkpoint_bytes, save_sparse_checkpoint
+    except ImportError:
+        return estimate_model_bytes(model), "estimate"
+    with tempfile.TemporaryDirectory(prefix="sparseland-bytes-") as tmp:
+        path = save_sparse_checkpoint(model, None, Path(tmp) / "ckpt", metadata={})
+        return checkpoint_bytes(path), "checkpoint"
+
+
+def measured_sparsity(model: torch.nn.Module) -> float:
+    """Fraction of zeros over the Linear weights (the output projection excluded)."""
+    weights = _linear_weights(model)
+    total = sum(w.numel() for w in weights)
+    zeros = sum(w.numel() - int(torch.count_nonzero(w.detach())) for w in weights)
+    return zeros / total if total else 0.0
+
+
+class GreedyDecodeSpeed:
+    """``measure_speed``: greedy decode of ``n_tokens`` with the plain model and its KV cache, timed
+    after ``warmup`` steps; the prompt's prefill is not timed."""
+
+    def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4) -> None:
+        self.n_tokens, self.prompt_len, self.warmup = n_tokens, prompt_len, warmup
+        self.speed_id = f"torch-greedy-n{n_tokens}-p{prompt_len}"
+
+    @torch.inference_mode()
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        vocab = model.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, self.prompt_len), generator=torch.Generator().manual_seed(0))
+        out = model(input_ids=prompt, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+        t0 = 0.0
+        for step in range(self.warmup + self.n_tokens):
+            if step == self.warmup:
+                t0 = time.perf_counter()
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        seconds = time.perf_counter() - t0
+        return {
+            "tokens_per_s": self.n_tokens / seconds,
+            "tokens": self.n_tokens,
+            "seconds": seconds,
+            "engine": "torch (plain)",
+        }
+
+
+class RuntimeDecodeSpeed:
+    """``measure_speed`` with the runtime: a copy of the model gets ``SparseLinear`` layers in the
+    format the runtime picks (``to_sparse_runtime_(format="auto")``: N:M, bitmask or dense) and
+    decodes greedily with the lean loop; tokens/s is 1 / the median per-token time (robust to a busy
+    machine's hiccups). The dense model goes through the same path, so ratios compare kernels fairly."""
+
+    def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4) -> None:
+        self.n_tokens, self.prompt_len, self.warmup = n_tokens, prompt_len, warmup
+        self.speed_id = f"runtime-lean-auto-n{n_tokens}-p{prompt_len}"
+        # converted copies, kept while their source model lives (the dense base is re-timed per cell)
+        self._converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        import statistics
+
+        from sparseland.runtime.generate import greedy_generate
+        from sparseland.runtime.modules import to_sparse_runtime_
+
+        if model not in self._converted:
+            fast = copy.deepcopy(model)
+            self._converted[model] = (fast, to_sparse_runtime_(fast, format="auto"))
+        fast, report = self._converted[model]
+        vocab = model.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, self.prompt_len), generator=torch.Generator().manual_seed(0))
+        greedy_generate(fast, prompt, self.warmup, stop_at_eos=False)
+        run = greedy_generate(fast, prompt, self.n_tokens, stop_at_eos=False)
+        return {
+            "tokens_per_s": 1.0 / statistics.median(run.per_token_seconds),
+            "tokens": self.n_tokens,
+            "seconds": run.decode_seconds,
+            "engine": "sparseland runtime (lean loop)",
+            "formats": report.formats,
+        }
+
+
+def default_speed_fn(n_tokens: int = 32) -> SpeedFn:
+    """The CLI's speed measurement: ``RuntimeDecodeSpeed`` when the runtime's lean loop and sparse
+    modules are installed, else ``GreedyDecodeSpeed`` (the plain model)."""
+    import importlib.util
+
+    if all(
+        importlib.util.find_spec(m) for m in ("sparseland.runtime.generate", "sparseland.runtime.modules")
+    ):
+        return RuntimeDecodeSpeed(n_tokens)
+    return GreedyDecodeSpeed(n_tokens)
+
+
+def speed_id(measure_speed: SpeedFn | None) -> str | None:
+    """A stable name for a speed function: its ``speed_id`` attribute, else its qualified name."""
+    if measure_speed is None:
+        return None
+    return getattr(
+        measure_speed, "speed_id", getattr(measure_speed, "__qualname__", type(measure_speed).__name__)
+    )
+
+
+# -- the grid ------------------------------------------------------------------------------------
+def cell_key(cell: Cell, settings: FrontierSettings, speed: str | None = None) -> str:
+    """Hash of everything that decides a cell's numbers: cell, model, data, speed and code versions."""
+    material = {
+        "cell": cell.to_dict(),
+        "settings": settings.key_dict(),
+        "speed": speed,
+        "frontier_version": FRONTIER_VERSION,
+        "runner_version": get_runner(cell.method).version,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def build_grid(methods: Sequence[str], sparsities: Sequence[float], patterns: Sequence[str]) -> list[Cell]:
+    """Cells for ``methods x sparsities x patterns`` with dense, random and magnitude always included.
+
+    An N:M pattern fixes the sparsity at ``1 - N/M``: one cell per method whatever the requested
+    sparsities. Duplicates are dropped; dense comes first.
+    """
+    for m in methods:
+        get_runner(m)
+    if not patterns:
+        raise SparselandError("no patterns given; pass e.g. --patterns unstructured,2:4")
+    for s in sparsities:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1:
+            raise SparselandError(f"sparsity {s!r} is outside (0, 1); pass fractions such as 0.5,0.7")
+    nms = [parse_pattern(p) for p in patterns]
+    if not sparsities and None in nms:
+        raise SparselandError("the unstructured pattern needs sparsities; pass e.g. --sparsities 0.5")
+    cells, seen = [Cell("dense", 0.0, "dense")], set()
+    for pattern, nm in zip(patterns, nms, strict=False):
+        for s in [1 - nm[0] / nm[1]] if nm else sparsities:
+            for m in dict.fromkeys([*BASELINES[1:], *methods]):
+                if nm and not get_runner(m).nm_patterns:
+                    continue
+                if m != "dense" and (m, round(s, 6), pattern) not in seen:
+                    seen.add((m, round(s, 6), pattern))
+                    cells.append(Cell(m, float(s), pattern))
+    return cells
+
+
+def load_workload(settings: FrontierSettings) -> Workload:
+    """Load the model and text named in ``settings`` (the embedded defaults unless overridden)."""
+    from sparseland.data import load_corpus
+    from sparseland.models import load_model
+
+    model, tokenizer = load_model(settings.model)
+    corpus = load_corpus(tokenizer, settings.text)
+    windows = corpus.evaluation(settings.seq_len, settings.eval_windows)
+    cache: list[torch.Tensor] = []
+
+    def calibration() -> torch.Tensor:
+        if not cache:
+            cache.append(corpus.calibration(settings.calib_windows, settings.seq_len, settings.seed))
+        return cache[0]
+
+    return Workload(model=model, eval_windows=windows, calibration=calibration, seed=settings.seed)
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe copy of a method's report (``to_dict`` objects and dataclasses are converted)."""
+    if value is None:
+        return None
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_cell(
+    base: torch.nn.Module,
+    cell: Cell,
+    workload: Workload,
+    settings: FrontierSettings,
+    measure_speed: SpeedFn | None = None,
+) -> dict[str, Any]:
+    """Apply ``cell`` to a copy of ``base`` and measure it; returns the result record (without its key)."""
+    from sparseland.evaluate import perplexity
+
+    model = copy.deepcopy(base)
+    runner = get_runner(cell.method)
+    torch.manual_seed(settings.seed)  # random baselines are reproducible
+    t0 = time.perf_counter()
+    report = runner.apply(model, cell, workload)
+    method_s = time.perf_counter() - t0
+    ppl = perplexity(
+        model, workload.eval_windows, seq_len=settings.seq_len, batch_size=settings.batch_size, progress=False
+    )
+    nbytes, source = model_bytes(model)
+    speed = dense_speed = None
+    if measure_speed is not None:  # dense measured right before the cell: a side-by-side ratio
+        dense_speed = measure_speed(base) if cell.method != "dense" else None
+        speed = measure_speed(model)
+    return {
+        "cell": cell.to_dict(),
+        "label": cell.label,
+        "family": runner.family,
+        "perplexity": ppl.perplexity,
+        "nll": ppl.nll,
+        "eval_windows": ppl.n_windows,
+        "eval_tokens": ppl.n_tokens,
+        "eval_seconds": ppl.seconds,
+        "method_seconds": method_s,
+        "model_bytes": nbytes,
+        "bytes_source": source,
+        "measured_sparsity": measured_sparsity(model),
+        "speed": speed,
+        "dense_speed": dense_speed or speed,
+        "method_report": _jsonable(report),
+    }
+
+
+def run_frontier(
+    cells: Sequence[Cell],
+    settings: FrontierSettings,
+    out_dir: str | Path,
+    *,
+    measure_speed: SpeedFn | None = None,
+    workload_fn: Callable[[FrontierSettings], Workload] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every cell not yet in ``out_dir``'s store, storing each as it finishes; return the grid's results.
+
+    The model is loaded only if some cell is missing. An interruption (Ctrl-C, kill -9) loses at most
+    the cell in progress; the next call resumes from the store.
+    """
+    sid = speed_id(measure_speed)
+    keys = [cell_key(c, settings, sid) for c in cells]
+    with open_store(out_dir) as store:
+        store.set_meta("grid", keys)
+        store.set_meta("settings", {**settings.key_dict(), "speed": sid})
+        done = store.keys()
+        todo = [(k, c) for k, c in zip(keys, cells, strict=False) if k not in done]
+        if todo:
+            workload = (workload_fn or load_workload)(settings)
+            base = workload.model.eval()
+            bar = tqdm(todo, desc="frontier", unit="cell", disable=not progress)
+            for key, cell in bar:
+                bar.set_postfix_str(cell.label)
+                result = run_cell(base, cell, workload, settings, measure_speed)
+                result.update(
+                    key=key,
+                    settings=settings.key_dict(),
+                    speed_id=sid,
+                    finished_at=time.time(),
+                    versions={"frontier": FRONTIER_VERSION, "runner": get_runner(cell.method).version},
+                )
+                store.put(result)
+            bar.close()
+        return store.results(keys)

@@ -1,20 +1,44 @@
 """sparseland: make transformer models sparse and turn the sparsity into measured CPU speed and size."""
 
 from sparseland.api import register, sparsify_
+from sparseland.bench import run_frontier
 from sparseland.config import SparsityConfig
 from sparseland.data import load_corpus
 from sparseland.errors import SparselandError
 from sparseland.evaluate import perplexity
 from sparseland.models import load_model
+from sparseland.runtime import (
+    greedy_generate,
+    load_sparse_checkpoint,
+    save_sparse_checkpoint,
+    to_sparse_runtime_,
+)
+from sparseland.weights import (
+    DSnoTConfig,
+    MagnitudeConfig,
+    RandomConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DSnoTConfig",
+    "MagnitudeConfig",
+    "RandomConfig",
+    "SparseGPTConfig",
     "SparselandError",
     "SparsityConfig",
+    "WandaConfig",
+    "greedy_generate",
     "load_corpus",
     "load_model",
+    "load_sparse_checkpoint",
     "perplexity",
     "register",
+    "run_frontier",
+    "save_sparse_checkpoint",
     "sparsify_",
+    "to_sparse_runtime_",
 ]

@@ -59,6 +59,6 @@ class SparsityConfig:
 def check_fraction(name: str, value: float, *, allow_one: bool = False) -> None:
     """Raise a clear error unless ``0 <= value < 1`` (or ``<= 1`` with ``allow_one``)."""
     hi_ok = value <= 1 if allow_one else value < 1
-    if not (isinstance(value, (int, float)) and 0 <= value and hi_ok):
+    if not (isinstance(value, (int, float)) and value >= 0 and hi_ok):
         bound = "[0, 1]" if allow_one else "[0, 1)"
         raise SparselandError(f"{name}={value!r} is outside {bound}; pass a fraction such as 0.5")

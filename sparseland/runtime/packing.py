@@ -82,3 +82,43 @@ def nm_merge(values: torch.Tensor, idx: torch.Tensor, m: int) -> torch.Tensor:
     out = values.new_zeros(rows, groups, m)
     out.scatter_(-1, idx, values)
     return out.reshape(rows, groups * m)
+
+
+def pack_stream(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative ints < 2**bits (any width 1..31) into a bit stream, LSB first. (n,) -> uint8."""
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = (x.reshape(-1, 1).to(torch.int64) >> shifts) & 1  # (n, bits)
+    return pack_bits(stream.reshape(-1).bool())
+
+
+def unpack_stream(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_stream`` -> (n,) int64."""
+    stream = unpack_bits(packed, n * bits).view(n, bits).to(torch.int64)
+    return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
+
+
+def combination_table(n: int, m: int) -> torch.Tensor:
+    """All ascending n-subsets of range(m) in lexicographic order: (C(m, n), n) int64."""
+    import itertools
+
+    return torch.tensor(list(itertools.combinations(range(m), n)), dtype=torch.int64).view(-1, n)
+
+
+def combination_bits(n: int, m: int) -> int:
+    """Bits per group to store the rank of one of C(m, n) index sets."""
+    import math
+
+    return max(1, (math.comb(m, n) - 1).bit_length())
+
+
+def rank_combinations(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """(..., n) ascending in-group indices -> (...,) rank among ``combination_table(n, m)``."""
+    n = idx.shape[-1]
+    base = m ** torch.arange(n - 1, -1, -1, dtype=torch.int64)  # (n,)
+    keys = (combination_table(n, m) * base).sum(-1)  # ascending, since combinations are lexicographic
+    return torch.searchsorted(keys, (idx * base).sum(-1))
+
+
+def unrank_combinations(rank: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """(...,) ranks -> (..., n) ascending in-group indices."""
+    return combination_table(n, m)[rank]

@@ -1,0 +1,219 @@
+"""Runtime weight formats: how a Linear weight W (out, in) is laid out for the kernels.
+
+Values are float32 or bfloat16; kernels accumulate in float32. Masks use 1 bit per weight, row by
+row: row r owns ``ceil(in/8)`` bytes, bit j (LSB first) of byte k is column 8k+j (columns past
+``in`` are 0). Bytes per weight at density d with value size s: dense s; bitmask 1/8 + d*s.
+
+- ``DenseFormat``:   ``weight`` (out, in) as is; the fast dense baseline.
+- ``BitmaskFormat``: unstructured. ``mask`` (out, ceil(in/8)) uint8; ``values`` the nonzeros row after
+  row in column order, then 8 zeros of padding; ``row_ptr`` (out+1,) int64 offsets into ``values``.
+  A CSR layout (2-byte column index per nonzero) costs 2+s bytes per nonzero and only beats the
+  bitmask below 1/16 density (s=4) - not worth a second decoder for pruned LLMs, so it is not used.
+- ``NMFormat``:      N:M with N/M = 1/2 (2:4, 4:8): at most N nonzeros in each group of M columns.
+  ``mask`` as above, but every byte has exactly 4 bits set (groups with fewer nonzeros keep some
+  zeros), so no row offsets are needed: row r's values start at r*ceil(in/8)*4. ``values`` packed
+  the same way + 8 zeros. The mask *is* the per-group index (a 4-bit position set per group of 4).
+  Same bytes as the bitmask at 50% (1/8 + s/2) but a cheaper decoder (fixed count per byte).
+- ``ActSparseFormat``: dense ``wt`` = W^T (in, out) row-major: a zero input channel i skips the
+  contiguous row wt[i]; for activation sparsity (inputs that are mostly zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparseland.errors import SparselandError
+from sparseland.runtime import kernels
+from sparseland.runtime.packing import max_nonzeros_per_group, nm_split
+
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PAD = 8  # trailing zero values so kernels may load 8 at a time
+
+
+def value_dtype_of(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
+    if name not in VALUE_DTYPES:
+        raise SparselandError(f"value dtype {name!r} is not supported; use one of {sorted(VALUE_DTYPES)}")
+    return VALUE_DTYPES[name]
+
+
+def _pack_row_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(out, in) bool -> (out, ceil(in/8)) uint8, LSB first."""
+    out, n = bits.shape
+    pad = (-n) % 8
+    b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad)).view(out, -1, 8)
+    return (b << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def _canonical(w: torch.Tensor, value_dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous copy in ``value_dtype`` with -0.0 turned into +0.0 (so it counts as a zero)."""
+    return (w.detach().to(value_dtype) + 0.0).contiguous()
+
+
+def _pad_values(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v.reshape(-1), v.new_zeros(PAD)])
+
+
+@dataclass
+class DenseFormat:
+    weight: torch.Tensor  # (out, in)
+    name = "dense"
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, value_dtype: torch.dtype = torch.float32) -> DenseFormat:
+        return cls(w.detach().to(value_dtype).contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
+        return kernels.dense_mm(self.weight, x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ref_dense_mm(self.weight, x.float())
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+@dataclass
+class BitmaskFormat:
+    mask: torch.Tensor  # (out, ceil(in/8)) uint8
+    row_ptr: torch.Tensor  # (out+1,) int64
+    values: torch.Tensor  # (nnz + PAD,)
+    in_features: int
+    name = "bitmask"
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, value_dtype: torch.dtype = torch.float32) -> BitmaskFormat:
+        w = _canonical(w, value_dtype)
+        nz = w != 0  # (out, in)
+        row_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
+        row_ptr[1:] = nz.sum(1).cumsum(0)
+        return cls(_pack_row_bits(nz), row_ptr, _pad_values(w[nz]), w.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.mask.shape[0], self.in_features)
+
+    def to_dense(self) -> torch.Tensor:
+        bits = kernels._unpack_rows(self.mask)[:, : self.in_features]
+        w = self.values.new_zeros(bits.shape)
+        w[bits] = self.values[: int(self.row_ptr[-1])]
+        return w
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.bitmask_mm(self.mask, self.row_ptr, self.values, x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ref_bitmask_mm(self.mask, self.row_ptr, self.values, x.float())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.mask, self.row_ptr, self.values))
+
+
+@dataclass
+class NMFormat:
+    mask: torch.Tensor  # (out, ceil(in/8)) uint8, 4 bits set per byte
+    values: torch.Tensor  # (out * ceil(in/8) * 4 + PAD,)
+    in_features: int
+    n: int
+    m: int
+    name = "nm"
+
+    @classmethod
+    def from_dense(
+        cls, w: torch.Tensor, value_dtype: torch.dtype = torch.float32, n: int = 2, m: int = 4
+    ) -> NMFormat:
+        if 2 * n != m or 8 % m:
+            raise SparselandError(f"N:M runtime format supports 1:2, 2:4 and 4:8, not {n}:{m}; use 'bitmask'")
+        w = _canonical(w, value_dtype)
+        out, cols = w.shape
+        if cols % m or (max_nonzeros_per_group(w, m) or 0) > n:
+            raise SparselandError(
+                f"weight {tuple(w.shape)} is not {n}:{m} sparse; prune with that pattern first"
+            )
+        wp = torch.nn.functional.pad(w, (0, (-cols) % 8))  # (out, in_pad); pad groups keep zeros
+        vals, idx = nm_split(wp, n, m)  # (out, in_pad/m, n)
+        bits = torch.zeros(out, wp.shape[1] // m, m, dtype=torch.bool)
+        bits.scatter_(-1, idx, True)
+        return cls(_pack_row_bits(bits.view(out, -1)), _pad_values(vals), cols, n, m)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.mask.shape[0], self.in_features)
+
+    def to_dense(self) -> torch.Tensor:
+        bits = kernels._unpack_rows(self.mask)
+        w = self.values.new_zeros(bits.shape)
+        w[bits] = self.values[: int(bits.sum())]
+        return w[:, : self.in_features]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.nm4_mm(self.mask, self.values, x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ref_nm4_mm(self.mask, self.values, x.float())
+
+    def nbytes(self) -> int:
+        return self.mask.numel() + self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class ActSparseFormat:
+    wt: torch.Tensor  # (in, out) = W^T
+    name = "actsparse"
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, value_dtype: torch.dtype = torch.float32) -> ActSparseFormat:
+        return cls(w.detach().to(value_dtype).T.contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.wt.shape[1], self.wt.shape[0])
+
+    def to_dense(self) -> torch.Tensor:
+        return self.wt.T
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.actsparse_mm(self.wt, x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ref_actsparse_mm(self.wt, x.float())
+
+    def nbytes(self) -> int:
+        return self.wt.numel() * self.wt.element_size()
+
+
+WeightFormat = DenseFormat | BitmaskFormat | NMFormat | ActSparseFormat
+FORMATS = {"dense": DenseFormat, "bitmask": BitmaskFormat, "nm": NMFormat, "actsparse": ActSparseFormat}
+
+
+def make_format(
+    w: torch.Tensor, format: str = "auto", value_dtype: torch.dtype = torch.float32
+) -> WeightFormat:
+    """Build a runtime format; ``auto`` picks N:M (2:4 / 4:8) when W is exactly that, else the smaller
+    of bitmask and dense (bitmask wins below ~97% density for fp32, ~94% for bf16)."""
+    if format == "auto":
+        w = _canonical(w, w.dtype)
+        for n, m in ((2, 4), (4, 8)):
+            if w.shape[1] % m == 0 and (max_nonzeros_per_group(w, m) or m) <= n:
+                return NMFormat.from_dense(w, value_dtype, n, m)
+        bm = BitmaskFormat.from_dense(w, value_dtype)
+        dense_bytes = w.numel() * torch.empty((), dtype=value_dtype).element_size()
+        return bm if bm.nbytes() < dense_bytes else DenseFormat.from_dense(w, value_dtype)
+    if format.count(":") == 1:
+        n, m = (int(v) for v in format.split(":"))
+        return NMFormat.from_dense(w, value_dtype, n, m)
+    if format not in FORMATS:
+        raise SparselandError(
+            f"unknown runtime format {format!r}; use auto, dense, bitmask, 2:4, 4:8 or actsparse"
+        )
+    return FORMATS[format].from_dense(w, value_dtype)

@@ -1,0 +1,125 @@
+"""Kernel dispatch: the C++ ops in ``torch.ops.sparseland`` or their pure-PyTorch references.
+
+Every op has a reference here that computes the same result from the same stored tensors. Force
+the references with ``SPARSELAND_FORCE_REFERENCE=1`` or ``with force_reference(): ...``. If the
+extension ``sparseland.runtime._C`` is missing, the references run, with a one-time warning.
+
+All ops: ``x`` (B, in) float32 -> (B, out) float32, accumulation in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+_state: dict[str, bool | None] = {"loaded": None, "forced": False, "warned": False}
+
+
+def extension_available() -> bool:
+    """True if the compiled kernels import (tried once)."""
+    if _state["loaded"] is None:
+        try:
+            import sparseland.runtime._C  # noqa: F401  (registers torch.ops.sparseland.*)
+
+            _state["loaded"] = True
+        except ImportError:
+            _state["loaded"] = False
+    return bool(_state["loaded"])
+
+
+def use_kernels() -> bool:
+    """Whether the C++ kernels run now (not forced off, and built)."""
+    if _state["forced"] or os.environ.get("SPARSELAND_FORCE_REFERENCE", "") not in ("", "0"):
+        return False
+    if extension_available():
+        return True
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(
+            "sparseland's C++ kernels (sparseland.runtime._C) are not built; using the slow PyTorch "
+            "references. Rebuild with `pip install --no-build-isolation -e .`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+@contextlib.contextmanager
+def force_reference(enabled: bool = True) -> Iterator[None]:
+    """Run the pure-PyTorch references inside the block."""
+    old = _state["forced"]
+    _state["forced"] = enabled
+    try:
+        yield
+    finally:
+        _state["forced"] = old
+
+
+def _unpack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(out, in8) uint8 -> (out, in8*8) bool, bit j of byte k is column 8k+j."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((mask.unsqueeze(-1) >> shifts) & 1).bool().reshape(mask.shape[0], -1)
+
+
+# ----- references -----------------------------------------------------------------------------------
+
+
+def ref_dense_mm(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x @ w.float().T  # (B, in) @ (in, out)
+
+
+def ref_bitmask_mm(
+    mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    bits = _unpack_rows(mask)  # (out, in_pad)
+    w = torch.zeros(bits.shape, dtype=torch.float32)
+    w[bits] = values[: int(row_ptr[-1])].float()
+    return x @ w[:, : x.shape[1]].T
+
+
+def ref_nm4_mm(mask: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    bits = _unpack_rows(mask)
+    w = torch.zeros(bits.shape, dtype=torch.float32)
+    w[bits] = values[: int(bits.sum())].float()
+    return x @ w[:, : x.shape[1]].T
+
+
+def ref_actsparse_mm(wt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x @ wt.float()  # (B, in) @ (in, out); zero inputs contribute nothing
+
+
+# ----- dispatch -------------------------------------------------------------------------------------
+
+
+def _prep(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous()
+
+
+def dense_mm(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(out, in) fp32/bf16 weight, (B, in) -> (B, out)."""
+    x = _prep(x)
+    return torch.ops.sparseland.dense_mm(w, x) if use_kernels() else ref_dense_mm(w, x)
+
+
+def bitmask_mm(
+    mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    x = _prep(x)
+    if use_kernels():
+        return torch.ops.sparseland.bitmask_mm(mask, row_ptr, values, x)
+    return ref_bitmask_mm(mask, row_ptr, values, x)
+
+
+def nm4_mm(mask: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    x = _prep(x)
+    return torch.ops.sparseland.nm4_mm(mask, values, x) if use_kernels() else ref_nm4_mm(mask, values, x)
+
+
+def actsparse_mm(wt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(in, out) W^T, (B, in) mostly-zero inputs -> (B, out); rows of W^T for zero inputs are skipped."""
+    x = _prep(x)
+    return torch.ops.sparseland.actsparse_mm(wt, x) if use_kernels() else ref_actsparse_mm(wt, x)

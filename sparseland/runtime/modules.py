@@ -1,0 +1,142 @@
+"""``SparseLinear`` and ``to_sparse_runtime_``: swap a model's Linear layers for runtime formats in place.
+
+    report = to_sparse_runtime_(model, format="auto", value_dtype="float32")
+
+Decode (a few rows) runs the C++ kernels; long prefills (more than ``DENSE_ROWS`` rows) rebuild the
+dense weight for the call and use torch's GEMM, which is compute-bound and faster there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparseland.runtime.formats import DenseFormat, WeightFormat, make_format, value_dtype_of
+
+DENSE_ROWS = 32
+
+
+class SparseLinear(torch.nn.Module):
+    """A Linear layer whose weight lives in a runtime format (no dense copy kept)."""
+
+    def __init__(self, weight: WeightFormat, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight_format = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls, linear: torch.nn.Linear, format: str = "auto", value_dtype: torch.dtype = torch.float32
+    ) -> SparseLinear:
+        return cls(make_format(linear.weight.data, format, value_dtype), linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (rebuilt on every access; for inspection, not for speed)."""
+        return self.weight_format.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (rows, in)
+        if x2.shape[0] > DENSE_ROWS:
+            y = torch.nn.functional.linear(x2.float(), self.weight_format.to_dense().float())
+        else:
+            y = self.weight_format.matmul(x2)  # (rows, out) float32
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        return self.weight_format.nbytes()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.weight_format.name}"
+
+
+@dataclass
+class RuntimeReport:
+    replaced: int
+    formats: dict[str, int]
+    dense_bytes: int  # the replaced weights before (in their original dtype)
+    runtime_bytes: int  # the replaced weights after
+
+    @property
+    def ratio(self) -> float:
+        return self.runtime_bytes / max(1, self.dense_bytes)
+
+
+def _default_filter(module: torch.nn.Module, name: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+
+
+def to_sparse_runtime_(
+    model: torch.nn.Module,
+    format: str = "auto",
+    value_dtype: str | torch.dtype = "float32",
+    filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
+    lm_head_dtype: str | torch.dtype | None = None,
+) -> RuntimeReport:
+    """Replace Linear layers (default: all but lm_head) by ``SparseLinear`` in place.
+
+    ``format``: auto (N:M if exact, else bitmask if smaller, else dense), dense, bitmask, 2:4, 4:8,
+    actsparse. ``lm_head_dtype`` (float32/bfloat16): also run lm_head on the dense kernel in that dtype
+    (a bfloat16 copy unties it from the embeddings; float32 shares their storage).
+    """
+    vdt = value_dtype_of(value_dtype)
+    keep = filter_fn or _default_filter
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and keep(m, n)]
+    formats: dict[str, int] = {}
+    dense_bytes = runtime_bytes = 0
+    for name, lin in targets:
+        new = SparseLinear.from_linear(lin, format, vdt)
+        _set_module(model, name, new)
+        formats[new.weight_format.name] = formats.get(new.weight_format.name, 0) + 1
+        dense_bytes += lin.weight.numel() * lin.weight.element_size()
+        runtime_bytes += new.nbytes()
+    if lm_head_dtype is not None:
+        head = model.get_output_embeddings()
+        if isinstance(head, torch.nn.Linear):
+            dt = value_dtype_of(lm_head_dtype)
+            model.set_output_embeddings(SparseLinear(DenseFormat.from_dense(head.weight.data, dt), head.bias))
+    return RuntimeReport(len(targets), formats, dense_bytes, runtime_bytes)
+
+
+def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def weight_bytes(model: torch.nn.Module, include_lm_head: bool = True) -> int:
+    """Bytes of the weights read per decoded token: every Linear / SparseLinear (embeddings excluded:
+    a token reads one row). A tied lm_head counts once, as the lm_head."""
+    total = 0
+    for name, m in model.named_modules():
+        if name.endswith("lm_head") and not include_lm_head:
+            continue
+        if isinstance(m, SparseLinear):
+            total += m.nbytes()
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model: parameters, buffers and runtime formats, shared storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            f = m.weight_format
+            tensors += [
+                getattr(f, k) for k in f.__dataclass_fields__ if isinstance(getattr(f, k), torch.Tensor)
+            ]
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total

@@ -15,7 +15,12 @@ import time
 
 from sparseland.errors import SparselandError
 
-COMMAND_MODULES: list[str] = ["sparseland.bench.cli", "sparseland.weights.cli", "sparseland.runtime.cli"]
+COMMAND_MODULES: list[str] = [
+    "sparseland.bench.cli",
+    "sparseland.weights.cli",
+    "sparseland.runtime.cli",
+    "sparseland.activations.cli",
+]
 
 
 def positive_int(text: str) -> int:

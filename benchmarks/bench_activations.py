@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from sparseland.activations import (
 from sparseland.activations.methods import apply_cats, apply_chess, apply_rsparse, apply_teal, apply_wina
 from sparseland.data import load_corpus
 from sparseland.evaluate import perplexity
+from sparseland.io import write_text_atomic
 from sparseland.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,14 +50,6 @@ METHODS = {  # label -> (apply function, config factory)
     "rsparse-r16": (apply_rsparse, lambda s: RSparseConfig(sparsity=s, rank=16, match_compute=True)),
     "rsparse-r16-nomatch": (apply_rsparse, lambda s: RSparseConfig(sparsity=s, rank=16)),
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown(out: dict) -> str:
@@ -109,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(RESULTS / "activations"))
     ap.add_argument("--no-greedy", dest="greedy", action="store_false", help="skip greedy TEAL")
-    ap.add_argument(
-        "--no-diagnose", dest="diagnose", action="store_false", help="skip the per-group TEAL runs"
-    )
+    ap.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="skip the per-group TEAL runs")
     args = ap.parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     methods = args.methods.split(",")
@@ -182,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         base = Path(args.out)
-        write_atomic(base.with_suffix(".json"), json.dumps(out, indent=1) + "\n")
-        write_atomic(base.with_suffix(".md"), markdown(out))
+        write_text_atomic(base.with_suffix(".json"), json.dumps(out, indent=1) + "\n")
+        write_text_atomic(base.with_suffix(".md"), markdown(out))
     return 0
 
 

@@ -16,13 +16,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from sparseland import load_corpus, load_model, perplexity, sparsify_
+from sparseland.io import write_text_atomic
 from sparseland.weights import DSnoTConfig, MagnitudeConfig, RandomConfig, SparseGPTConfig, WandaConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,25 +40,17 @@ def plan(methods: list[str], extras: bool) -> list[dict]:
     runs = []
     for method in methods:
         pats = PATTERNS if method != "random" else [("unstructured", 0.5), ("2:4", 0.5)]
-        runs += [
-            dict(method=method, pattern=p, sparsity=s, allocation="uniform", refine=None) for p, s in pats
-        ]
+        runs += [dict(method=method, pattern=p, sparsity=s, allocation="uniform", refine=None) for p, s in pats]
     if extras:
         for method in [m for m in ("wanda", "sparsegpt") if m in methods]:
             for s in (0.5, 0.6, 0.7):
-                runs.append(
-                    dict(method=method, pattern="unstructured", sparsity=s, allocation="owl", refine=None)
-                )
+                runs.append(dict(method=method, pattern="unstructured", sparsity=s, allocation="owl", refine=None))
             for p, s in PATTERNS:
                 if method == "sparsegpt" and p == "unstructured" and s == 0.6:
                     continue
                 runs.append(dict(method=method, pattern=p, sparsity=s, allocation="uniform", refine="dsnot"))
             if method == "wanda":
-                runs.append(
-                    dict(
-                        method=method, pattern="unstructured", sparsity=0.7, allocation="owl", refine="dsnot"
-                    )
-                )
+                runs.append(dict(method=method, pattern="unstructured", sparsity=0.7, allocation="owl", refine="dsnot"))
     return runs
 
 
@@ -73,14 +65,6 @@ def label(run: dict) -> str:
     pat = f"{run['sparsity']:.0%}" if run["pattern"] == "unstructured" else run["pattern"]
     extra = "".join([" +OWL" if run["allocation"] == "owl" else "", " +DSnoT" if run["refine"] else ""])
     return f"{run['method']}{extra} {pat}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown(doc: dict) -> str:
@@ -177,10 +161,10 @@ def main(argv=None) -> int:
             f"prune {rep.seconds:6.1f} s",
             flush=True,
         )
-        write_atomic(out.with_suffix(".json"), json.dumps(doc, indent=2))
-        write_atomic(out.with_suffix(".md"), markdown(doc))
-    write_atomic(out.with_suffix(".json"), json.dumps(doc, indent=2))
-    write_atomic(out.with_suffix(".md"), markdown(doc))
+        write_text_atomic(out.with_suffix(".json"), json.dumps(doc, indent=2))
+        write_text_atomic(out.with_suffix(".md"), markdown(doc))
+    write_text_atomic(out.with_suffix(".json"), json.dumps(doc, indent=2))
+    write_text_atomic(out.with_suffix(".md"), markdown(doc))
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from sparseland.bench.store import open_store
 from sparseland.errors import SparselandError
+from sparseland.io import write_text_atomic
 
 PLOTS = {
     "sparsity": "perplexity_vs_sparsity.png",
@@ -70,8 +71,7 @@ def summary(results: list[Result], n_expected: int | None = None) -> list[str]:
         mb = dense["model_bytes"] / 1e6
         tps = f", {_tps(dense):.1f} tokens/s decode" if _tps(dense) else ""
         lines.append(
-            f"Dense model: perplexity {dense['perplexity']:.2f} on {dense['eval_windows']} windows, "
-            f"{mb:.0f} MB{tps}."
+            f"Dense model: perplexity {dense['perplexity']:.2f} on {dense['eval_windows']} windows, {mb:.0f} MB{tps}."
         )
     groups: dict[tuple[str, float], list[Result]] = {}
     for r in results:
@@ -166,9 +166,7 @@ def text_table(results: list[Result]) -> str:
     """The results table as aligned plain text, for the terminal."""
     head, rows = table(results)
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
-    return "\n".join(
-        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=False)) for row in [head, *rows]
-    )
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=False)) for row in [head, *rows])
 
 
 def _style(pattern: str, nm_patterns: list[str]) -> str:
@@ -184,9 +182,7 @@ def plot(results: list[Result], kind: str, path: Path) -> Path:
 
     dense = _dense(results)
     methods = list(dict.fromkeys(r["cell"]["method"] for r in results if r["cell"]["method"] != "dense"))
-    nm_patterns = list(
-        dict.fromkeys(r["cell"]["pattern"] for r in results if r["cell"]["pattern"] not in MARKERS)
-    )
+    nm_patterns = list(dict.fromkeys(r["cell"]["pattern"] for r in results if r["cell"]["pattern"] not in MARKERS))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     xs = {
         "sparsity": lambda r: 100 * r["cell"]["sparsity"],
@@ -257,12 +253,6 @@ def plot(results: list[Result], kind: str, path: Path) -> Path:
     return path
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(
     results: list[Result],
     out_dir: str | Path,
@@ -293,7 +283,7 @@ def write_report(
         "",
         *[f"![{k}]({p.name})\n" for k, p in pngs.items()],
     ]
-    _write(out / "report.md", "\n".join(md) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(md) + "\n")
     head, rows = table(results)
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>" for row in rows)
     imgs = "".join(
@@ -311,7 +301,7 @@ def write_report(
         + "".join(f"<th>{html.escape(h)}</th>" for h in head)
         + f"</tr>{cells}</table><h2>Plots</h2>{imgs}</body></html>\n"
     )
-    _write(out / "report.html", page)
+    write_text_atomic(out / "report.html", page)
     return {"md": out / "report.md", "html": out / "report.html", **pngs}
 
 

@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sparseland.errors import SparselandError
 from sparseland.weights import (
     dsnot_refine,
     is_nm,
@@ -120,11 +121,18 @@ def test_dsnot_deterministic():
     lam=st.floats(0, 0.1),
 )
 def test_owl_allocation_averages_to_target(ratios, target, lam):
+    # A layer can sit up to 2*lam from the target; outside [0, 1) OWL refuses (tested below).
+    assume(2 * lam <= target < 1 - 2 * lam)
     s = owl_allocation(ratios, target, lam)
     assert len(s) == len(ratios)
     assert math.isclose(sum(s) / len(s), target, abs_tol=1e-9)
     assert all(target - 2 * lam - 1e-9 <= x <= target + 2 * lam + 1e-9 for x in s)
     assert max(s) - min(s) <= 2 * lam + 1e-9
+
+
+def test_owl_allocation_out_of_range_is_a_clear_error():
+    with pytest.raises(SparselandError, match="owl_lambda"):
+        owl_allocation([0.0, 0.0, 0.125], 0.109375, 0.09375)
 
 
 def test_owl_more_outliers_less_sparsity():

@@ -20,6 +20,9 @@ COMMAND_MODULES: list[str] = [
     "sparseland.weights.cli",
     "sparseland.runtime.cli",
     "sparseland.activations.cli",
+    "sparseland.attention.cli",
+    "sparseland.evaluate.cli",
+    "sparseland.training.cli",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Sparse attention (prefill patterns, decode selection) and KV-cache sparsity."""

@@ -1,0 +1,1 @@
+"""Sparse training and sparse fine-tuning (masks kept through optimizer steps)."""

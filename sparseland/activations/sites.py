@@ -109,7 +109,7 @@ def install(model: torch.nn.Module, config: dict[str, Any], sites: list[Site]) -
     state = ActivationState(config=json.loads(json.dumps(config)), sites=sites)  # JSON-normal form
     for site in sites:
         mod = modules.get(site.module)
-        if not isinstance(mod, torch.nn.Linear):
+        if not (isinstance(mod, torch.nn.Linear) or hasattr(mod, "weight_format")):  # Linear or SparseLinear
             raise SparselandError(
                 f"activation site {site.module!r} is not a Linear of this model; wrong model?"
             )

@@ -72,26 +72,61 @@ def _default_filter(module: torch.nn.Module, name: str) -> bool:
     return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
 
 
+def activation_sparse_layers(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+    """``(actsparse, keep_linear)`` from the model's activation sparsity (``sparseland.activations``):
+    Linear names whose input is made sparse -- thresholded or top-k inputs, and the down projection
+    after a sparsified MLP gate -- and the R-Sparse sites, which need the dense weight and stay Linear."""
+    from sparseland.activations.sites import get_state
+
+    state = get_state(model)
+    if state is None:
+        return set(), set()
+    act, keep = set(), set()
+    for site in state.sites:
+        if site.lr_a is not None:
+            keep.add(site.module)
+        elif site.where == "input":
+            act.add(site.module)
+        else:  # gate_act: act(gate) * up is the down projection's input
+            mlp = site.module.rpartition(".")[0]
+            act.add(f"{mlp}.down_proj" if mlp else "down_proj")
+    return act - keep, keep
+
+
 def to_sparse_runtime_(
     model: torch.nn.Module,
     format: str = "auto",
     value_dtype: str | torch.dtype = "float32",
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
     lm_head_dtype: str | torch.dtype | None = None,
+    activation_sparse: bool = True,
 ) -> RuntimeReport:
     """Replace Linear layers (default: all but lm_head) by ``SparseLinear`` in place.
 
     ``format``: auto (N:M if exact, else bitmask if smaller, else dense), dense, bitmask, 2:4, 4:8,
     actsparse. ``lm_head_dtype`` (float32/bfloat16): also run lm_head on the dense kernel in that dtype
     (a bfloat16 copy unties it from the embeddings; float32 shares their storage).
+    ``activation_sparse``: if the model carries activation sparsity (``sparsify_`` with a TEAL, CATS,
+    CHESS or WINA config), the layers whose inputs it zeroes get the ``actsparse`` format (skipping
+    the weight rows of zero inputs) whatever ``format`` says, and its hooks move to the new modules.
     """
+    from sparseland.activations.sites import get_state, install, remove
+
     vdt = value_dtype_of(value_dtype)
     keep = filter_fn or _default_filter
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and keep(m, n)]
+    act_layers, keep_linear = activation_sparse_layers(model) if activation_sparse else (set(), set())
+    state = get_state(model)
+    if state is not None:
+        remove(model)  # hooks hang on the old modules; reinstalled on the new ones below
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and keep(m, n) and n not in keep_linear
+    ]
     formats: dict[str, int] = {}
     dense_bytes = runtime_bytes = 0
     for name, lin in targets:
-        new = SparseLinear.from_linear(lin, format, vdt)
+        new = SparseLinear.from_linear(lin, "actsparse" if name in act_layers else format, vdt)
         _set_module(model, name, new)
         formats[new.weight_format.name] = formats.get(new.weight_format.name, 0) + 1
         dense_bytes += lin.weight.numel() * lin.weight.element_size()
@@ -101,6 +136,8 @@ def to_sparse_runtime_(
         if isinstance(head, torch.nn.Linear):
             dt = value_dtype_of(lm_head_dtype)
             model.set_output_embeddings(SparseLinear(DenseFormat.from_dense(head.weight.data, dt), head.bias))
+    if state is not None:
+        install(model, state.config, state.sites)
     return RuntimeReport(len(targets), formats, dense_bytes, runtime_bytes)
 
 
@@ -131,9 +168,7 @@ def model_bytes(model: torch.nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, SparseLinear):
             f = m.weight_format
-            tensors += [
-                getattr(f, k) for k in f.__dataclass_fields__ if isinstance(getattr(f, k), torch.Tensor)
-            ]
+            tensors += [getattr(f, k) for k in f.__dataclass_fields__ if isinstance(getattr(f, k), torch.Tensor)]
     for t in tensors:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:

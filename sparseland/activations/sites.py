@@ -115,9 +115,9 @@ def install(model: torch.nn.Module, config: dict[str, Any], sites: list[Site]) -
             )
         if site.where == "input":
             if site.lr_a is not None:
-                state.handles.append(mod.register_forward_hook(_rsparse_hook(state, site)))
+                state.handles.append(mod.register_forward_hook(_mark(_rsparse_hook(state, site))))
             else:
-                state.handles.append(mod.register_forward_pre_hook(_input_hook(state, site)))
+                state.handles.append(mod.register_forward_pre_hook(_mark(_input_hook(state, site))))
         elif site.where == "gate_act":
             parent = modules.get(site.module.rpartition(".")[0])
             act = getattr(parent, "act_fn", None)
@@ -125,19 +125,29 @@ def install(model: torch.nn.Module, config: dict[str, Any], sites: list[Site]) -
                 raise SparselandError(
                     f"{site.module!r} has no parent MLP with an act_fn; gate sites need one"
                 )
-            state.handles.append(mod.register_forward_hook(_gate_hook(state, site, act)))
+            state.handles.append(mod.register_forward_hook(_mark(_gate_hook(state, site, act))))
         else:
             raise SparselandError(f"unknown site kind {site.where!r}; expected 'input' or 'gate_act'")
     setattr(model, ATTR, state)
     return state
 
 
+def _mark(hook):
+    hook._sparseland_activation = True  # how ``remove`` finds our hooks, also on a deep copy of the model
+    return hook
+
+
 def remove(model: torch.nn.Module) -> None:
-    """Undo activation sparsity: remove the hooks and the state (the weights were never touched)."""
-    state = getattr(model, ATTR, None)
-    if state is not None:
-        for h in state.handles:
-            h.remove()
+    """Undo activation sparsity: remove the hooks and the state (the weights were never touched).
+
+    Hooks are found on the modules by their mark, not through stored handles: a ``copy.deepcopy`` of
+    the model carries copies of the hooks whose handles would point at the original's modules.
+    """
+    for mod in model.modules():
+        for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "_sparseland_activation", False)]:
+                del hooks[key]
+    if hasattr(model, ATTR):
         delattr(model, ATTR)
 
 

@@ -15,7 +15,7 @@ from sparseland.bench.store import open_store
 from sparseland.cli import add_model_args, positive_int
 from sparseland.errors import SparselandError
 
-DEFAULT_METHODS = "magnitude,random,wanda,sparsegpt"
+DEFAULT_METHODS = "magnitude,random,wanda,sparsegpt,teal"
 QUICK_METHODS = "magnitude,random,wanda"
 # (eval windows, calibration windows, speed tokens): full and --quick
 FULL_SIZES, QUICK_SIZES = (16, 16, 32), (4, 8, 16)
@@ -35,9 +35,7 @@ def parse_sparsities(text: str) -> list[float]:
         try:
             value = float(item[:-1]) / 100 if item.endswith("%") else float(item)
         except ValueError:
-            raise SparselandError(
-                f"--sparsities: {item!r} is not a number; pass fractions like 0.5,0.7"
-            ) from None
+            raise SparselandError(f"--sparsities: {item!r} is not a number; pass fractions like 0.5,0.7") from None
         if not 0 < value < 1:
             raise SparselandError(f"--sparsities: {item} is outside (0, 1); pass fractions like 0.5,0.7")
         out.append(value)
@@ -47,18 +45,13 @@ def parse_sparsities(text: str) -> list[float]:
 def _add_run_args(p: argparse.ArgumentParser, out_default: str) -> None:
     add_model_args(p)
     p.add_argument("--text", default=None, help="UTF-8 text file to use instead of the embedded text")
-    p.add_argument(
-        "--out", default=out_default, help="directory for results and report (default: %(default)s)"
-    )
+    p.add_argument("--out", default=out_default, help="directory for results and report (default: %(default)s)")
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"a first look: methods {QUICK_METHODS}, {QUICK_SIZES[0]} eval and {QUICK_SIZES[1]} "
-        "calibration windows",
+        help=f"a first look: methods {QUICK_METHODS}, {QUICK_SIZES[0]} eval and {QUICK_SIZES[1]} calibration windows",
     )
-    p.add_argument(
-        "--seq-len", type=positive_int, default=512, help="tokens per window (default: %(default)s)"
-    )
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument(
         "--eval-windows",
         type=positive_int,
@@ -71,9 +64,7 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: str) -> None:
         default=None,
         help=f"calibration windows (default: {FULL_SIZES[1]}, --quick {QUICK_SIZES[1]})",
     )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=4, help="windows per forward pass (default: %(default)s)"
-    )
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random pruning")
     p.add_argument(
         "--speed-tokens",
@@ -88,9 +79,7 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: str) -> None:
 def _run(args: argparse.Namespace, methods: str, sparsities: str, patterns: str) -> int:
     from sparseland.bench import frontier as fr  # imports torch
 
-    cells = fr.build_grid(
-        _split(methods, "methods"), parse_sparsities(sparsities), _split(patterns, "patterns")
-    )
+    cells = fr.build_grid(_split(methods, "methods"), parse_sparsities(sparsities), _split(patterns, "patterns"))
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     settings = fr.FrontierSettings(
         model=args.model,
@@ -138,9 +127,7 @@ def _report_command(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``frontier``, ``report`` and ``demo`` to the ``sparseland`` command."""
-    p = sub.add_parser(
-        "frontier", help="sweep methods x sparsities x patterns; store results; write a report"
-    )
+    p = sub.add_parser("frontier", help="sweep methods x sparsities x patterns; store results; write a report")
     _add_run_args(p, "sparseland-frontier")
     p.add_argument(
         "--methods",
@@ -151,8 +138,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sparsities",
         default="0.5",
-        help="comma-separated fractions for unstructured cells "
-        "(N:M patterns fix their own) (default: %(default)s)",
+        help="comma-separated fractions for unstructured cells (N:M patterns fix their own) (default: %(default)s)",
     )
     p.add_argument(
         "--patterns",

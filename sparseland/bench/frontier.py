@@ -19,9 +19,7 @@ import copy
 import dataclasses
 import hashlib
 import json
-import tempfile
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +28,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sparseland.bench.measure import (  # noqa: F401  (re-exported: the measurements used to live here)
+    GreedyDecodeSpeed,
+    RuntimeDecodeSpeed,
+    SpeedFn,
+    default_speed_fn,
+    estimate_model_bytes,
+    measured_sparsity,
+    model_bytes,
+    speed_id,
+)
 from sparseland.bench.store import open_store
 from sparseland.errors import SparselandError
 
-FRONTIER_VERSION = "1"  # bump when the measurement protocol changes: invalidates every cell
+FRONTIER_VERSION = "2"  # bump when the measurement protocol changes: invalidates every cell
 BASELINES = ("dense", "random", "magnitude")  # always in the grid
-SpeedFn = Callable[[torch.nn.Module], dict]
 Calibration = Callable[[], torch.Tensor]  # () -> (n, T) LongTensor, computed on first use
 
 
@@ -145,9 +152,7 @@ def _weights_runner(config_name: str, **defaults: Any) -> Runner:
 
         config_cls = getattr(weights, config_name, None)
         if config_cls is None:
-            raise SparselandError(
-                f"sparseland.weights has no {config_name}; method {cell.method!r} is unavailable"
-            )
+            raise SparselandError(f"sparseland.weights has no {config_name}; method {cell.method!r} is unavailable")
         fields = {f.name for f in dataclasses.fields(config_cls)}
         opts = {**({"seed": workload.seed} if "seed" in fields else {}), **defaults, **cell.options}
         config = config_cls(sparsity=cell.sparsity, pattern=cell.pattern, **opts)
@@ -166,136 +171,21 @@ register_runner("owl", _weights_runner("WandaConfig", allocation="owl"))  # OWL'
 register_runner("dsnot", _weights_runner("DSnoTConfig", init="wanda"))  # DSnoT refining Wanda
 
 
-# -- measurements --------------------------------------------------------------------------------
-def _linear_weights(model: torch.nn.Module, *, skip_output: bool = True) -> list[torch.Tensor]:
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    seen, weights = set(), []
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) and id(mod.weight) not in seen:
-            if skip_output and out_emb is not None and mod.weight is out_emb.weight:
-                continue
-            seen.add(id(mod.weight))
-            weights.append(mod.weight)
-    return weights
+def _activation_runner(method: str) -> Runner:
+    """A runner for an activation-sparsity method (``sparseland activations`` names); its cells are
+    unstructured only, and the sparsity is the fraction of zeroed activations the method targets."""
+
+    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
+        from sparseland.activations.cli import make_config
+        from sparseland.api import sparsify_
+
+        return sparsify_(model, make_config(method, cell.sparsity), calibration=workload.calibration())
+
+    return Runner(apply=apply, version="1", family="activations", nm_patterns=False)
 
 
-def estimate_model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a nonzero-aware checkpoint: dense tensors as they are, and each Linear weight with
-    zeros as a bitmask (1 bit per entry) plus its nonzero values, if that is smaller."""
-    linear = {id(w) for w in _linear_weights(model, skip_output=False)}
-    total = 0
-    for p in model.parameters():  # tied parameters are listed once
-        dense = p.numel() * p.element_size()
-        if id(p) in linear:
-            nnz = int(torch.count_nonzero(p.detach()))
-            dense = min(dense, (p.numel() + 7) // 8 + nnz * p.element_size())
-        total += dense
-    return total
-
-
-def model_bytes(model: torch.nn.Module) -> tuple[int, str]:
-    """``(bytes, source)``: the size of the runtime's compressed sparse checkpoint (``"checkpoint"``)
-    when the runtime is installed, else ``estimate_model_bytes`` (``"estimate"``)."""
-    try:
-        from sparseland.runtime.checkpoint import checkpoint_bytes, save_sparse_checkpoint
-    except ImportError:
-        return estimate_model_bytes(model), "estimate"
-    with tempfile.TemporaryDirectory(prefix="sparseland-bytes-") as tmp:
-        path = save_sparse_checkpoint(model, None, Path(tmp) / "ckpt", metadata={})
-        return checkpoint_bytes(path), "checkpoint"
-
-
-def measured_sparsity(model: torch.nn.Module) -> float:
-    """Fraction of zeros over the Linear weights (the output projection excluded)."""
-    weights = _linear_weights(model)
-    total = sum(w.numel() for w in weights)
-    zeros = sum(w.numel() - int(torch.count_nonzero(w.detach())) for w in weights)
-    return zeros / total if total else 0.0
-
-
-class GreedyDecodeSpeed:
-    """``measure_speed``: greedy decode of ``n_tokens`` with the plain model and its KV cache, timed
-    after ``warmup`` steps; the prompt's prefill is not timed."""
-
-    def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4) -> None:
-        self.n_tokens, self.prompt_len, self.warmup = n_tokens, prompt_len, warmup
-        self.speed_id = f"torch-greedy-n{n_tokens}-p{prompt_len}"
-
-    @torch.inference_mode()
-    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
-        vocab = model.config.vocab_size
-        prompt = torch.randint(0, vocab, (1, self.prompt_len), generator=torch.Generator().manual_seed(0))
-        out = model(input_ids=prompt, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
-        t0 = 0.0
-        for step in range(self.warmup + self.n_tokens):
-            if step == self.warmup:
-                t0 = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        seconds = time.perf_counter() - t0
-        return {
-            "tokens_per_s": self.n_tokens / seconds,
-            "tokens": self.n_tokens,
-            "seconds": seconds,
-            "engine": "torch (plain)",
-        }
-
-
-class RuntimeDecodeSpeed:
-    """``measure_speed`` with the runtime: a copy of the model gets ``SparseLinear`` layers in the
-    format the runtime picks (``to_sparse_runtime_(format="auto")``: N:M, bitmask or dense) and
-    decodes greedily with the lean loop; tokens/s is 1 / the median per-token time (robust to a busy
-    machine's hiccups). The dense model goes through the same path, so ratios compare kernels fairly."""
-
-    def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4) -> None:
-        self.n_tokens, self.prompt_len, self.warmup = n_tokens, prompt_len, warmup
-        self.speed_id = f"runtime-lean-auto-n{n_tokens}-p{prompt_len}"
-        # converted copies, kept while their source model lives (the dense base is re-timed per cell)
-        self._converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
-        import statistics
-
-        from sparseland.runtime.generate import greedy_generate
-        from sparseland.runtime.modules import to_sparse_runtime_
-
-        if model not in self._converted:
-            fast = copy.deepcopy(model)
-            self._converted[model] = (fast, to_sparse_runtime_(fast, format="auto"))
-        fast, report = self._converted[model]
-        vocab = model.config.vocab_size
-        prompt = torch.randint(0, vocab, (1, self.prompt_len), generator=torch.Generator().manual_seed(0))
-        greedy_generate(fast, prompt, self.warmup, stop_at_eos=False)
-        run = greedy_generate(fast, prompt, self.n_tokens, stop_at_eos=False)
-        return {
-            "tokens_per_s": 1.0 / statistics.median(run.per_token_seconds),
-            "tokens": self.n_tokens,
-            "seconds": run.decode_seconds,
-            "engine": "sparseland runtime (lean loop)",
-            "formats": report.formats,
-        }
-
-
-def default_speed_fn(n_tokens: int = 32) -> SpeedFn:
-    """The CLI's speed measurement: ``RuntimeDecodeSpeed`` when the runtime's lean loop and sparse
-    modules are installed, else ``GreedyDecodeSpeed`` (the plain model)."""
-    import importlib.util
-
-    if all(
-        importlib.util.find_spec(m) for m in ("sparseland.runtime.generate", "sparseland.runtime.modules")
-    ):
-        return RuntimeDecodeSpeed(n_tokens)
-    return GreedyDecodeSpeed(n_tokens)
-
-
-def speed_id(measure_speed: SpeedFn | None) -> str | None:
-    """A stable name for a speed function: its ``speed_id`` attribute, else its qualified name."""
-    if measure_speed is None:
-        return None
-    return getattr(
-        measure_speed, "speed_id", getattr(measure_speed, "__qualname__", type(measure_speed).__name__)
-    )
+for _name in ("teal", "cats", "chess", "wina"):
+    register_runner(_name, _activation_runner(_name))
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -368,14 +258,28 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _median_run(runs: list[dict]) -> dict | None:
+    """The run with the median tokens/s (the upper median for an even count), with every round's value."""
+    if not runs:
+        return None
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ordered[len(ordered) // 2], "rounds": [r["tokens_per_s"] for r in runs]}
+
+
 def run_cell(
     base: torch.nn.Module,
     cell: Cell,
     workload: Workload,
     settings: FrontierSettings,
     measure_speed: SpeedFn | None = None,
+    speed_rounds: int = 3,
 ) -> dict[str, Any]:
-    """Apply ``cell`` to a copy of ``base`` and measure it; returns the result record (without its key)."""
+    """Apply ``cell`` to a copy of ``base`` and measure it; returns the result record (without its key).
+
+    Speed: dense and the cell's model are timed alternately ``speed_rounds`` times and each side keeps
+    its median round, so a load change on the shared machine hits both sides alike.
+    """
+    from sparseland.activations.sites import get_state
     from sparseland.evaluate import perplexity
 
     model = copy.deepcopy(base)
@@ -384,14 +288,26 @@ def run_cell(
     t0 = time.perf_counter()
     report = runner.apply(model, cell, workload)
     method_s = time.perf_counter() - t0
+    act_state = get_state(model)
+    if act_state is not None:  # activation sparsity: count the zeros the hooks make on the eval data
+        act_state.counts = {}
     ppl = perplexity(
         model, workload.eval_windows, seq_len=settings.seq_len, batch_size=settings.batch_size, progress=False
     )
+    sparsity = measured_sparsity(model)
+    if act_state is not None:
+        zeros = sum(z for z, _ in act_state.counts.values())
+        sparsity = zeros / max(1, sum(n for _, n in act_state.counts.values()))
+        act_state.counts = None
     nbytes, source = model_bytes(model)
     speed = dense_speed = None
-    if measure_speed is not None:  # dense measured right before the cell: a side-by-side ratio
-        dense_speed = measure_speed(base) if cell.method != "dense" else None
-        speed = measure_speed(model)
+    if measure_speed is not None:  # dense timed alternately with the cell: side-by-side ratios
+        dense_runs, runs = [], []
+        for _ in range(max(1, speed_rounds)):
+            if cell.method != "dense":
+                dense_runs.append(measure_speed(base))
+            runs.append(measure_speed(model))
+        dense_speed, speed = _median_run(dense_runs), _median_run(runs)
     return {
         "cell": cell.to_dict(),
         "label": cell.label,
@@ -404,7 +320,7 @@ def run_cell(
         "method_seconds": method_s,
         "model_bytes": nbytes,
         "bytes_source": source,
-        "measured_sparsity": measured_sparsity(model),
+        "measured_sparsity": sparsity,  # zero weights, or zeroed activations for that family
         "speed": speed,
         "dense_speed": dense_speed or speed,
         "method_report": _jsonable(report),

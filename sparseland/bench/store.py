@@ -137,9 +137,7 @@ class ResultStore:
     # -- the grid of the last run ----------------------------------------------------------------
     def set_meta(self, name: str, value: Any) -> None:
         with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, json.dumps(value))
-            )
+            self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, json.dumps(value)))
 
     def get_meta(self, name: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -157,9 +155,7 @@ def open_store(out_dir: str | Path, *, must_exist: bool = False) -> ResultStore:
     path = out / STORE_NAME
     if must_exist and not path.is_file():
         where = f"{out} does not exist" if not out.exists() else f"{out} holds no {STORE_NAME}"
-        raise SparselandError(
-            f"no frontier results to report: {where}; run `sparseland frontier --out {out}` first"
-        )
+        raise SparselandError(f"no frontier results to report: {where}; run `sparseland frontier --out {out}` first")
     if out.exists() and not out.is_dir():
         raise SparselandError(f"--out {out} is a file, not a directory; pass a directory")
     return ResultStore(path)

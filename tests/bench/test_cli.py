@@ -51,9 +51,7 @@ def fake_cli(monkeypatch):
 
 def test_frontier_then_report(capsys, tmp_path, fake_cli):
     args = ["--out", str(tmp_path), "--seq-len", "32", "--eval-windows", "2", "--calib-windows", "2"]
-    assert (
-        main(["frontier", "--methods", "fakewanda", "--sparsities", "0.5,70%", "--no-progress", *args]) == 0
-    )
+    assert main(["frontier", "--methods", "fakewanda", "--sparsities", "0.5,70%", "--no-progress", *args]) == 0
     out = capsys.readouterr().out
     assert "fakewanda" in out and "report:" in out and (tmp_path / "report.html").is_file()
     (tmp_path / "report.html").unlink()

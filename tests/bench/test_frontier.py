@@ -74,9 +74,7 @@ def test_grid_always_has_baselines_and_nm_fixes_sparsity(fakes):
 
 
 def test_runner_without_nm_gets_unstructured_cells_only(fakes, monkeypatch):
-    monkeypatch.setitem(
-        RUNNERS, "act", Runner(apply=lambda m, c, w: None, family="activations", nm_patterns=False)
-    )
+    monkeypatch.setitem(RUNNERS, "act", Runner(apply=lambda m, c, w: None, family="activations", nm_patterns=False))
     cells = build_grid(["act"], [0.5], ["unstructured", "2:4"])
     assert [c.pattern for c in cells if c.method == "act"] == ["unstructured"]
 
@@ -213,3 +211,23 @@ def test_runtime_decode_speed_on_tiny_llama():
     out = speed(model)
     assert out["tokens_per_s"] > 0 and out["formats"] == {"dense": 4 * 2 + 3 * 2}
     assert speed(model)["formats"] == out["formats"]  # the converted copy is reused
+
+
+def test_activation_runner_cell_on_tiny_llama(tmp_path):
+    """The real TEAL runner: no weight zeros, the measured sparsity is that of the activations, speed is
+    timed in interleaved rounds (the median round kept, every round recorded)."""
+    calls = []
+
+    def speed(model):
+        calls.append(model)
+        return {"tokens_per_s": float(len(calls))}
+
+    cells = [Cell("dense", 0.0, "dense"), Cell("teal", 0.5)]
+    res = run_frontier(cells, ff.SETTINGS, tmp_path, measure_speed=speed, workload_fn=ff.workload, progress=False)
+    teal = res[1]
+    assert teal["family"] == "activations" and teal["cell"]["method"] == "teal"
+    assert 0.3 < teal["measured_sparsity"] < 0.7  # zeroed activations on the eval data, target 50%
+    assert teal["perplexity"] != res[0]["perplexity"]
+    assert len(teal["speed"]["rounds"]) == 3 and len(teal["dense_speed"]["rounds"]) == 3
+    assert teal["speed"]["tokens_per_s"] == sorted(teal["speed"]["rounds"])[1]
+    assert all(c.method != "teal" or c.pattern == "unstructured" for c in build_grid(["teal"], [0.5], ["2:4"]))

@@ -60,3 +60,18 @@ def test_activation_sparse_off_keeps_the_requested_format() -> None:
     sparsify_(model, TEALConfig(sparsity=0.5), calibration=CALIB)
     to_sparse_runtime_(model, format="dense", activation_sparse=False)
     assert {m.weight_format.name for m in model.modules() if isinstance(m, SparseLinear)} == {"dense"}
+
+
+def test_converting_a_deep_copy_leaves_the_original_hooked() -> None:
+    import copy
+
+    model = make_tiny_llama()
+    sparsify_(model, TEALConfig(sparsity=0.5), calibration=CALIB)
+    want = model(IDS).logits
+    fast = copy.deepcopy(model)
+    to_sparse_runtime_(fast)
+    torch.testing.assert_close(model(IDS).logits, want)  # the original still has its hooks
+    torch.testing.assert_close(fast(IDS).logits, want, atol=1e-4, rtol=1e-4)
+    remove(fast)
+    torch.testing.assert_close(model(IDS).logits, want)
+    assert get_state(model) is not None

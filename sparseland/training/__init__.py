@@ -1,1 +1,39 @@
 """Sparse training and sparse fine-tuning (masks kept through optimizer steps)."""
+
+from sparseland.training.configs import (
+    GMPConfig,
+    ProgressiveGradientFlowConfig,
+    RigLConfig,
+    SETConfig,
+    SRSTEConfig,
+    StaticConfig,
+)
+from sparseland.training.distributions import erk_densities, layer_densities, random_masks, uniform_densities
+from sparseland.training.masking import MaskSet
+from sparseland.training.nm import SRSTE, ProgressiveGradientFlow
+from sparseland.training.soup import sparse_soup
+from sparseland.training.sparsifiers import GMP, SET, RigL, StaticSparsifier
+from sparseland.training.trainer import SparsityCallback, make_sparsifier
+
+__all__ = [
+    "GMP",
+    "GMPConfig",
+    "MaskSet",
+    "ProgressiveGradientFlow",
+    "ProgressiveGradientFlowConfig",
+    "RigL",
+    "RigLConfig",
+    "SET",
+    "SETConfig",
+    "SRSTE",
+    "SRSTEConfig",
+    "SparsityCallback",
+    "StaticConfig",
+    "StaticSparsifier",
+    "erk_densities",
+    "layer_densities",
+    "make_sparsifier",
+    "random_masks",
+    "sparse_soup",
+    "uniform_densities",
+]

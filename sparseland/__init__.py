@@ -13,6 +13,15 @@ from sparseland.runtime import (
     save_sparse_checkpoint,
     to_sparse_runtime_,
 )
+from sparseland.training import (
+    GMPConfig,
+    ProgressiveGradientFlowConfig,
+    RigLConfig,
+    SETConfig,
+    SRSTEConfig,
+    StaticConfig,
+    sparse_soup,
+)
 from sparseland.weights import (
     DSnoTConfig,
     MagnitudeConfig,
@@ -24,6 +33,13 @@ from sparseland.weights import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GMPConfig",
+    "ProgressiveGradientFlowConfig",
+    "RigLConfig",
+    "SETConfig",
+    "SRSTEConfig",
+    "StaticConfig",
+    "sparse_soup",
     "DSnoTConfig",
     "MagnitudeConfig",
     "RandomConfig",

@@ -18,6 +18,11 @@ at::Tensor dense_mm(at::Tensor w, at::Tensor x);
 at::Tensor bitmask_mm(at::Tensor mask, at::Tensor row_ptr, at::Tensor values, at::Tensor x);
 at::Tensor nm4_mm(at::Tensor mask, at::Tensor values, at::Tensor x);
 at::Tensor actsparse_mm(at::Tensor wt, at::Tensor x);
+at::Tensor block_sparse_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor block_mask, int64_t block_size,
+                                  double scale);
+at::Tensor sparse_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor indices,
+                                   double scale);
+at::Tensor dense_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, double scale);
 
 }  // namespace sparseland
 
@@ -26,6 +31,12 @@ TORCH_LIBRARY(sparseland, m) {
   m.def("bitmask_mm(Tensor mask, Tensor row_ptr, Tensor values, Tensor x) -> Tensor", &sparseland::bitmask_mm);
   m.def("nm4_mm(Tensor mask, Tensor values, Tensor x) -> Tensor", &sparseland::nm4_mm);
   m.def("actsparse_mm(Tensor wt, Tensor x) -> Tensor", &sparseland::actsparse_mm);
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_mask, int block_size, float scale) -> Tensor",
+        &sparseland::block_sparse_attention);
+  m.def("sparse_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, float scale) -> Tensor",
+        &sparseland::sparse_decode_attention);
+  m.def("dense_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, float scale) -> Tensor",
+        &sparseland::dense_decode_attention);
 }
 
 // A plain Python module: importing it runs the registration above.

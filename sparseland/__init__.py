@@ -14,6 +14,7 @@ from sparseland.runtime import (
     to_sparse_runtime_,
 )
 from sparseland.training import (
+    FinetuneConfig,
     GMPConfig,
     ProgressiveGradientFlowConfig,
     RigLConfig,
@@ -22,6 +23,7 @@ from sparseland.training import (
     StaticConfig,
     sparse_soup,
 )
+from sparseland.training.finetune import finetune
 from sparseland.weights import (
     DSnoTConfig,
     MagnitudeConfig,
@@ -33,12 +35,14 @@ from sparseland.weights import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FinetuneConfig",
     "GMPConfig",
     "ProgressiveGradientFlowConfig",
     "RigLConfig",
     "SETConfig",
     "SRSTEConfig",
     "StaticConfig",
+    "finetune",
     "sparse_soup",
     "DSnoTConfig",
     "MagnitudeConfig",

@@ -8,7 +8,9 @@ from sparseland.training.configs import (
     SRSTEConfig,
     StaticConfig,
 )
+from sparseland.training.distill import DistillLosses, distillation_loss, kd_loss, squarehead_loss
 from sparseland.training.distributions import erk_densities, layer_densities, random_masks, uniform_densities
+from sparseland.training.finetune import FinetuneConfig, FinetuneResult  # not `finetune`: it would hide the module
 from sparseland.training.masking import MaskSet
 from sparseland.training.nm import SRSTE, ProgressiveGradientFlow
 from sparseland.training.soup import sparse_soup
@@ -16,6 +18,12 @@ from sparseland.training.sparsifiers import GMP, SET, RigL, StaticSparsifier
 from sparseland.training.trainer import SparsityCallback, make_sparsifier
 
 __all__ = [
+    "DistillLosses",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "distillation_loss",
+    "kd_loss",
+    "squarehead_loss",
     "GMP",
     "GMPConfig",
     "MaskSet",

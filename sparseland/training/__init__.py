@@ -2,6 +2,7 @@
 
 from sparseland.training.configs import (
     GMPConfig,
+    GraNetConfig,
     ProgressiveGradientFlowConfig,
     RigLConfig,
     SETConfig,
@@ -14,7 +15,7 @@ from sparseland.training.finetune import FinetuneConfig, FinetuneResult  # not `
 from sparseland.training.masking import MaskSet
 from sparseland.training.nm import SRSTE, ProgressiveGradientFlow
 from sparseland.training.soup import sparse_soup
-from sparseland.training.sparsifiers import GMP, SET, RigL, StaticSparsifier
+from sparseland.training.sparsifiers import GMP, SET, GraNet, RigL, StaticSparsifier
 from sparseland.training.trainer import SparsityCallback, make_sparsifier
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "squarehead_loss",
     "GMP",
     "GMPConfig",
+    "GraNet",
+    "GraNetConfig",
     "MaskSet",
     "ProgressiveGradientFlow",
     "ProgressiveGradientFlowConfig",

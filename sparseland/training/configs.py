@@ -84,6 +84,24 @@ class GMPConfig(SparsityConfig):
 
 
 @dataclasses.dataclass
+class GraNetConfig(GMPConfig):
+    """GraNet (Liu et al. 2021): GMP's cubic schedule plus, every ``prune_every`` steps until
+    ``end_fraction * total_steps``, RigL-style neuroregeneration (drop a cosine-decayed fraction, regrow
+    as many by |gradient|)."""
+
+    kind: ClassVar[str] = "granet"
+    drop_fraction: float = 0.3
+    total_steps: int = 1000
+    end_fraction: float = 0.75
+
+    def validate(self) -> None:
+        super().validate()
+        check_fraction("drop_fraction", self.drop_fraction, allow_one=True)
+        _check_int("total_steps", self.total_steps, 1)
+        check_fraction("end_fraction", self.end_fraction, allow_one=True)
+
+
+@dataclasses.dataclass
 class DSTConfig(SparsityConfig):
     """Fields shared by the dynamic sparse training methods (not registered itself: use SET or RigL)."""
 

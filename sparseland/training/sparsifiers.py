@@ -21,7 +21,7 @@ import torch
 from sparseland.api import register
 from sparseland.config import SparsityConfig
 from sparseland.errors import SparselandError
-from sparseland.training.configs import DSTConfig, GMPConfig, RigLConfig, SETConfig, StaticConfig
+from sparseland.training.configs import DSTConfig, GMPConfig, GraNetConfig, RigLConfig, SETConfig, StaticConfig
 from sparseland.training.distributions import layer_densities, magnitude_masks, n_kept, random_masks, topk_mask
 from sparseland.training.masking import MaskSet, ParamFilter, default_filter, reset_optimizer_state
 
@@ -257,6 +257,45 @@ class RigL(DynamicSparsifier):
                 "optimizer.step() and sp.step() once per step (the gradient hooks record it)"
             )
         return grad.abs().float()
+
+
+class GraNet(GMP):
+    """GraNet ("Sparse Training via Boosting Pruning Plasticity with Neuroregeneration", Liu et al. 2021):
+    gradual magnitude pruning on the cubic schedule, and at each pruning step zero-cost neuroregeneration:
+    drop the ``f(t) * n_active`` smallest |W| (cosine-decayed f) and regrow as many where the dense
+    |gradient| is largest, zero-initialised with fresh optimizer state. Continues the drop/regrow every
+    ``prune_every`` steps after the schedule ends, until ``end_fraction * total_steps``."""
+
+    config_cls = GraNetConfig
+    needs_dense_grad = True
+
+    def is_update_step(self, t: int) -> bool:
+        cfg = self.config
+        return t >= cfg.start_step and (t - cfg.start_step) % cfg.prune_every == 0 and t < self.t_end
+
+    @property
+    def t_end(self) -> float:
+        return self.config.end_fraction * self.config.total_steps
+
+    def update(self, t: int) -> None:
+        if not self.is_update_step(t):
+            return
+        if t <= self.config.end_step:
+            super().update(t)  # Step 1: prune to the cubic schedule's sparsity
+        frac = cosine_drop_fraction(t, self.config.drop_fraction, self.t_end)
+        for name, p in self.params.items():  # Step 2: neuroregeneration at constant density
+            grad = self.dense_grads.get(name)
+            mask = self.masks.masks[name]
+            n_active = int(mask.sum())
+            k = int(frac * n_active)
+            if grad is None or k == 0:  # no gradient at construction (t = 0)
+                self.last_update[name] = (0, 0)
+                continue
+            neg_inf = torch.full(mask.shape, -math.inf)
+            kept = topk_mask(torch.where(mask, p.detach().abs().float(), neg_inf), n_active - k)
+            grown = topk_mask(torch.where(kept, neg_inf, grad.abs().float()), k)
+            self.last_update[name] = (int((mask & ~kept).sum()), int(grown.sum()))
+            self.set_mask(name, kept | grown, grown=grown)
 
 
 def linear_filter(model: torch.nn.Module, filter_fn) -> ParamFilter:

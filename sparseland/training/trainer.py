@@ -17,6 +17,7 @@ from sparseland.config import SparsityConfig
 from sparseland.errors import SparselandError
 from sparseland.training.configs import (
     GMPConfig,
+    GraNetConfig,
     ProgressiveGradientFlowConfig,
     RigLConfig,
     SETConfig,
@@ -25,11 +26,12 @@ from sparseland.training.configs import (
 )
 from sparseland.training.masking import ParamFilter, default_filter
 from sparseland.training.nm import SRSTE, ProgressiveGradientFlow
-from sparseland.training.sparsifiers import GMP, SET, RigL, Sparsifier, StaticSparsifier
+from sparseland.training.sparsifiers import GMP, SET, GraNet, RigL, Sparsifier, StaticSparsifier
 
 SPARSIFIERS: dict[type[SparsityConfig], type[Sparsifier]] = {
     StaticConfig: StaticSparsifier,
     GMPConfig: GMP,
+    GraNetConfig: GraNet,
     SETConfig: SET,
     RigLConfig: RigL,
     SRSTEConfig: SRSTE,

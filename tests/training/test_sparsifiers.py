@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparseland.errors import SparselandError
-from sparseland.training import GMP, SET, GMPConfig, RigL, StaticSparsifier
+from sparseland.training import GMP, SET, GMPConfig, GraNet, RigL, StaticSparsifier
 from sparseland.training.distributions import n_kept
 from sparseland.training.sparsifiers import cosine_drop_fraction, gmp_sparsity
 from tests.training._helpers import make_optimizer, tiny, train
@@ -15,6 +15,7 @@ SPARSIFIERS = {
     "gmp": lambda m, o: GMP(m, o, sparsity=0.8, start_step=0, prune_every=4, n_prunes=5),
     "set": lambda m, o: SET(m, o, sparsity=0.8, update_every=3, drop_fraction=0.5, total_steps=30),
     "rigl": lambda m, o: RigL(m, o, sparsity=0.8, update_every=3, drop_fraction=0.5, total_steps=30),
+    "granet": lambda m, o: GraNet(m, o, sparsity=0.8, prune_every=3, n_prunes=5, drop_fraction=0.5, total_steps=30),
 }
 
 
@@ -163,3 +164,26 @@ def test_sparsify_entry_point_creates_masks_once():
     ms.check()
     only_q = sparsify_(tiny(), StaticConfig(sparsity=0.5), filter_fn=lambda mod, name: name.endswith("q_proj"))
     assert sorted(only_q.masks) == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_granet_follows_the_cubic_schedule_and_regrows_what_it_drops():
+    model = tiny()
+    opt = make_optimizer(model, "adamw")
+    sp = GraNet(model, opt, sparsity=0.8, start_step=0, prune_every=3, n_prunes=5, drop_fraction=0.5, total_steps=30)
+    seen = []
+
+    def check(t):
+        sp.check()
+        if sp.is_update_step(t):
+            want = sum(
+                n_kept(p.numel(), 1 - gmp_sparsity(min(t, sp.config.end_step), sp.config)) for p in sp.params.values()
+            )
+            kept = sum(int(m.sum()) for m in sp.masks.masks.values())
+            assert kept == want  # density on the cubic schedule, regrowth does not change it
+            dropped, grown = map(sum, zip(*sp.last_update.values(), strict=True))
+            assert dropped == grown
+            seen.append(grown)
+
+    train(model, opt, sp, 24, after_step=check)
+    assert sp.density() == pytest.approx(0.2, abs=0.01)
+    assert sum(seen) > 0  # neuroregeneration happened

@@ -1,6 +1,17 @@
 """sparseland: make transformer models sparse and turn the sparsity into measured CPU speed and size."""
 
 from sparseland.api import register, sparsify_
+from sparseland.attention import (
+    BlockSparseConfig,
+    FlexPrefillConfig,
+    H2OConfig,
+    QuestConfig,
+    SnapKVConfig,
+    StreamingConfig,
+    TidalDecodeConfig,
+    VerticalSlashConfig,
+    XAttentionConfig,
+)
 from sparseland.bench import run_frontier
 from sparseland.config import SparsityConfig
 from sparseland.data import load_corpus
@@ -35,6 +46,15 @@ from sparseland.weights import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparseConfig",
+    "FlexPrefillConfig",
+    "H2OConfig",
+    "QuestConfig",
+    "SnapKVConfig",
+    "StreamingConfig",
+    "TidalDecodeConfig",
+    "VerticalSlashConfig",
+    "XAttentionConfig",
     "FinetuneConfig",
     "GMPConfig",
     "ProgressiveGradientFlowConfig",

@@ -82,14 +82,22 @@ class LeanDecoder:
         keys = self.k_cache[i : i + 1, :, :p1]  # (1, KVH, p1, D)
         vals = self.v_cache[i : i + 1, :, :p1]
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        method = getattr(attn, "_sparseland_attention", None)  # a sparseland.attention method, if applied
+        if method is not None:  # block mask -> block_sparse_attention / indices -> sparse_decode_attention
+            o = method.attend(i, q[0], keys[0], vals[0], scale)  # (H, T, D)
+            return attn.o_proj(o.transpose(0, 1).reshape(1, T, self.n_heads * self.head_dim))
         if T == 1:  # decode: grouped heads against the cache, no mask needed
             g = self.n_heads // self.n_kv
             qg = q.view(1, self.n_kv, g, self.head_dim)  # (1, KVH, G, D)
             probs = torch.softmax((qg @ keys.transpose(-1, -2)) * scale, dim=-1)  # (1, KVH, G, p1)
             o = (probs @ vals).reshape(1, 1, self.n_heads * self.head_dim)
         else:
-            mask = torch.ones(T, p1, dtype=torch.bool).tril(diagonal=p0)
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
+            # a fresh prefill is plain causal: is_causal lets SDPA use its fused kernel (~2x faster at 8k
+            # than the same mask passed explicitly); a continuation needs the offset mask
+            mask = None if p0 == 0 else torch.ones(T, p1, dtype=torch.bool).tril(diagonal=p0)
+            o = F.scaled_dot_product_attention(
+                q, keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+            )
             o = o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim)
         return attn.o_proj(o)
 

@@ -1,0 +1,193 @@
+"""Sparse-attention speed in the lean loop -> benchmarks/results/attention_speed.{md,json}.
+
+    flock /tmp/sparseland-heavy.lock python benchmarks/bench_attention_speed.py [--length 8192]
+
+Protocol: SmolLM2-135M float32, batch 1, the first ``--length`` tokens of the embedded text.
+
+* Prefill (``--prefill-threads``, default 2): end-to-end ``LeanDecoder.step`` over the whole prompt,
+  dense (the loop's own SDPA) and each prefill method made with ``make_config(name, --sparsity)``;
+  one timed run each after a short warm-up, the methods run back to back in one process.
+  Speedup = dense seconds / method seconds; the measured sparsity is the method's own count of
+  skipped causal query-key pairs.
+* Decode (``--decode-threads``, default 1 and 2): the prompt is prefilled once densely (not timed);
+  then dense, Quest and TidalDecode each decode ``--decode-tokens`` tokens from the same cache position,
+  interleaved over ``--rounds`` rounds; tokens/s from the median per-token time.
+
+The kernels used (C++ op or PyTorch reference) are recorded: ``ops.KERNELS`` and whether the runtime's
+``torch.ops.sparseland`` ops are built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparseland.api import sparsify_
+from sparseland.attention import make_config, measured_sparsity, ops, remove
+from sparseland.data import load_corpus
+from sparseland.io import write_text_atomic
+from sparseland.models import load_model
+from sparseland.runtime.generate import LeanDecoder
+
+RESULTS = Path(__file__).parent / "results"
+PREFILL = ("streaming", "vertical_slash", "block_sparse", "flexprefill", "xattention")
+DECODE = ("quest", "tidaldecode")
+
+
+def _kernel_info() -> dict:
+    from sparseland.runtime import kernels
+
+    kernels.use_kernels()  # loads sparseland.runtime._C, which registers torch.ops.sparseland.*
+    built = [n for n in ("block_sparse_attention", "sparse_decode_attention") if hasattr(torch.ops.sparseland, n)]
+    return {"ops_module": ops.KERNELS, "cpp_ops_built": built}
+
+
+def bench_prefill(model, ids: torch.Tensor, methods, sparsity: float) -> list[dict]:
+    T = ids.shape[1]
+    LeanDecoder(model, 256).step(ids[:, :256])  # warm-up
+    rows, dense_s, dense_tok = [], None, None
+    for name in ("dense", *methods):
+        remove(model)
+        if name != "dense":
+            sparsify_(model, make_config(name, sparsity))
+        dec = LeanDecoder(model, T)
+        t0 = time.perf_counter()
+        tok = int(dec.step(ids).argmax())
+        sec = time.perf_counter() - t0
+        if name == "dense":
+            dense_s, dense_tok = sec, tok
+        sp = 0.0 if name == "dense" else measured_sparsity(model, "prefill")
+        same = tok == dense_tok
+        rows.append({"method": name, "seconds": sec, "speedup": dense_s / sec, "sparsity": sp, "same_next_token": same})
+        print(f"prefill {name:15s} {sec:7.2f}s  x{dense_s / sec:.2f}  sparsity {sp:.3f}", flush=True)
+    remove(model)
+    return rows
+
+
+def bench_decode(model, dec: LeanDecoder, ids: torch.Tensor, methods, sparsity: float, n_tokens: int, rounds: int):
+    """``dec`` holds the densely prefilled prompt ``ids``; every method decodes from that position."""
+    T = ids.shape[1]
+    feed = ids[0, :n_tokens].tolist()
+    times: dict[str, list[float]] = {name: [] for name in ("dense", *methods)}
+    sparsity_seen: dict[str, float] = {}
+    for _ in range(rounds):
+        for name in times:
+            remove(model)
+            if name != "dense":
+                sparsify_(model, make_config(name, sparsity))
+            dec.pos = T
+            for i, t in enumerate(feed):
+                t0 = time.perf_counter()
+                dec.step(torch.tensor([[t]]))
+                if i > 0:  # the first step builds Quest's page bounds for the whole prompt
+                    times[name].append(time.perf_counter() - t0)
+            if name != "dense":
+                sparsity_seen[name] = measured_sparsity(model, "decode")
+    remove(model)
+    dense_med = statistics.median(times["dense"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(
+            {
+                "method": name,
+                "ms_per_token": med * 1e3,
+                "tokens_per_s": 1.0 / med,
+                "speedup": dense_med / med,
+                "sparsity": sparsity_seen.get(name, 0.0),
+            }
+        )
+        print(f"decode {name:12s} {1 / med:6.2f} tok/s  x{dense_med / med:.2f}", flush=True)
+    return rows
+
+
+def _markdown(res: dict) -> str:
+    lines = [
+        "# Sparse attention speed (lean loop, SmolLM2-135M float32, batch 1)",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Prompt: {res['length']} tokens of the embedded text; target sparsity {res['sparsity']}; "
+        f"kernels: {res['kernels']}.",
+        "Dense = the lean loop's own attention (SDPA, is_causal for a fresh prefill; grouped matmul in decode).",
+        "Measured on a shared 2-core machine: compare ratios within this file, not absolute times across runs.",
+        "",
+    ]
+    for threads, rows in res["prefill"].items():
+        lines += [
+            f"## Prefill, {threads} thread(s)",
+            "",
+            "| method | seconds | speedup vs dense | measured sparsity | same next token |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['method']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {r['sparsity']:.3f} | "
+            f"{r['same_next_token']} |"
+            for r in rows
+        ]
+        lines.append("")
+    for threads, rows in res["decode"].items():
+        lines += [
+            f"## Decode at {res['length']} context, {threads} thread(s)",
+            "",
+            "| method | ms/token | tokens/s | speedup vs dense | measured sparsity |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['method']} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['sparsity']:.3f} |"
+            for r in rows
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--length", type=int, default=8192, help="prompt tokens (default: %(default)s)")
+    ap.add_argument("--sparsity", type=float, default=0.9, help="target attention sparsity (default: %(default)s)")
+    ap.add_argument("--prefill-threads", type=int, nargs="*", default=[2], help="torch threads for prefill")
+    ap.add_argument("--decode-threads", type=int, nargs="*", default=[1, 2], help="torch threads for decode")
+    ap.add_argument("--prefill-methods", nargs="*", default=list(PREFILL))
+    ap.add_argument("--decode-tokens", type=int, default=12, help="decode steps per round (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved decode rounds (default: %(default)s)")
+    ap.add_argument("--out", default="attention_speed", help="results file stem (default: %(default)s)")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="where to write (default: benchmarks/results)")
+    args = ap.parse_args()
+
+    model, tok = load_model("smollm2-135m")
+    ids = load_corpus(tok).tokens[: args.length].view(1, -1)
+    res = {
+        "command": "python " + " ".join(sys.argv),
+        "length": ids.shape[1],
+        "sparsity": args.sparsity,
+        "kernels": _kernel_info(),
+        "prefill": {},
+        "decode": {},
+    }
+    with torch.inference_mode():
+        for n in args.prefill_threads:
+            torch.set_num_threads(n)
+            res["prefill"][str(n)] = bench_prefill(model, ids, args.prefill_methods, args.sparsity)
+        if args.decode_threads:
+            remove(model)
+            dec = LeanDecoder(model, ids.shape[1] + args.decode_tokens + 1)
+            dec.step(ids)  # one dense prefill shared by every decode measurement
+        for n in args.decode_threads:
+            torch.set_num_threads(n)
+            rows = bench_decode(model, dec, ids, DECODE, args.sparsity, args.decode_tokens, args.rounds)
+            res["decode"][str(n)] = rows
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{args.out}.json", json.dumps(res, indent=2))
+    write_text_atomic(out / f"{args.out}.md", _markdown(res))
+    print(_markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from sparseland.bench import run_frontier
 from sparseland.config import SparsityConfig
 from sparseland.data import load_corpus
 from sparseland.errors import SparselandError
-from sparseland.evaluate import perplexity
+from sparseland.evaluate import evaluate_longctx, perplexity
 from sparseland.models import load_model
 from sparseland.runtime import (
     greedy_generate,
@@ -71,6 +71,7 @@ __all__ = [
     "SparselandError",
     "SparsityConfig",
     "WandaConfig",
+    "evaluate_longctx",
     "greedy_generate",
     "load_corpus",
     "load_model",

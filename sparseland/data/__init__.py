@@ -1,6 +1,8 @@
 """Text corpora: the embedded default text or a user file, tokenized and split into calibration and
-evaluation parts that never overlap."""
+evaluation parts that never overlap; RULER-style long-context samples generated from a seed."""
 
+from sparseland.data.longctx import TASKS as LONGCTX_TASKS
+from sparseland.data.longctx import LongCtxSample, generate_samples, score_all, score_part
 from sparseland.data.text import (
     Corpus,
     calibration_windows,
@@ -13,6 +15,11 @@ from sparseland.data.text import (
 )
 
 __all__ = [
+    "LONGCTX_TASKS",
+    "LongCtxSample",
+    "generate_samples",
+    "score_all",
+    "score_part",
     "Corpus",
     "calibration_windows",
     "embedded_text",

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity (and, as they land, long-context accuracy)."""
+"""Evaluation: perplexity and long-context accuracy (RULER-style suite)."""
 
+from sparseland.evaluate.longctx import LongCtxResult, evaluate_longctx
 from sparseland.evaluate.perplexity import PerplexityResult, perplexity
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["LongCtxResult", "PerplexityResult", "evaluate_longctx", "perplexity"]

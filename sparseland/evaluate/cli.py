@@ -1,7 +1,173 @@
-"""Placeholder: subcommands for this area are added here (listed in sparseland.cli.COMMAND_MODULES)."""
+"""``sparseland longctx``: accuracy on the locally generated RULER-style long-context suite.
+
+    sparseland longctx --length 4096 --length 8192                       # the dense model
+    sparseland longctx --method vertical_slash --sparsity 0.9 --length 4096 --compare-dense
+
+Registered through ``sparseland.cli.COMMAND_MODULES``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
 
-def add_commands(sub) -> None:  # noqa: ARG001
-    return None
+from sparseland.errors import SparselandError
+
+# The longest length at which the dense embedded model solves (>= 50%) all three needle tasks
+# (benchmarks/results/longctx_dense.md), where sparse attention methods are judged.
+DEFAULT_LENGTH = 2048
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1); pass a fraction such as 0.9")
+    return value
+
+
+def _tasks(values: list[str] | None) -> list[str]:
+    from sparseland.data.longctx import TASKS
+
+    if not values:
+        return list(TASKS)
+    tasks = [t for v in values for t in v.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SparselandError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def _attention_api():
+    """The sparse attention package, or a clear error when it is not available."""
+    try:
+        import sparseland.attention as attention
+    except ImportError as exc:  # pragma: no cover - the package ships with sparseland
+        raise SparselandError(f"sparse attention methods are not available ({exc}); use --method dense") from exc
+    if not hasattr(attention, "METHODS") or not hasattr(attention, "make_config"):
+        raise SparselandError("sparse attention methods are not available in this build; use --method dense")
+    return attention
+
+
+def check_method(method: str, sparsity: float | None) -> None:
+    """Reject an unknown method name (listing the known ones) or a missing sparsity, before any loading."""
+    if method == "dense":
+        return
+    attention = _attention_api()
+    if method not in attention.METHODS:
+        raise SparselandError(f"unknown method {method!r}; choose from dense, {', '.join(attention.METHODS)}")
+    if sparsity is None:
+        raise SparselandError(f"--method {method} needs --sparsity S (fraction of attention skipped, e.g. 0.9)")
+
+
+def _measured(attention, model) -> dict:
+    out = {}
+    for phase in ("prefill", "decode"):
+        try:
+            out[f"measured_{phase}_sparsity"] = float(attention.measured_sparsity(model, phase))
+        except (SparselandError, ZeroDivisionError, ValueError):
+            out[f"measured_{phase}_sparsity"] = None
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sparseland.data.longctx import generate_samples
+    from sparseland.data.text import embedded_text, read_text_file
+    from sparseland.evaluate.longctx import evaluate_longctx, format_table
+    from sparseland.models import load_model
+    from sparseland.models.loader import model_context_length
+
+    tasks = _tasks(args.tasks)
+    check_method(args.method, args.sparsity)
+    lengths = sorted(set(args.length or [DEFAULT_LENGTH]))
+    text = embedded_text() if args.text is None else read_text_file(args.text)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    samples = generate_samples(
+        tokenizer, lengths, tasks, args.samples, args.seed, text, model_context_length(model), progress=not args.json
+    )
+    kw = {"max_new_tokens": args.max_new_tokens, "progress": not args.json, "backend": args.backend}
+    results = []
+    if args.method == "dense" or args.compare_dense:
+        results.append(evaluate_longctx(model, tokenizer, samples, label="dense", **kw))
+    if args.method != "dense":
+        from sparseland.api import sparsify_
+
+        attention = _attention_api()
+        config = attention.make_config(args.method, args.sparsity)
+        sparsify_(model, config)
+        if hasattr(attention, "reset_sparsity"):
+            attention.reset_sparsity(model)
+        label = f"{args.method}@{args.sparsity:g}"
+        res = evaluate_longctx(model, tokenizer, samples, label=label, **kw)
+        res.info = {"method": args.method, "sparsity": args.sparsity, **_measured(attention, model)}
+        attention.remove(model)
+        results.append(res)
+    out = {
+        "model": args.model,
+        "text": "pydoc_data.topics" if args.text is None else args.text,
+        "tasks": tasks,
+        "lengths": lengths,
+        "samples_per_cell": args.samples,
+        "seed": args.seed,
+        "backend": args.backend,
+        "load_seconds": load_s,
+        "results": [r.to_dict() for r in results],
+    }
+    if args.out:
+        from sparseland.io import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps(out, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"model   {args.model}   ({len(samples)} samples, {args.samples} per task and length, seed {args.seed})")
+    print("accuracy (%, RULER string_match_all) per task and length:")
+    print(format_table(results))
+    for r in results:
+        if r.info.get("measured_prefill_sparsity") is not None or r.info.get("measured_decode_sparsity") is not None:
+            pre, dec = r.info.get("measured_prefill_sparsity"), r.info.get("measured_decode_sparsity")
+            fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+            print(f"{r.label}: measured attention sparsity prefill {fmt(pre)}, decode {fmt(dec)}")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    from sparseland.cli import add_model_args, positive_int
+
+    p = sub.add_parser(
+        "longctx",
+        help="long-context accuracy (RULER-style needle, multi-key, multi-value, variable tracking, common words)",
+        description="Generate RULER-style long-context samples locally from a seed and report accuracy per task "
+        "and length (string_match_all: fraction of expected answers found in the greedy output).",
+    )
+    add_model_args(p)
+    p.add_argument("--method", default="dense", help="dense, or a sparse attention method (default: %(default)s)")
+    p.add_argument("--sparsity", type=_fraction, default=None, help="attention sparsity of --method, in [0, 1)")
+    p.add_argument(
+        "--length",
+        type=positive_int,
+        action="append",
+        help=f"target length in tokens, prompt + answer (repeat for several; default: {DEFAULT_LENGTH})",
+    )
+    p.add_argument("--tasks", nargs="+", default=None, help="tasks, space or comma separated (default: all)")
+    p.add_argument("--samples", type=positive_int, default=4, help="samples per task and length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="override each task's answer budget")
+    p.add_argument(
+        "--backend",
+        choices=("lean", "hf"),
+        default="lean",
+        help="decode loop: lean (sparseland.runtime) or hf (the model's forward) (default: %(default)s)",
+    )
+    p.add_argument("--compare-dense", action="store_true", help="also run dense on the same samples, side by side")
+    p.add_argument("--text", default=None, help="UTF-8 text file for the haystacks instead of the embedded text")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file (atomically)")
+    p.set_defaults(func=_run)

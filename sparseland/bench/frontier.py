@@ -188,6 +188,24 @@ for _name in ("teal", "cats", "chess", "wina"):
     register_runner(_name, _activation_runner(_name))
 
 
+def _attention_runner(method: str) -> Runner:
+    """A runner for a sparse-attention method (``sparseland.attention.METHODS``); the sparsity is the
+    fraction of attention it is asked to skip (perplexity windows are short: long-context accuracy is
+    ``sparseland longctx``'s job)."""
+
+    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
+        from sparseland.api import sparsify_
+        from sparseland.attention import make_config
+
+        return sparsify_(model, make_config(method, cell.sparsity))
+
+    return Runner(apply=apply, version="1", family="attention", nm_patterns=False)
+
+
+for _name in ("streaming", "flexprefill", "vertical_slash"):  # prefill methods: they change perplexity
+    register_runner(_name, _attention_runner(_name))
+
+
 # -- the grid ------------------------------------------------------------------------------------
 def cell_key(cell: Cell, settings: FrontierSettings, speed: str | None = None) -> str:
     """Hash of everything that decides a cell's numbers: cell, model, data, speed and code versions."""
@@ -291,14 +309,17 @@ def run_cell(
     act_state = get_state(model)
     if act_state is not None:  # activation sparsity: count the zeros the hooks make on the eval data
         act_state.counts = {}
-    ppl = perplexity(
-        model, workload.eval_windows, seq_len=settings.seq_len, batch_size=settings.batch_size, progress=False
-    )
+    batch = 1 if runner.family == "attention" else settings.batch_size  # sparse attention: batch 1
+    ppl = perplexity(model, workload.eval_windows, seq_len=settings.seq_len, batch_size=batch, progress=False)
     sparsity = measured_sparsity(model)
     if act_state is not None:
         zeros = sum(z for z, _ in act_state.counts.values())
         sparsity = zeros / max(1, sum(n for _, n in act_state.counts.values()))
         act_state.counts = None
+    if runner.family == "attention":
+        from sparseland.attention import measured_sparsity as attention_sparsity
+
+        sparsity = attention_sparsity(model, "prefill")
     nbytes, source = model_bytes(model)
     speed = dense_speed = None
     if measure_speed is not None:  # dense timed alternately with the cell: side-by-side ratios
@@ -320,7 +341,7 @@ def run_cell(
         "method_seconds": method_s,
         "model_bytes": nbytes,
         "bytes_source": source,
-        "measured_sparsity": sparsity,  # zero weights, or zeroed activations for that family
+        "measured_sparsity": sparsity,  # zero weights, zeroed activations or skipped attention
         "speed": speed,
         "dense_speed": dense_speed or speed,
         "method_report": _jsonable(report),

@@ -231,3 +231,17 @@ def test_activation_runner_cell_on_tiny_llama(tmp_path):
     assert len(teal["speed"]["rounds"]) == 3 and len(teal["dense_speed"]["rounds"]) == 3
     assert teal["speed"]["tokens_per_s"] == sorted(teal["speed"]["rounds"])[1]
     assert all(c.method != "teal" or c.pattern == "unstructured" for c in build_grid(["teal"], [0.5], ["2:4"]))
+
+
+@pytest.mark.parametrize("method", ["streaming", "flexprefill"])
+def test_attention_runner_cell_on_tiny_llama(tmp_path, method):
+    from sparseland.bench.frontier import run_cell
+    from sparseland.bench.measure import RuntimeDecodeSpeed
+
+    wl = ff.workload(ff.SETTINGS)
+    res = run_cell(wl.model, Cell(method, 0.5), wl, ff.SETTINGS, RuntimeDecodeSpeed(3, 4, 1), speed_rounds=1)
+    assert res["family"] == "attention" and 0.0 <= res["measured_sparsity"] < 1.0
+    assert res["speed"]["tokens_per_s"] > 0 and res["model_bytes"] > 0
+    assert all(
+        c.pattern == "unstructured" for c in build_grid([method], [0.5], ["unstructured", "2:4"]) if c.method == method
+    )

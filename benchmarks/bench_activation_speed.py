@@ -84,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads while timing decode")
+    ap.add_argument("--eval-threads", type=int, default=2, help="torch threads for calibration and perplexity")
     ap.add_argument("--combined", action="store_true", help="also under 50%% Wanda weight sparsity")
+    ap.add_argument("--combined-sparsities", default="0.5", help="activation sparsities for --combined")
     ap.add_argument("--out", default=str(RESULTS / "activation_speed"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.eval_threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     timed = {float(s) for s in args.speed_sparsities.split(",")}
 
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         out["runs"].append({"method": "wanda50 (weights only)", "sparsity": 0.0, "ppl": p, "measured": 0, "skipped": 0})
     for prefix, base in bases:
         for method in args.methods.split(","):
-            for s in sparsities:
+            for s in sparsities if not prefix else [float(x) for x in args.combined_sparsities.split(",")]:
                 t0 = time.perf_counter()
                 m = copy.deepcopy(base)
                 sparsify_(m, make_config(method, s), calibration=calib)
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     del m
                 gc.collect()
                 write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(out, indent=1) + "\n")
+    torch.set_num_threads(args.threads)
     rows = {r["variant"]: r for r in time_decode(fast, prompt, args.new_tokens, args.rounds, base="dense")}
     for run in out["runs"]:
         key = f"{run['method']}@{run['sparsity']}"

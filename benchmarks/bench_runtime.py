@@ -91,21 +91,15 @@ def render(res: dict) -> str:
     lines += ["", "## Kernels: speedup over our dense fp32 matvec per layer shape (30 distinct weights)", ""]
     keys = [k for k in res["kernels"][0] if k.endswith("_speedup")]
     lines.append(
-        "| shape (out x in) | dense fp32 GB/s | "
-        + " | ".join(k.removesuffix("_speedup") for k in keys)
-        + " |"
+        "| shape (out x in) | dense fp32 GB/s | " + " | ".join(k.removesuffix("_speedup") for k in keys) + " |"
     )
     lines.append("|---" * (len(keys) + 2) + "|")
     for r in res["kernels"]:
-        lines.append(
-            f"| {r['shape']} | {r['dense_fp32_gbs']:.1f} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |"
-        )
+        lines.append(f"| {r['shape']} | {r['dense_fp32_gbs']:.1f} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for what, got, goal, unit in targets(res):
         met = got <= goal if unit == "<=" else got >= goal
-        lines.append(
-            f"| {what} | {got:.2f} | {'<=' if unit == '<=' else '>='} {goal} | {'yes' if met else 'NO'} |"
-        )
+        lines.append(f"| {what} | {got:.2f} | {'<=' if unit == '<=' else '>='} {goal} | {'yes' if met else 'NO'} |")
     lm = res["lm_head_bound"]
     lines += [
         "",

@@ -36,6 +36,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1), e.g. a sparsity."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1); pass a fraction such as 0.5")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -47,18 +58,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="UTF-8 text file to use instead of the embedded text")
-    p.add_argument(
-        "--seq-len", type=positive_int, default=512, help="tokens per window (default: %(default)s)"
-    )
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument(
         "--max-windows",
         type=positive_int,
         default=None,
         help="evaluate at most this many windows (default: all)",
     )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=4, help="windows per forward pass (default: %(default)s)"
-    )
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default: %(default)s)")
 
 
 def _eval_command(args: argparse.Namespace) -> int:
@@ -77,14 +84,10 @@ def _eval_command(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"model       {args.model}")
-        print(
-            f"text        {corpus.name} (evaluation part: {len(corpus.eval)} of {len(corpus.tokens)} tokens)"
-        )
+        print(f"text        {corpus.name} (evaluation part: {len(corpus.eval)} of {len(corpus.tokens)} tokens)")
         print(f"windows     {res.n_windows} x {res.seq_len} tokens ({res.n_tokens} predictions)")
         print(f"perplexity  {res.perplexity:.3f}   (mean NLL {res.nll:.4f} nats)")
-        print(
-            f"time        load {load_s:.1f} s, eval {res.seconds:.1f} s ({res.n_tokens / res.seconds:.0f} tokens/s)"
-        )
+        print(f"time        load {load_s:.1f} s, eval {res.seconds:.1f} s ({res.n_tokens / res.seconds:.0f} tokens/s)")
     return 0
 
 

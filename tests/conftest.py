@@ -55,3 +55,13 @@ def embedded():
     from sparseland.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: deterministic, and small ops do not crawl on a busy 2-core machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -9,9 +9,7 @@ from sparseland.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "sparseland.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "sparseland.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_unknown_model_is_one_line_exit_2():

@@ -37,9 +37,7 @@ def mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 2)
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size]  # (B, T)
         logits = model(input_ids=batch).logits  # (B, T, V)
-        total += F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-        ).item()
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
         n += batch[:, 1:].numel()
     return total / n
 

@@ -10,19 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from sparseland.cli import fraction
 from sparseland.errors import SparselandError
 
 METHODS = ("teal", "teal-greedy", "cats", "chess", "wina", "wina-topk", "rsparse")
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1); pass a fraction such as 0.4")
-    return value
 
 
 def make_config(method: str, sparsity: float, rank: int = 16):
@@ -77,9 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(
-            f"method      {args.method} at {args.sparsity:.0%} ({sparse.n_windows} x {sparse.seq_len} tokens)"
-        )
+        print(f"method      {args.method} at {args.sparsity:.0%} ({sparse.n_windows} x {sparse.seq_len} tokens)")
         print(f"perplexity  {sparse.perplexity:.3f} vs dense {dense.perplexity:.3f} ({out['ratio']:.3f}x)")
         print(
             f"measured    {out['measured_sparsity']:.3f} sparsity; "
@@ -93,21 +82,13 @@ def _run(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from sparseland.cli import add_data_args, add_model_args, positive_int
 
-    p = sub.add_parser(
-        "activations", help="activation sparsity (TEAL, CATS, CHESS, WINA, R-Sparse): ppl vs dense"
-    )
+    p = sub.add_parser("activations", help="activation sparsity (TEAL, CATS, CHESS, WINA, R-Sparse): ppl vs dense")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--method", choices=METHODS, default="teal", help="method (default: %(default)s)")
-    p.add_argument(
-        "--sparsity", type=_fraction, default=0.4, help="target sparsity in [0, 1) (default: %(default)s)"
-    )
-    p.add_argument(
-        "--rank", type=positive_int, default=16, help="R-Sparse low-rank size (default: %(default)s)"
-    )
-    p.add_argument(
-        "--calib-windows", type=positive_int, default=16, help="calibration windows (default: %(default)s)"
-    )
+    p.add_argument("--sparsity", type=fraction, default=0.4, help="target sparsity in [0, 1) (default: %(default)s)")
+    p.add_argument("--rank", type=positive_int, default=16, help="R-Sparse low-rank size (default: %(default)s)")
+    p.add_argument("--calib-windows", type=positive_int, default=16, help="calibration windows (default: %(default)s)")
     p.add_argument("--save", default=None, help="write the thresholds to this .safetensors file")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_run)

@@ -32,9 +32,7 @@ def scaled_thresholds(values: torch.Tensor, scale: torch.Tensor, sparsity: float
     tau = quantile_threshold(values * scale, sparsity)  # ()
     with torch.no_grad():
         out = tau / scale.float()  # (C,)
-    return (
-        torch.where(scale > 0, out, torch.full_like(out, float("inf"))) if tau > 0 else torch.zeros_like(out)
-    )
+    return torch.where(scale > 0, out, torch.full_like(out, float("inf"))) if tau > 0 else torch.zeros_like(out)
 
 
 def threshold_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -76,9 +74,7 @@ def lowrank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return (u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous()
 
 
-def sparse_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor
-) -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     """``W (x * keep) + b``: the product a sparse kernel computes, x (..., in) -> (..., out)."""
     return F.linear(x * keep.to(x.dtype), weight, bias)
 

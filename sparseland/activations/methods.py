@@ -36,9 +36,7 @@ class ActivationConfig(SparsityConfig):
     def validate(self) -> None:
         check_fraction("sparsity", self.sparsity)
         if isinstance(self.targets, str) or not self.targets:
-            raise SparselandError(
-                f"targets={self.targets!r} must be a non-empty list such as {list(self.allowed)}"
-            )
+            raise SparselandError(f"targets={self.targets!r} must be a non-empty list such as {list(self.allowed)}")
         self.targets = tuple(self.targets)
         bad = [t for t in self.targets if t not in self.allowed]
         if bad:
@@ -148,9 +146,7 @@ def _inputs(roles: dict[str, str], config: ActivationConfig) -> dict[str, str]:
 
 def _check_windows(calibration: torch.Tensor | None) -> torch.Tensor:
     if calibration is None or calibration.dim() != 2:
-        raise SparselandError(
-            "greedy allocation needs calibration windows: pass calibration=(N, T) token ids"
-        )
+        raise SparselandError("greedy allocation needs calibration windows: pass calibration=(N, T) token ids")
     return calibration
 
 
@@ -174,8 +170,7 @@ def _samples(model, config, calibration, roles, samples: Samples | None, gates=F
 
 def _teal_sites(roles: dict[str, str], samples: Samples, sparsity: float) -> list[Site]:
     return [
-        Site(n, "input", threshold=core.quantile_threshold(samples.input_of(n, r), sparsity))
-        for n, r in roles.items()
+        Site(n, "input", threshold=core.quantile_threshold(samples.input_of(n, r), sparsity)) for n, r in roles.items()
     ]
 
 
@@ -192,8 +187,7 @@ def apply_teal(model, config: TEALConfig, calibration=None, filter_fn=None, samp
         allocation = allocate.allocate(curves, allocate.group_params(model), config.sparsity)
     levels = {r: (allocation or {}).get(r, config.sparsity) for r in ROLES}
     sites = [
-        Site(n, "input", threshold=core.quantile_threshold(samples.input_of(n, r), levels[r]))
-        for n, r in roles.items()
+        Site(n, "input", threshold=core.quantile_threshold(samples.input_of(n, r), levels[r])) for n, r in roles.items()
     ]
     resolved = config.to_dict()
     if allocation is not None:  # record the levels used, so the saved config reproduces them
@@ -206,16 +200,13 @@ def apply_cats(model, config: CATSConfig, calibration=None, filter_fn=None, samp
     gates = [n for n, r in _roles(model, config, filter_fn).items() if r == "gate"]
     samples = _samples(model, config, calibration, dict.fromkeys(gates, "gate"), samples, gates=True)
     sites = [
-        Site(g, "gate_act", threshold=core.quantile_threshold(samples.gate_acts[g], config.sparsity))
-        for g in gates
+        Site(g, "gate_act", threshold=core.quantile_threshold(samples.gate_acts[g], config.sparsity)) for g in gates
     ]
     return install(model, config.to_dict(), sites)
 
 
 @register(CHESSConfig)
-def apply_chess(
-    model, config: CHESSConfig, calibration=None, filter_fn=None, samples=None
-) -> ActivationState:
+def apply_chess(model, config: CHESSConfig, calibration=None, filter_fn=None, samples=None) -> ActivationState:
     roles = _roles(model, config, filter_fn)
     use_gate = "gate_act" in config.targets
     samples = _samples(model, config, calibration, roles, samples, gates=use_gate, ups=use_gate)
@@ -258,9 +249,7 @@ def rsparse_channel_sparsity(config: RSparseConfig, out_f: int, in_f: int) -> fl
 
 
 @register(RSparseConfig)
-def apply_rsparse(
-    model, config: RSparseConfig, calibration=None, filter_fn=None, samples=None
-) -> ActivationState:
+def apply_rsparse(model, config: RSparseConfig, calibration=None, filter_fn=None, samples=None) -> ActivationState:
     roles = _inputs(_roles(model, config, filter_fn), config)
     samples = _samples(model, config, calibration, roles, samples)
     modules = dict(model.named_modules())

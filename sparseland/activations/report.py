@@ -28,9 +28,7 @@ def weight_reads_skipped(model: torch.nn.Module, measured: dict[str, float]) -> 
         w = modules[site.module].weight  # (out, in)
         if site.where == "gate_act":
             parent = site.module.rpartition(".")[0]
-            skipped += s * (
-                modules[parent + ".up_proj"].weight.numel() + modules[parent + ".down_proj"].weight.numel()
-            )
+            skipped += s * (modules[parent + ".up_proj"].weight.numel() + modules[parent + ".down_proj"].weight.numel())
         else:
             skipped += s * w.numel()
             if site.lr_a is not None:

@@ -110,9 +110,7 @@ def install(model: torch.nn.Module, config: dict[str, Any], sites: list[Site]) -
     for site in sites:
         mod = modules.get(site.module)
         if not (isinstance(mod, torch.nn.Linear) or hasattr(mod, "weight_format")):  # Linear or SparseLinear
-            raise SparselandError(
-                f"activation site {site.module!r} is not a Linear of this model; wrong model?"
-            )
+            raise SparselandError(f"activation site {site.module!r} is not a Linear of this model; wrong model?")
         if site.where == "input":
             if site.lr_a is not None:
                 state.handles.append(mod.register_forward_hook(_mark(_rsparse_hook(state, site))))
@@ -122,9 +120,7 @@ def install(model: torch.nn.Module, config: dict[str, Any], sites: list[Site]) -
             parent = modules.get(site.module.rpartition(".")[0])
             act = getattr(parent, "act_fn", None)
             if act is None:
-                raise SparselandError(
-                    f"{site.module!r} has no parent MLP with an act_fn; gate sites need one"
-                )
+                raise SparselandError(f"{site.module!r} has no parent MLP with an act_fn; gate sites need one")
             state.handles.append(mod.register_forward_hook(_mark(_gate_hook(state, site, act))))
         else:
             raise SparselandError(f"unknown site kind {site.where!r}; expected 'input' or 'gate_act'")

@@ -35,9 +35,7 @@ def activation_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tenso
     """``(tensors, header)`` describing the model's activation sparsity (see the module docstring)."""
     state = get_state(model)
     if state is None:
-        raise SparselandError(
-            "the model has no activation sparsity to save; apply a config with sparsify_ first"
-        )
+        raise SparselandError("the model has no activation sparsity to save; apply a config with sparsify_ first")
     tensors: dict[str, torch.Tensor] = {}
     for site in state.sites:
         for field_name, t in site.tensors().items():
@@ -58,16 +56,12 @@ def load_activation_state_dict(
     if header.get("format") != FORMAT:
         raise SparselandError(f"not a sparseland activation state (format {header.get('format')!r})")
     if header.get("version", 0) > VERSION:
-        raise SparselandError(
-            f"activation state version {header['version']} is newer than this sparseland; upgrade"
-        )
+        raise SparselandError(f"activation state version {header['version']} is newer than this sparseland; upgrade")
     sites = []
     for entry in header["sites"]:
         name = entry["module"]
         fields = {
-            f: tensors[f"{name}::{f}"]
-            for f in ("threshold", "scale", "lr_a", "lr_b")
-            if f"{name}::{f}" in tensors
+            f: tensors[f"{name}::{f}"] for f in ("threshold", "scale", "lr_a", "lr_b") if f"{name}::{f}" in tensors
         }
         sites.append(Site(name, entry["where"], keep=entry.get("keep"), **fields))
     modules = dict(model.named_modules())

@@ -36,9 +36,7 @@ def read_text_file(path: str | Path) -> str:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise SparselandError(
-            f"text file {str(p)!r} is not UTF-8 text ({exc.reason}); convert it to UTF-8"
-        ) from exc
+        raise SparselandError(f"text file {str(p)!r} is not UTF-8 text ({exc.reason}); convert it to UTF-8") from exc
     if not text.strip():
         raise SparselandError(f"text file {str(p)!r} is empty; pass a file with some text in it")
     return text

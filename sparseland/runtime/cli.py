@@ -10,9 +10,7 @@ import torch
 from sparseland.cli import add_model_args, positive_int
 from sparseland.errors import SparselandError
 
-FORMAT_HELP = (
-    "runtime weight format: auto (N:M if exact, else bitmask), bitmask, 2:4, 4:8, dense (default: auto)"
-)
+FORMAT_HELP = "runtime weight format: auto (N:M if exact, else bitmask), bitmask, 2:4, 4:8, dense (default: auto)"
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -28,14 +26,10 @@ def _generate_command(args: argparse.Namespace) -> int:
     _threads(args)
     model, tok = load_model(args.model)
     if tok is None:
-        raise SparselandError(
-            f"{args.model} has no tokenizer; save the checkpoint with one to use `generate`"
-        )
+        raise SparselandError(f"{args.model} has no tokenizer; save the checkpoint with one to use `generate`")
     report = None
     if args.sparse_runtime:
-        report = to_sparse_runtime_(
-            model, format=args.format, value_dtype=args.value_dtype, lm_head_dtype="float32"
-        )
+        report = to_sparse_runtime_(model, format=args.format, value_dtype=args.value_dtype, lm_head_dtype="float32")
     ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     res = greedy_generate(model, ids, args.max_new_tokens)
     text = tok.decode(res.tokens, skip_special_tokens=True)
@@ -54,8 +48,7 @@ def _generate_command(args: argparse.Namespace) -> int:
         print(args.prompt + text)
         print(
             f"-- {len(res.tokens)} tokens; prefill {res.prefill_tokens_per_s:.1f} tok/s, "
-            f"decode {res.decode_tokens_per_s:.1f} tok/s"
-            + (f"; runtime formats {report.formats}" if report else "")
+            f"decode {res.decode_tokens_per_s:.1f} tok/s" + (f"; runtime formats {report.formats}" if report else "")
         )
     return 0
 
@@ -93,9 +86,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         )
     fmt = args.pattern or args.format
     vocab = model.config.vocab_size
-    prompt = torch.randint(
-        3, min(1000, vocab), (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
-    )
+    prompt = torch.randint(3, min(1000, vocab), (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     bw = read_bandwidth_gbs()
     dt = args.value_dtype
     dense_v = Variant("dense", value_dtype=dt, lm_head_dtype=dt)
@@ -118,8 +109,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(
-        f"model {args.model}, {out['threads']} threads, read bandwidth {bw:.1f} GB/s, "
-        f"RSS {out['peak_rss_mb']:.0f} MB"
+        f"model {args.model}, {out['threads']} threads, read bandwidth {bw:.1f} GB/s, RSS {out['peak_rss_mb']:.0f} MB"
     )
     print(
         f"{'variant':10} {'decode tok/s':>12} {'speedup':>8} {'prefill tok/s':>13} {'GB/s':>6} "
@@ -135,9 +125,7 @@ def _bench_command(args: argparse.Namespace) -> int:
     if kern:
         keys = [k for k in kern[0] if k.endswith("_speedup")]
         print("kernel speedups over our dense fp32 matvec (x), per layer shape (out x in):")
-        print(
-            f"{'shape':10} {'dense GB/s':>10} " + " ".join(f"{k.removesuffix('_speedup'):>14}" for k in keys)
-        )
+        print(f"{'shape':10} {'dense GB/s':>10} " + " ".join(f"{k.removesuffix('_speedup'):>14}" for k in keys))
         for r in kern:
             print(f"{r['shape']:10} {r['dense_fp32_gbs']:10.1f} " + " ".join(f"{r[k]:14.2f}" for k in keys))
     return 0
@@ -147,42 +135,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="greedy text generation with the lean decode loop")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument(
-        "--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default: %(default)s)"
-    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default: %(default)s)")
     p.add_argument("--sparse-runtime", action="store_true", help="run Linear layers on sparseland's kernels")
     p.add_argument("--format", default="auto", help=FORMAT_HELP)
-    p.add_argument(
-        "--value-dtype", default="float32", choices=["float32", "bfloat16"], help="stored weight values"
-    )
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch/kernel threads (default: torch's)"
-    )
+    p.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"], help="stored weight values")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch/kernel threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_generate_command)
 
-    p = sub.add_parser(
-        "bench", help="dense vs sparse decode speed, bandwidth and size, side by side in one run"
-    )
+    p = sub.add_parser("bench", help="dense vs sparse decode speed, bandwidth and size, side by side in one run")
     add_model_args(p)
-    p.add_argument(
-        "--prune-sparsity", type=float, default=None, help="magnitude-prune a copy to this sparsity"
-    )
+    p.add_argument("--prune-sparsity", type=float, default=None, help="magnitude-prune a copy to this sparsity")
     p.add_argument("--pattern", default=None, help="N:M pattern for the pruned copy, e.g. 2:4")
     p.add_argument("--format", default="auto", help=FORMAT_HELP)
-    p.add_argument(
-        "--value-dtype", default="float32", choices=["float32", "bfloat16"], help="values (both sides)"
-    )
+    p.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"], help="values (both sides)")
     p.add_argument(
         "--new-tokens", type=positive_int, default=32, help="decoded tokens per round (default: %(default)s)"
     )
-    p.add_argument(
-        "--prompt-tokens", type=positive_int, default=64, help="prefill length (default: %(default)s)"
-    )
+    p.add_argument("--prompt-tokens", type=positive_int, default=64, help="prefill length (default: %(default)s)")
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default: %(default)s)")
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch/kernel threads (default: torch's)"
-    )
+    p.add_argument("--threads", type=positive_int, default=None, help="torch/kernel threads (default: torch's)")
     p.add_argument("--skip-kernels", action="store_true", help="skip the per-shape kernel ratios")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_bench_command)

@@ -129,17 +129,13 @@ class NMFormat:
     name = "nm"
 
     @classmethod
-    def from_dense(
-        cls, w: torch.Tensor, value_dtype: torch.dtype = torch.float32, n: int = 2, m: int = 4
-    ) -> NMFormat:
+    def from_dense(cls, w: torch.Tensor, value_dtype: torch.dtype = torch.float32, n: int = 2, m: int = 4) -> NMFormat:
         if 2 * n != m or 8 % m:
             raise SparselandError(f"N:M runtime format supports 1:2, 2:4 and 4:8, not {n}:{m}; use 'bitmask'")
         w = _canonical(w, value_dtype)
         out, cols = w.shape
         if cols % m or (max_nonzeros_per_group(w, m) or 0) > n:
-            raise SparselandError(
-                f"weight {tuple(w.shape)} is not {n}:{m} sparse; prune with that pattern first"
-            )
+            raise SparselandError(f"weight {tuple(w.shape)} is not {n}:{m} sparse; prune with that pattern first")
         wp = torch.nn.functional.pad(w, (0, (-cols) % 8))  # (out, in_pad); pad groups keep zeros
         vals, idx = nm_split(wp, n, m)  # (out, in_pad/m, n)
         bits = torch.zeros(out, wp.shape[1] // m, m, dtype=torch.bool)
@@ -196,9 +192,7 @@ WeightFormat = DenseFormat | BitmaskFormat | NMFormat | ActSparseFormat
 FORMATS = {"dense": DenseFormat, "bitmask": BitmaskFormat, "nm": NMFormat, "actsparse": ActSparseFormat}
 
 
-def make_format(
-    w: torch.Tensor, format: str = "auto", value_dtype: torch.dtype = torch.float32
-) -> WeightFormat:
+def make_format(w: torch.Tensor, format: str = "auto", value_dtype: torch.dtype = torch.float32) -> WeightFormat:
     """Build a runtime format; ``auto`` picks N:M (2:4 / 4:8) when W is exactly that, else the smaller
     of bitmask and dense (bitmask wins below ~97% density for fp32, ~94% for bf16)."""
     if format == "auto":
@@ -213,7 +207,5 @@ def make_format(
         n, m = (int(v) for v in format.split(":"))
         return NMFormat.from_dense(w, value_dtype, n, m)
     if format not in FORMATS:
-        raise SparselandError(
-            f"unknown runtime format {format!r}; use auto, dense, bitmask, 2:4, 4:8 or actsparse"
-        )
+        raise SparselandError(f"unknown runtime format {format!r}; use auto, dense, bitmask, 2:4, 4:8 or actsparse")
     return FORMATS[format].from_dense(w, value_dtype)

@@ -64,9 +64,7 @@ class LeanDecoder:
         self.v_cache = torch.zeros(shape, dtype=dtype)
         self.pos = 0
 
-    def _attention(
-        self, i: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ):
+    def _attention(self, i: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         T = h.shape[1]  # h: (1, T, C)
         q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim)
         k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim)
@@ -106,9 +104,7 @@ class LeanDecoder:
         """Feed ``ids`` (1, T) at the current position; returns the last position's logits (vocab,)."""
         T = ids.shape[1]
         if self.pos + T > self.max_len:
-            raise SparselandError(
-                f"sequence would reach {self.pos + T} tokens; the cache holds {self.max_len}"
-            )
+            raise SparselandError(f"sequence would reach {self.pos + T} tokens; the cache holds {self.max_len}")
         h = self.base.embed_tokens(ids)  # (1, T, C)
         pos_ids = torch.arange(self.pos, self.pos + T).unsqueeze(0)
         cos, sin = self.base.rotary_emb(h, pos_ids)  # (1, T, D)

@@ -72,9 +72,7 @@ def ref_dense_mm(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x @ w.float().T  # (B, in) @ (in, out)
 
 
-def ref_bitmask_mm(
-    mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor
-) -> torch.Tensor:
+def ref_bitmask_mm(mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     bits = _unpack_rows(mask)  # (out, in_pad)
     w = torch.zeros(bits.shape, dtype=torch.float32)
     w[bits] = values[: int(row_ptr[-1])].float()
@@ -105,9 +103,7 @@ def dense_mm(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.sparseland.dense_mm(w, x) if use_kernels() else ref_dense_mm(w, x)
 
 
-def bitmask_mm(
-    mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor
-) -> torch.Tensor:
+def bitmask_mm(mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     x = _prep(x)
     if use_kernels():
         return torch.ops.sparseland.bitmask_mm(mask, row_ptr, values, x)

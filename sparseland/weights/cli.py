@@ -47,9 +47,7 @@ def _prune_command(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
     corpus = load_corpus(tokenizer, args.text)
-    calib = (
-        corpus.calibration(args.calib_samples, args.seq_len, args.seed) if config.uses_calibration else None
-    )
+    calib = corpus.calibration(args.calib_samples, args.seq_len, args.seed) if config.uses_calibration else None
     report = sparsify_(model, config, calibration=calib)
     print(f"pruned      {config.kind} {config.pattern} target {config.sparsity:.4g} ({config.allocation})")
     print(
@@ -77,9 +75,7 @@ def _prune_command(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prune", help="post-training weight pruning (magnitude, random, Wanda, SparseGPT)"
-    )
+    p = subparsers.add_parser("prune", help="post-training weight pruning (magnitude, random, Wanda, SparseGPT)")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--method", choices=METHODS, default="wanda", help="pruning method (default: %(default)s)")
@@ -94,12 +90,8 @@ def add_commands(subparsers) -> None:
         default="unstructured",
         help="'unstructured' or N:M, keep N of every M, e.g. 2:4 (default: %(default)s)",
     )
-    p.add_argument(
-        "--allocation", choices=("uniform", "owl"), default="uniform", help="per-layer sparsity allocation"
-    )
-    p.add_argument(
-        "--refine", choices=("dsnot",), default=None, help="refine the mask training-free with DSnoT"
-    )
+    p.add_argument("--allocation", choices=("uniform", "owl"), default="uniform", help="per-layer sparsity allocation")
+    p.add_argument("--refine", choices=("dsnot",), default=None, help="refine the mask training-free with DSnoT")
     p.add_argument(
         "--calib-samples",
         type=positive_int,

@@ -34,8 +34,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise SparselandError(
-            f"pattern={pattern!r} needs 0 < N < M (N weights kept of every M); "
-            "e.g. '2:4' keeps 2 of 4 (50% sparse)"
+            f"pattern={pattern!r} needs 0 < N < M (N weights kept of every M); e.g. '2:4' keeps 2 of 4 (50% sparse)"
         )
     return n, m
 
@@ -126,9 +125,7 @@ class SparseGPTConfig(PruningConfig):
     def validate(self) -> None:
         super().validate()
         if not (isinstance(self.blocksize, int) and self.blocksize > 0):
-            raise SparselandError(
-                f"blocksize={self.blocksize!r} must be a positive integer (128 in the paper)"
-            )
+            raise SparselandError(f"blocksize={self.blocksize!r} must be a positive integer (128 in the paper)")
         nm = self.nm
         if nm is not None and self.blocksize % nm[1]:
             raise SparselandError(f"blocksize={self.blocksize} must be a multiple of M={nm[1]}")
@@ -151,9 +148,7 @@ class DSnoTConfig(PruningConfig):
     needs_hessian: ClassVar[bool] = True
     init: str = "wanda"
     max_cycles: int = 50
-    update_threshold: float = (
-        0.0  # absolute, on the per-token expected error (the paper's 0.1 fit its scaling)
-    )
+    update_threshold: float = 0.0  # absolute, on the per-token expected error (the paper's 0.1 fit its scaling)
     pow_of_var: float = 1.0
     blocksize: int = 128  # used when init == "sparsegpt"
     percdamp: float = 0.01
@@ -163,9 +158,7 @@ class DSnoTConfig(PruningConfig):
         if self.init not in INIT_METHODS:
             raise SparselandError(f"init={self.init!r} is not one of {INIT_METHODS}")
         if not (isinstance(self.max_cycles, int) and self.max_cycles > 0):
-            raise SparselandError(
-                f"max_cycles={self.max_cycles!r} must be a positive integer (50 in the paper)"
-            )
+            raise SparselandError(f"max_cycles={self.max_cycles!r} must be a positive integer (50 in the paper)")
         if not self.update_threshold >= 0:
             raise SparselandError(f"update_threshold={self.update_threshold!r} must be >= 0")
         if not self.pow_of_var >= 0:

@@ -80,18 +80,14 @@ def dsnot_refine(
         else:  # N:M: prune within j's group of M so every group keeps N
             m = nm[1]
             grp = (j // m).reshape(-1, 1) * m + torch.arange(m).reshape(1, -1)  # (R, M) columns of the group
-            ok = kept[r.reshape(-1, 1), grp] & (
-                torch.sign(Wc[r.reshape(-1, 1), grp] * mu[0, grp]) == -sign0[r]
-            )
+            ok = kept[r.reshape(-1, 1), grp] & (torch.sign(Wc[r.reshape(-1, 1), grp] * mu[0, grp]) == -sign0[r])
             choice = torch.where(ok, importance[r.reshape(-1, 1), grp], inf).argmin(1)
             k = grp[torch.arange(len(r)), choice]
             has_k = ok.any(1)
         # Step 3: exact change of dW H dW^T for dW_j -> 0 and dW_k -> dW_k + Wc_k.
         dj = -D[r, j].double()
         dk = Wc[r, k].double()
-        delta = (
-            2 * (dj * G[r, j] + dk * G[r, k]) + dj**2 * hdiag[j] + dk**2 * hdiag[k] + 2 * dj * dk * Hd[j, k]
-        )
+        delta = 2 * (dj * G[r, j] + dk * G[r, k]) + dj**2 * hdiag[j] + dk**2 * hdiag[k] + 2 * dj * dk * Hd[j, k]
         accept = has_k & (delta < 0)
         gp[r] += 1  # a rejected grow candidate is not tried again
         if accept.any():

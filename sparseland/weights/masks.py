@@ -66,9 +66,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, name: str = "layer") -> torch.
     return mask.reshape(out_f, in_f)
 
 
-def make_mask(
-    scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, name: str = "layer"
-) -> torch.Tensor:
+def make_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, name: str = "layer") -> torch.Tensor:
     """N:M mask if ``nm`` is given, else a per-row unstructured mask at ``sparsity``."""
     if nm is not None:
         return nm_mask(scores, nm[0], nm[1], name)

@@ -21,9 +21,7 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float = 5.0) -> float:
     return float((flat > m * flat.mean()).float().mean())
 
 
-def owl_allocation(
-    outlier_ratios: Sequence[float] | torch.Tensor, target: float, lam: float = 0.08
-) -> list[float]:
+def owl_allocation(outlier_ratios: Sequence[float] | torch.Tensor, target: float, lam: float = 0.08) -> list[float]:
     """Per-layer sparsities from outlier ratios; they average to ``target`` and lie in target +- lam."""
     d = torch.as_tensor(outlier_ratios, dtype=torch.float64).reshape(-1)
     if d.numel() == 0:

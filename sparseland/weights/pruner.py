@@ -78,9 +78,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def block_linears(
-    block: torch.nn.Module, prefix: str, filter_fn: FilterFn | None
-) -> dict[str, torch.nn.Linear]:
+def block_linears(block: torch.nn.Module, prefix: str, filter_fn: FilterFn | None) -> dict[str, torch.nn.Linear]:
     out = {}
     for name, mod in block.named_modules():
         full = f"{prefix}.{name}"
@@ -156,9 +154,7 @@ class InputStats:
 def collect_stats(block, linears: dict[str, torch.nn.Linear], batches, gram: bool) -> dict[str, InputStats]:
     """Run ``block`` on ``batches`` with hooks on ``linears``; Linears fed the same tensor share stats."""
     stats: dict[str, InputStats] = {}
-    seen: list[
-        tuple[torch.Tensor, InputStats]
-    ] = []  # this batch's input tensors (kept alive) and their stats
+    seen: list[tuple[torch.Tensor, InputStats]] = []  # this batch's input tensors (kept alive) and their stats
 
     def make_hook(name):
         def hook(module, args, output):
@@ -214,9 +210,7 @@ def prune_weight(
     if isinstance(config, SparseGPTConfig):
         n, m = nm if nm is not None else (0, 0)
         with num_threads(1):
-            return sparsegpt_prune(W, stats.gram, sparsity, n, m, config.blocksize, config.percdamp, name).to(
-                W.dtype
-            )
+            return sparsegpt_prune(W, stats.gram, sparsity, n, m, config.blocksize, config.percdamp, name).to(W.dtype)
     if isinstance(config, WandaConfig):
         scores = wanda_scores(W, stats.norm)
     elif isinstance(config, RandomConfig):
@@ -237,28 +231,20 @@ def _check_calibration(calibration, config: PruningConfig) -> torch.Tensor:
             "(a (N, T) LongTensor of token windows)"
         )
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
-        raise SparselandError(
-            "calibration must be a (N, T) LongTensor of token ids, e.g. corpus.calibration(64, 512)"
-        )
+        raise SparselandError("calibration must be a (N, T) LongTensor of token ids, e.g. corpus.calibration(64, 512)")
     if calibration.shape[0] == 0 or calibration.shape[1] == 0:
         raise SparselandError("calibration is empty; pass at least one window of tokens")
     return calibration
 
 
 @torch.no_grad()
-def owl_block_sparsities(
-    model, layers, batches, config: PruningConfig, filter_fn, progress: bool
-) -> list[float]:
+def owl_block_sparsities(model, layers, batches, config: PruningConfig, filter_fn, progress: bool) -> list[float]:
     """Dense pass over the blocks measuring each block's Wanda outlier ratio; OWL allocation of the target."""
     ratios = []
-    for i, block in enumerate(
-        tqdm(layers, desc="owl outliers", unit="block", disable=not progress, leave=False)
-    ):
+    for i, block in enumerate(tqdm(layers, desc="owl outliers", unit="block", disable=not progress, leave=False)):
         linears = block_linears(block, f"model.layers.{i}", filter_fn)
         stats = collect_stats(block, linears, batches, gram=False)
-        scores = [
-            wanda_scores(mod.weight, stats[name].norm) for name, mod in linears.items() if name in stats
-        ]
+        scores = [wanda_scores(mod.weight, stats[name].norm) for name, mod in linears.items() if name in stats]
         ratios.append(outlier_ratio(scores, config.owl_m) if scores else 0.0)
         batches = run_block(block, batches)
     return owl_allocation(ratios, config.sparsity, config.owl_lambda)
@@ -300,9 +286,7 @@ def prune_model(
         target_sparsity=float(config.sparsity),
         allocation=config.allocation,
         block_sparsity=block_sparsity,
-        calibration_windows=0
-        if calibration is None or not config.uses_calibration
-        else int(calibration.shape[0]),
+        calibration_windows=0 if calibration is None or not config.uses_calibration else int(calibration.shape[0]),
     )
     zeros = total = 0
     index = 0

@@ -29,9 +29,7 @@ def _hinv_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
             break
         H[diag, diag] += damp * (10**attempt)
     else:
-        raise SparselandError(
-            "the calibration Hessian is not positive definite even with damping; use more data"
-        )
+        raise SparselandError("the calibration Hessian is not positive definite even with damping; use more data")
     Hinv = torch.cholesky_inverse(L)
     return torch.linalg.cholesky(Hinv, upper=True)
 

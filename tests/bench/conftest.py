@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # noqa: ARG001  (tests/conftest.py's fixture, for every frontier test)
     yield
-    torch.set_num_threads(old)

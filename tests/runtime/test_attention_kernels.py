@@ -34,13 +34,7 @@ def _with_threads(n: int, fn):
         torch.set_num_threads(old)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """References and SDPA on one thread (small torch ops with 2 threads crawl on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 heads = st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3), (9, 3)])

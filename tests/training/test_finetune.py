@@ -13,14 +13,7 @@ from sparseland.training.masking import default_filter
 from tests.conftest import make_tiny_llama
 from tests.runtime.helpers import magnitude_prune_
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One thread: deterministic, and tiny ops do not crawl on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(seed: int = 0):

@@ -29,9 +29,7 @@ def layer(seed=0, out_f=48, in_f=64, tokens=1024):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(out_f, in_f, generator=g)
     scales = torch.exp(torch.randn(in_f, generator=g))  # (in,)
-    Z = torch.randn(tokens, in_f // 4, generator=g) @ torch.randn(
-        in_f // 4, in_f, generator=g
-    )  # (T, in) rank in/4
+    Z = torch.randn(tokens, in_f // 4, generator=g) @ torch.randn(in_f // 4, in_f, generator=g)  # (T, in) rank in/4
     X = (Z + 0.3 * torch.randn(tokens, in_f, generator=g) + 0.3 * torch.randn(in_f, generator=g)) * scales
     return W, X
 

@@ -99,9 +99,7 @@ def test_random_seed_changes_mask():
 def test_filter_fn_leaves_other_layers_dense():
     model, dense, report = run(WandaConfig(), filter_fn=lambda mod, name: "mlp" in name)
     assert all("mlp" in n for n in report.layer_sparsity)
-    assert torch.equal(
-        model.model.layers[1].self_attn.o_proj.weight, dense["model.layers.1.self_attn.o_proj.weight"]
-    )
+    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight, dense["model.layers.1.self_attn.o_proj.weight"])
 
 
 def test_model_still_runs():

@@ -60,9 +60,7 @@ def test_wanda_equals_magnitude_with_equal_norms():
     a = unstructured_mask(wanda_scores(W, torch.full((32,), 3.7)), 0.5)
     b = unstructured_mask(magnitude_scores(W), 0.5)
     assert torch.equal(a, b)
-    assert torch.equal(
-        nm_mask(wanda_scores(W, torch.full((32,), 0.2)), 2, 4), nm_mask(magnitude_scores(W), 2, 4)
-    )
+    assert torch.equal(nm_mask(wanda_scores(W, torch.full((32,), 0.2)), 2, 4), nm_mask(magnitude_scores(W), 2, 4))
 
 
 def test_wanda_uses_input_norms():

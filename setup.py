@@ -9,9 +9,7 @@ from pathlib import Path
 from setuptools import setup
 
 CSRC = Path(__file__).parent / "sparseland" / "runtime" / "csrc"
-sources = (
-    sorted(str(p.relative_to(Path(__file__).parent)) for p in CSRC.glob("*.cpp")) if CSRC.exists() else []
-)
+sources = sorted(str(p.relative_to(Path(__file__).parent)) for p in CSRC.glob("*.cpp")) if CSRC.exists() else []
 
 ext_modules, cmdclass = [], {}
 if sources:

@@ -83,10 +83,13 @@ class BlockSparseConfig(PrefillConfig):
 
     kind: ClassVar[str] = "block_sparse"
     keep: float = 0.1
+    sink_blocks: int = 0  # key blocks always kept (attention sinks); 0 = pure top-k as in MInference
 
     def validate(self) -> None:
         super().validate()
         _fraction("keep", self.keep)
+        if not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
+            raise SparselandError(f"sink_blocks={self.sink_blocks!r} must be an integer >= 0 (e.g. 1)")
 
 
 @dataclass

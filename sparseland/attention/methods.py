@@ -90,7 +90,7 @@ class SparseAttention:
         if isinstance(c, C.VerticalSlashConfig):
             return P.vertical_slash_mask(q, k, bs, c.last_q, c.vertical, c.slash, scale)
         if isinstance(c, C.BlockSparseConfig):
-            return P.block_topk_mask(q, k, bs, c.keep, scale)
+            return P.block_topk_mask(q, k, bs, c.keep, scale, c.sink_blocks)
         if isinstance(c, C.FlexPrefillConfig):
             return P.flexprefill_mask(q, k, bs, c.gamma, c.tau, c.max_density, scale)[0]
         if isinstance(c, search.HeadPatternConfig):

@@ -101,11 +101,16 @@ def streaming_mask(H: int, T: int, block_size: int, sink_blocks: int, window_blo
     return m.expand(H, nb, nb).clone()
 
 
-def block_topk_mask(q: torch.Tensor, k: torch.Tensor, block_size: int, keep: float, scale: float) -> torch.Tensor:
+def block_topk_mask(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, keep: float, scale: float, sink_blocks: int = 0
+) -> torch.Tensor:
     """MInference block-sparse (Jiang et al. 2024): score blocks by mean-pooled q . mean-pooled k and
-    keep the top ``ceil(keep * (i + 1))`` key blocks for query block ``i``."""
+    keep the top ``ceil(keep * (i + 1))`` key blocks for query block ``i``; the first ``sink_blocks``
+    key blocks (attention sinks) rank right after the diagonal, inside the same count."""
     qp, kp = _pool(q, block_size), _pool(_expand(k, q.shape[0]), block_size)  # (H, nb, D)
     scores = qp @ kp.transpose(-1, -2) * scale  # (H, nb, nb)
+    if sink_blocks:
+        scores[..., :sink_blocks] = torch.finfo(scores.dtype).max
     return keep_topk(scores, row_cap(scores.shape[-1], keep))
 
 

@@ -126,3 +126,11 @@ def test_reference_kernel_full_mask_is_dense(qk):
     full = torch.ones(H, NB, NB, dtype=torch.bool)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(ref_block_sparse_attention(q, k, v, full, BS), want)
+
+
+def test_block_topk_sink_blocks_always_kept_within_the_count(qk):
+    q, k = qk
+    m = P.block_topk_mask(q, k, BS, 0.35, SCALE, sink_blocks=1)
+    cap = P.row_cap(NB, 0.35)
+    assert torch.equal(m.sum(-1), cap.expand(H, NB)) and _causal(m)
+    assert m[:, cap >= 2, 0].all()  # every query block with room for two keeps the sink block

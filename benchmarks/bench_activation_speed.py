@@ -27,6 +27,7 @@ import torch
 
 from sparseland.activations import get_state, weight_reads_skipped
 from sparseland.activations.cli import make_config
+from sparseland.activations.sites import counting_zeros, site_fractions
 from sparseland.api import sparsify_
 from sparseland.data import load_corpus
 from sparseland.evaluate import perplexity
@@ -40,14 +41,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _ppl_and_sparsity(model, ev, seq_len) -> tuple[float, float, float]:
-    state = get_state(model)
-    if state is not None:
-        state.counts = {}
-    res = perplexity(model, ev, seq_len=seq_len, batch_size=2, progress=False)
-    if state is None:
+    with counting_zeros(model) as counts:
+        res = perplexity(model, ev, seq_len=seq_len, batch_size=2, progress=False)
+    if get_state(model) is None:
         return res.perplexity, 0.0, 0.0
-    measured = {k: z / max(n, 1) for k, (z, n) in state.counts.items()}
-    state.counts = None
+    measured = site_fractions(counts)
     return res.perplexity, sum(measured.values()) / max(len(measured), 1), weight_reads_skipped(model, measured)
 
 

@@ -29,12 +29,12 @@ from sparseland.activations import (
     WINAConfig,
     allocate,
     collect,
-    get_state,
     linear_roles,
     remove,
     weight_reads_skipped,
 )
 from sparseland.activations.methods import apply_cats, apply_chess, apply_rsparse, apply_teal, apply_wina
+from sparseland.activations.sites import counting_zeros, site_fractions
 from sparseland.data import load_corpus
 from sparseland.evaluate import perplexity
 from sparseland.io import write_text_atomic
@@ -152,11 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [(f"teal-only-{g}", 0.5, apply_teal, TEALConfig(0.5, targets=t)) for g, t in groups.items()]
     for label, s, apply, cfg in jobs:
         apply(model, cfg, samples=samples)
-        state = get_state(model)
-        state.counts = {}
-        res = ppl()
-        measured = {k: z / max(n, 1) for k, (z, n) in state.counts.items()}
-        state.counts = None
+        with counting_zeros(model) as counts:
+            res = ppl()
+        measured = site_fractions(counts)
         run = {
             "method": label, "sparsity": s, "config": cfg.to_dict(), "perplexity": res.perplexity,
             "ratio": res.perplexity / dense.perplexity, "nll": res.nll, "seconds": res.seconds,

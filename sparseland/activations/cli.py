@@ -36,6 +36,7 @@ def make_config(method: str, sparsity: float, rank: int = 16):
 
 def _run(args: argparse.Namespace) -> int:
     from sparseland.activations import get_state, save_activation_state, weight_reads_skipped
+    from sparseland.activations.sites import counting_zeros, site_fractions
     from sparseland.api import sparsify_
     from sparseland.data import load_corpus
     from sparseland.evaluate import perplexity
@@ -50,10 +51,9 @@ def _run(args: argparse.Namespace) -> int:
     dense = perplexity(model, windows, **kw)
     sparsify_(model, config, calibration=calib)
     state = get_state(model)
-    state.counts = {}
-    sparse = perplexity(model, windows, **kw)
-    measured = {k: z / max(n, 1) for k, (z, n) in state.counts.items()}
-    state.counts = None
+    with counting_zeros(model) as counts:
+        sparse = perplexity(model, windows, **kw)
+    measured = site_fractions(counts)
     out = {
         "model": args.model,
         "config": state.config,

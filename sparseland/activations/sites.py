@@ -20,7 +20,9 @@ exactly what a thresholding activation-sparse matvec needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,16 +159,33 @@ def activation_thresholds(model: torch.nn.Module) -> dict[str, tuple[str, torch.
     return {} if state is None else {s.module: (s.where, s.threshold) for s in state.sites}
 
 
+@contextlib.contextmanager
+def counting_zeros(model: torch.nn.Module) -> Iterator[dict[str, list[int]]]:
+    """Inside the block the hooks count what they zero: yields ``module -> [zeros, total]``, filled as
+    the model runs (stays empty for a model without activation sparsity)."""
+    state = get_state(model)
+    counts: dict[str, list[int]] = {}
+    if state is not None:
+        state.counts = counts
+    try:
+        yield counts
+    finally:
+        if state is not None:
+            state.counts = None
+
+
+def site_fractions(counts: dict[str, list[int]]) -> dict[str, float]:
+    """``counting_zeros`` counts -> fraction zeroed per site."""
+    return {k: z / max(n, 1) for k, (z, n) in counts.items()}
+
+
 @torch.inference_mode()
 def measure_sparsity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 2) -> dict[str, float]:
     """Fraction of zeroed entries per site while running ``windows`` (N, T) through the model."""
     state = get_state(model)
     if state is None:
         raise SparselandError("the model has no activation sparsity; apply a config with sparsify_ first")
-    state.counts = {}
-    try:
+    with counting_zeros(model) as counts:
         for i in range(0, windows.shape[0], batch_size):
             model(input_ids=windows[i : i + batch_size])
-        return {k: z / max(n, 1) for k, (z, n) in state.counts.items()}
-    finally:
-        state.counts = None
+    return site_fractions(counts)

@@ -297,7 +297,7 @@ def run_cell(
     Speed: dense and the cell's model are timed alternately ``speed_rounds`` times and each side keeps
     its median round, so a load change on the shared machine hits both sides alike.
     """
-    from sparseland.activations.sites import get_state
+    from sparseland.activations.sites import counting_zeros, get_state
     from sparseland.evaluate import perplexity
 
     model = copy.deepcopy(base)
@@ -306,20 +306,17 @@ def run_cell(
     t0 = time.perf_counter()
     report = runner.apply(model, cell, workload)
     method_s = time.perf_counter() - t0
-    act_state = get_state(model)
-    if act_state is not None:  # activation sparsity: count the zeros the hooks make on the eval data
-        act_state.counts = {}
     batch = 1 if runner.family == "attention" else settings.batch_size  # sparse attention: batch 1
-    ppl = perplexity(model, workload.eval_windows, seq_len=settings.seq_len, batch_size=batch, progress=False)
-    sparsity = measured_sparsity(model)
-    if act_state is not None:
-        zeros = sum(z for z, _ in act_state.counts.values())
-        sparsity = zeros / max(1, sum(n for _, n in act_state.counts.values()))
-        act_state.counts = None
-    if runner.family == "attention":
+    with counting_zeros(model) as counts:  # activation sparsity: the zeros the hooks make on the eval data
+        ppl = perplexity(model, workload.eval_windows, seq_len=settings.seq_len, batch_size=batch, progress=False)
+    if get_state(model) is not None:
+        sparsity = sum(z for z, _ in counts.values()) / max(1, sum(n for _, n in counts.values()))
+    elif runner.family == "attention":
         from sparseland.attention import measured_sparsity as attention_sparsity
 
         sparsity = attention_sparsity(model, "prefill")
+    else:
+        sparsity = measured_sparsity(model)
     nbytes, source = model_bytes(model)
     speed = dense_speed = None
     if measure_speed is not None:  # dense timed alternately with the cell: side-by-side ratios

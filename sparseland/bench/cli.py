@@ -1,7 +1,9 @@
 """CLI commands of the frontier: ``sparseland frontier``, ``sparseland report DIR`` and ``sparseland demo``.
 
 ``demo`` is the main job on the embedded defaults: dense, random, magnitude, Wanda and SparseGPT at
-50% unstructured and 2:4, about 10 minutes on 2 cores (``--quick``: about 2 minutes).
+50% unstructured and 2:4, TEAL activation sparsity and StreamingLLM attention at 50%, and Wanda + TEAL
+combined at 50%, with long-context needle accuracy on dense and the attention cell, about 10 minutes on
+2 cores (``--quick``: dense, random, magnitude and Wanda, about 2 minutes).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from sparseland.bench.store import open_store
 from sparseland.cli import add_model_args, positive_int
 from sparseland.errors import SparselandError
 
-DEFAULT_METHODS = "magnitude,random,wanda,sparsegpt,teal"
+DEFAULT_METHODS = "magnitude,random,wanda,sparsegpt,teal,streaming,wanda+teal"
 QUICK_METHODS = "magnitude,random,wanda"
-# (eval windows, calibration windows, speed tokens): full and --quick
-FULL_SIZES, QUICK_SIZES = (16, 16, 32), (4, 8, 16)
+# (eval windows, calibration windows, speed tokens, long-context length): full and --quick
+FULL_SIZES, QUICK_SIZES = (16, 16, 32, 1024), (4, 8, 16, 0)
 
 
 def _split(text: str, what: str) -> list[str]:
@@ -73,13 +75,28 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: str) -> None:
         help=f"tokens decoded per speed measurement (default: {FULL_SIZES[2]}, --quick {QUICK_SIZES[2]})",
     )
     p.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
+    p.add_argument(
+        "--longctx-length",
+        type=int,
+        default=None,
+        help="prompt tokens of the long-context needle tasks measured on dense and sparse-attention cells; "
+        f"0 turns them off (default: {FULL_SIZES[3]}, --quick 0)",
+    )
+    p.add_argument(
+        "--longctx-samples",
+        type=positive_int,
+        default=1,
+        help="long-context samples per task (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _run(args: argparse.Namespace, methods: str, sparsities: str, patterns: str) -> int:
+def _run(args: argparse.Namespace, methods: str, sparsities: str, patterns: str, combos_nm: bool = True) -> int:
     from sparseland.bench import frontier as fr  # imports torch
 
     cells = fr.build_grid(_split(methods, "methods"), parse_sparsities(sparsities), _split(patterns, "patterns"))
+    if not combos_nm:  # the demo keeps its combinations to one unstructured cell each (time)
+        cells = [c for c in cells if "+" not in c.method or c.pattern == "unstructured"]
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     settings = fr.FrontierSettings(
         model=args.model,
@@ -89,7 +106,11 @@ def _run(args: argparse.Namespace, methods: str, sparsities: str, patterns: str)
         calib_windows=args.calib_windows or sizes[1],
         seed=args.seed,
         batch_size=args.batch_size,
+        longctx_length=sizes[3] if args.longctx_length is None else args.longctx_length,
+        longctx_samples=args.longctx_samples,
     )
+    if settings.longctx_length < 0:
+        raise SparselandError(f"--longctx-length {settings.longctx_length} is negative; pass 0 (off) or e.g. 1024")
     speed = None if args.no_speed else fr.default_speed_fn(args.speed_tokens or sizes[2])
     out = Path(args.out).expanduser()
     with open_store(out) as store:  # a bad --out or a foreign store fails here, before the model loads
@@ -112,7 +133,7 @@ def _frontier_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    return _run(args, QUICK_METHODS if args.quick else DEFAULT_METHODS, "0.5", "unstructured,2:4")
+    return _run(args, QUICK_METHODS if args.quick else DEFAULT_METHODS, "0.5", "unstructured,2:4", combos_nm=False)
 
 
 def _report_command(args: argparse.Namespace) -> int:
@@ -153,8 +174,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="the main job: dense, random, magnitude, Wanda, SparseGPT at 50%% and 2:4, "
-        "with a report (about 10 minutes; --quick about 2)",
+        help="the main job: dense, random, magnitude, Wanda, SparseGPT at 50%% and 2:4, TEAL, StreamingLLM and "
+        "Wanda+TEAL at 50%%, with a report (about 10 minutes; --quick about 2)",
     )
     _add_run_args(p, "sparseland-report")
     p.set_defaults(func=_demo_command)

@@ -43,6 +43,7 @@ from sparseland.errors import SparselandError
 
 FRONTIER_VERSION = "2"  # bump when the measurement protocol changes: invalidates every cell
 BASELINES = ("dense", "random", "magnitude")  # always in the grid
+LONGCTX_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")  # the tasks dense solves at 1k-2k
 Calibration = Callable[[], torch.Tensor]  # () -> (n, T) LongTensor, computed on first use
 
 
@@ -83,7 +84,12 @@ class Cell:
 
 @dataclass(frozen=True)
 class FrontierSettings:
-    """What every cell shares: the model, the text and how much of it is used."""
+    """What every cell shares: the model, the text and how much of it is used.
+
+    ``longctx_length`` > 0 adds long-context accuracy (the RULER-style suite of ``sparseland longctx``,
+    ``longctx_samples`` per task) to the cells where it is relevant: dense and every cell with sparse
+    attention. It is part of the key of those cells only.
+    """
 
     model: str = "smollm2-135m"
     text: str | None = None  # None: the embedded text
@@ -92,21 +98,53 @@ class FrontierSettings:
     calib_windows: int = 16
     seed: int = 0
     batch_size: int = 4  # not part of the cell key: it does not change the numbers
+    longctx_length: int = 0  # 0: no long-context accuracy
+    longctx_samples: int = 1
+    longctx_tasks: tuple[str, ...] = LONGCTX_TASKS
 
-    def key_dict(self) -> dict[str, Any]:
+    def key_dict(self, longctx: bool = True) -> dict[str, Any]:
+        """The settings that decide a cell's numbers (the long-context ones only if ``longctx`` and on)."""
         d = dataclasses.asdict(self)
         d.pop("batch_size")
+        if not (longctx and self.longctx_length):
+            for k in ("longctx_length", "longctx_samples", "longctx_tasks"):
+                d.pop(k)
+        else:
+            d["longctx_tasks"] = list(self.longctx_tasks)
         return d
 
 
 @dataclass
 class Workload:
-    """The loaded dense model plus its data: evaluation windows and a lazy calibration set."""
+    """The loaded dense model plus its data: evaluation windows, a lazy calibration set and (for
+    long-context accuracy) the tokenizer."""
 
     model: torch.nn.Module
     eval_windows: torch.Tensor  # (N, T)
     calibration: Calibration
     seed: int = 0  # for seeded methods (random pruning)
+    tokenizer: Any = None
+    _longctx: list = field(default_factory=list, repr=False)
+
+    def longctx_samples(self, settings: FrontierSettings) -> list:
+        """The long-context samples of ``settings`` (generated once, seeded)."""
+        if not self._longctx:
+            if self.tokenizer is None:
+                raise SparselandError("long-context accuracy needs the tokenizer in the workload; pass tokenizer=")
+            from sparseland.data.longctx import generate_samples
+            from sparseland.models.loader import model_context_length
+
+            self._longctx.extend(
+                generate_samples(
+                    self.tokenizer,
+                    [settings.longctx_length],
+                    settings.longctx_tasks,
+                    settings.longctx_samples,
+                    seed=settings.seed,
+                    max_context=model_context_length(self.model),
+                )
+            )
+        return self._longctx
 
 
 # -- runners -------------------------------------------------------------------------------------
@@ -119,6 +157,11 @@ class Runner:
     version: str = "1"
     family: str = "weights"
     nm_patterns: bool = True  # False: the grid gives this method unstructured cells only
+    parts: tuple[str, ...] = ()  # the families a combined runner applies, in order
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return self.parts or (self.family,)
 
 
 RUNNERS: dict[str, Runner] = {}
@@ -130,9 +173,51 @@ def register_runner(method: str, runner: Runner) -> None:
 
 
 def get_runner(method: str) -> Runner:
+    """The runner of ``method``; ``"a+b"`` combines registered runners of different families (e.g.
+    ``wanda+teal``: Wanda weights, then TEAL activations calibrated on the pruned model)."""
+    if method not in RUNNERS and "+" in method:
+        return _combined_runner(method)
     if method not in RUNNERS:
-        raise SparselandError(f"unknown frontier method {method!r}; known: {', '.join(sorted(RUNNERS))}")
+        raise SparselandError(
+            f"unknown frontier method {method!r}; known: {', '.join(sorted(RUNNERS))}, "
+            "or a combination of different families joined by '+' (e.g. wanda+teal)"
+        )
     return RUNNERS[method]
+
+
+FAMILY_ORDER = ("weights", "activations", "attention")  # a combination applies its parts in this order
+
+
+def _combined_runner(method: str) -> Runner:
+    """One runner applying each part of ``"a+b[+c]"`` to the same model with the cell's sparsity: weights
+    first (so activation thresholds are calibrated on the pruned model), then activations, then attention."""
+    names = [n.strip() for n in method.split("+")]
+    if any(not n for n in names):
+        raise SparselandError(f"method {method!r} has an empty part; write combinations like wanda+teal")
+    runners = {n: get_runner(n) for n in names}
+    families = [runners[n].family for n in names]
+    if any(f not in FAMILY_ORDER for f in families) or len(set(families)) != len(families):
+        raise SparselandError(
+            f"method {method!r} combines {', '.join(f'{n} ({f})' for n, f in zip(names, families, strict=True))}; "
+            "a combination takes at most one method per family (weights, activations, attention), e.g. wanda+teal"
+        )
+    order = sorted(names, key=lambda n: FAMILY_ORDER.index(runners[n].family))
+
+    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
+        reports = {}
+        for n in order:
+            part = cell if runners[n].family == "weights" else dataclasses.replace(cell, pattern="unstructured")
+            reports[n] = _jsonable(runners[n].apply(model, dataclasses.replace(part, method=n), workload))
+        return reports
+
+    weights = [runners[n] for n in order if runners[n].family == "weights"]
+    return Runner(
+        apply=apply,
+        version="+".join(f"{n}:{runners[n].version}" for n in order),
+        family="combined",
+        nm_patterns=bool(weights) and weights[0].nm_patterns,
+        parts=tuple(runners[n].family for n in order),
+    )
 
 
 def _weights_runner(config_name: str, **defaults: Any) -> Runner:
@@ -207,11 +292,17 @@ for _name in ("streaming", "flexprefill", "vertical_slash"):  # prefill methods:
 
 
 # -- the grid ------------------------------------------------------------------------------------
+def wants_longctx(cell: Cell, settings: FrontierSettings) -> bool:
+    """Long-context accuracy is measured for dense and for cells with sparse attention, when asked for."""
+    families = get_runner(cell.method).families
+    return bool(settings.longctx_length) and ("dense" in families or "attention" in families)
+
+
 def cell_key(cell: Cell, settings: FrontierSettings, speed: str | None = None) -> str:
     """Hash of everything that decides a cell's numbers: cell, model, data, speed and code versions."""
     material = {
         "cell": cell.to_dict(),
-        "settings": settings.key_dict(),
+        "settings": settings.key_dict(longctx=wants_longctx(cell, settings)),
         "speed": speed,
         "frontier_version": FRONTIER_VERSION,
         "runner_version": get_runner(cell.method).version,
@@ -262,7 +353,7 @@ def load_workload(settings: FrontierSettings) -> Workload:
             cache.append(corpus.calibration(settings.calib_windows, settings.seq_len, settings.seed))
         return cache[0]
 
-    return Workload(model=model, eval_windows=windows, calibration=calibration, seed=settings.seed)
+    return Workload(model=model, eval_windows=windows, calibration=calibration, seed=settings.seed, tokenizer=tokenizer)
 
 
 def _jsonable(value: Any) -> Any:
@@ -282,6 +373,21 @@ def _median_run(runs: list[dict]) -> dict | None:
         return None
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
     return {**ordered[len(ordered) // 2], "rounds": [r["tokens_per_s"] for r in runs]}
+
+
+def _longctx_record(model, cell: Cell, workload: Workload, settings: FrontierSettings) -> dict[str, Any]:
+    """Long-context accuracy of ``model`` (greedy, the lean loop, which runs sparse attention methods)."""
+    from sparseland.evaluate.longctx import evaluate_longctx
+
+    samples = workload.longctx_samples(settings)
+    res = evaluate_longctx(model, workload.tokenizer, samples, progress=False, label=cell.label)
+    return {
+        "length": settings.longctx_length,
+        "accuracy": res.accuracy(),
+        "tasks": {t: res.accuracy(task=t) for t in settings.longctx_tasks},
+        "samples": len(res.samples),
+        "seconds": sum(x.seconds for x in res.samples),
+    }
 
 
 def run_cell(
@@ -306,17 +412,22 @@ def run_cell(
     t0 = time.perf_counter()
     report = runner.apply(model, cell, workload)
     method_s = time.perf_counter() - t0
-    batch = 1 if runner.family == "attention" else settings.batch_size  # sparse attention: batch 1
+    sparse_attention = "attention" in runner.families
+    batch = 1 if sparse_attention else settings.batch_size  # sparse attention: batch 1
     with counting_zeros(model) as counts:  # activation sparsity: the zeros the hooks make on the eval data
         ppl = perplexity(model, workload.eval_windows, seq_len=settings.seq_len, batch_size=batch, progress=False)
+    weight_sparsity = measured_sparsity(model)
+    activation_sparsity = attn_sparsity = None
     if get_state(model) is not None:
-        sparsity = sum(z for z, _ in counts.values()) / max(1, sum(n for _, n in counts.values()))
-    elif runner.family == "attention":
+        activation_sparsity = sum(z for z, _ in counts.values()) / max(1, sum(n for _, n in counts.values()))
+    if sparse_attention:
         from sparseland.attention import measured_sparsity as attention_sparsity
 
-        sparsity = attention_sparsity(model, "prefill")
-    else:
-        sparsity = measured_sparsity(model)
+        attn_sparsity = attention_sparsity(model, "prefill")
+    # the headline sparsity of the cell: its own family's (a combination's: the weights', if any)
+    primary = {"activations": activation_sparsity, "attention": attn_sparsity}.get(runner.families[0])
+    sparsity = weight_sparsity if primary is None else primary
+    longctx = _longctx_record(model, cell, workload, settings) if wants_longctx(cell, settings) else None
     nbytes, source = model_bytes(model)
     speed = dense_speed = None
     if measure_speed is not None:  # dense timed alternately with the cell: side-by-side ratios
@@ -339,6 +450,10 @@ def run_cell(
         "model_bytes": nbytes,
         "bytes_source": source,
         "measured_sparsity": sparsity,  # zero weights, zeroed activations or skipped attention
+        "weight_sparsity": weight_sparsity,
+        "activation_sparsity": activation_sparsity,
+        "attention_sparsity": attn_sparsity,
+        "longctx": longctx,
         "speed": speed,
         "dense_speed": dense_speed or speed,
         "method_report": _jsonable(report),

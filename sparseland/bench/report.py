@@ -87,6 +87,7 @@ def summary(results: list[Result], n_expected: int | None = None) -> list[str]:
             f"At {_group_name(pattern, sparsity)}, {_name(best)} wins with perplexity "
             f"{best['perplexity']:.4g}{far}" + (f" (then {others})." if others else ".") + size
         )
+    lines += longctx_summary(results)
     sources = {r.get("bytes_source") for r in results}
     if results:
         how = (
@@ -119,9 +120,38 @@ def summary(results: list[Result], n_expected: int | None = None) -> list[str]:
     return lines
 
 
-def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows of the results table."""
+def _measured(r: Result) -> str:
+    """The measured sparsity; a combination shows each part's (w weights, a activations, s attention)."""
+    if r.get("family") != "combined":
+        return f"{r['measured_sparsity']:.1%}"
+    parts = [("w", r.get("weight_sparsity")), ("a", r.get("activation_sparsity")), ("s", r.get("attention_sparsity"))]
+    return " ".join(f"{k} {v:.0%}" for k, v in parts if v is not None)
+
+
+def _longctx(r: Result) -> float | None:
+    return (r.get("longctx") or {}).get("accuracy")
+
+
+def longctx_summary(results: list[Result]) -> list[str]:
+    """Sentences on long-context accuracy: dense's, then each measured cell's difference from it."""
     dense = _dense(results)
+    rs = [r for r in results if _longctx(r) is not None and r is not dense]
+    if dense is None or _longctx(dense) is None:
+        return []
+    lc = dense["longctx"]
+    line = (
+        f"Long-context accuracy ({lc['samples']} needle-retrieval samples at {lc['length']} tokens): dense "
+        f"{lc['accuracy']:.0f}%"
+    )
+    if rs:
+        line += "; " + "; ".join(f"{r['label']} {_longctx(r):.0f}% ({_longctx(r) - lc['accuracy']:+.0f})" for r in rs)
+    return [line + "."]
+
+
+def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the results table (a long-context column if any cell has one)."""
+    dense = _dense(results)
+    with_longctx = any(_longctx(r) is not None for r in results)
     head = [
         "method",
         "pattern",
@@ -134,7 +164,7 @@ def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         "size vs dense",
         "tokens/s",
         "speedup",
-    ]
+    ] + (["long-ctx acc"] if with_longctx else [])
     rows = []
     for r in results:
         c, up, tps = r["cell"], speedup(r, dense), _tps(r)
@@ -143,7 +173,7 @@ def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                 _name(r),
                 c["pattern"],
                 f"{c['sparsity']:.0%}",
-                f"{r['measured_sparsity']:.1%}",
+                _measured(r),
                 _num(r["perplexity"]),
                 _num(r["perplexity"] / dense["perplexity"]) + "x" if dense else "-",
                 f"{r['method_seconds']:.1f}",
@@ -152,6 +182,7 @@ def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                 f"{tps:.1f}" if tps else "-",
                 f"{up:.2f}x" if up else "-",
             ]
+            + ([f"{_longctx(r):.0f}%" if _longctx(r) is not None else "-"] if with_longctx else [])
         )
     return head, rows
 

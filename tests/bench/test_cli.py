@@ -27,6 +27,8 @@ def _one_line_error(capsys, argv: list[str], match: str) -> None:
         (["--methods", "nope"], "unknown frontier method 'nope'"),
         (["--patterns", "4:2"], "N:M"),
         (["--patterns", ","], "empty"),
+        (["--methods", "wanda+sparsegpt"], "at most one method per family"),
+        (["--longctx-length", "-1"], "negative"),
     ],
 )
 def test_frontier_bad_input(capsys, tmp_path, extra, match):
@@ -51,6 +53,7 @@ def fake_cli(monkeypatch):
 
 def test_frontier_then_report(capsys, tmp_path, fake_cli):
     args = ["--out", str(tmp_path), "--seq-len", "32", "--eval-windows", "2", "--calib-windows", "2"]
+    args += ["--longctx-length", "0"]  # the fakes' workload has no tokenizer
     assert main(["frontier", "--methods", "fakewanda", "--sparsities", "0.5,70%", "--no-progress", *args]) == 0
     out = capsys.readouterr().out
     assert "fakewanda" in out and "report:" in out and (tmp_path / "report.html").is_file()

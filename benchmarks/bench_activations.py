@@ -1,6 +1,12 @@
 """Activation sparsity on the embedded model: perplexity of every method at several sparsities vs dense.
 
     flock /tmp/sparseland-heavy.lock python benchmarks/bench_activations.py [--eval-windows 8] [--quick]
+    flock /tmp/sparseland-heavy.lock python benchmarks/bench_activations.py --prune wanda \
+        --out benchmarks/results/activations_wanda50
+
+``--prune wanda|sparsegpt`` first prunes the weights to 50% unstructured (same calibration windows),
+measures that model alone, then runs the activation methods on the pruned model (their calibration
+collected from it): activation sparsity combined with weight sparsity.
 
 Protocol (all in one run, side by side): SmolLM2-135M float32; the embedded text's evaluation part,
 the first ``--eval-windows`` non-overlapping windows of 512 tokens; calibration from the calibration
@@ -64,6 +70,17 @@ def markdown(out: dict) -> str:
         "",
         f"Dense perplexity: **{dense:.3f}**.",
         "",
+        *(
+            [
+                f"Weights pruned first: {out['pruned']['method']} 50% unstructured, perplexity "
+                f"**{out['pruned']['perplexity']:.3f}** ({out['pruned']['perplexity'] / dense:.3f}x dense, pruning "
+                f"{out['pruned']['seconds']:.0f} s); every row below is that model plus activation sparsity, ratios "
+                "to the dense model.",
+                "",
+            ]
+            if out.get("pruned")
+            else []
+        ),
         "ppl (ratio to dense) | measured sparsity of the sparsified tensors | weight reads skipped:",
         "",
         "| method | " + " | ".join(f"{int(s * 100)}%" for s in out["sparsities"]) + " |",
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.65")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(RESULTS / "activations"))
+    ap.add_argument("--prune", choices=["wanda", "sparsegpt"], default=None, help="prune weights to 50%% first")
     ap.add_argument("--no-greedy", dest="greedy", action="store_false", help="skip greedy TEAL")
     ap.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="skip the per-group TEAL runs")
     args = ap.parse_args(argv)
@@ -112,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     ppl = lambda: perplexity(model, ev, seq_len=args.seq_len, batch_size=2, progress=False)  # noqa: E731
     dense = ppl()
     print(f"dense ppl {dense.perplexity:.3f} ({dense.seconds:.1f} s)", flush=True)
+    pruned = None
+    if args.prune:
+        from sparseland import sparsify_
+        from sparseland.weights import SparseGPTConfig, WandaConfig
+
+        t0 = time.perf_counter()
+        cfg = {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[args.prune](sparsity=0.5)
+        sparsify_(model, cfg, calibration=calib)
+        seconds = time.perf_counter() - t0
+        res = ppl()
+        pruned = {"method": args.prune, "sparsity": 0.5, "perplexity": res.perplexity, "seconds": seconds}
+        print(f"{args.prune} 50% ppl {res.perplexity:.3f} ({seconds:.1f} s pruning)", flush=True)
 
     t0 = time.perf_counter()
     roles = linear_roles(model)
@@ -128,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_windows": int(ev.shape[0]), "calib_windows": args.calib_windows,
         "calib_tokens": args.calib_tokens,
         "threads": torch.get_num_threads(), "dense": dense.to_dict(), "calibration_seconds": calib_s,
-        "sparsities": sparsities, "methods": methods, "runs": [],
+        "sparsities": sparsities, "methods": methods, "runs": [], "pruned": pruned,
     }  # fmt: skip
     groups = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
     jobs = [(label, s, METHODS[label][0], METHODS[label][1](s)) for label in methods for s in sparsities]

@@ -73,10 +73,10 @@ def markdown(doc: dict) -> str:
     lines = [
         "# Post-training weight pruning (benchmarks/bench_pruning.py)",
         "",
-        f"Model {s['model']}; text {s['text']}. Perplexity on the first {s['eval_windows']} evaluation "
-        "windows "
-        f"of {s['seq_len']} tokens ({s['eval_tokens']} predictions), not the whole evaluation part. "
-        f"Calibration: {s['calib_samples']} x {s['calib_len']} tokens (seed {s['seed']}). Only the Linear "
+        f"Model {s['model']}; text {s['text']}. Perplexity on {s['eval_windows']} evaluation windows "
+        f"of {s['seq_len']} tokens ({s['eval_tokens']} predictions), "
+        + ("the whole evaluation part. " if s.get("eval_all") else "the first ones, not the whole evaluation part. ")
+        + f"Calibration: {s['calib_samples']} x {s['calib_len']} tokens (seed {s['seed']}). Only the Linear "
         "layers of the decoder blocks are pruned; embeddings and lm_head stay dense. "
         f"{s['threads']} torch threads, {s['machine']}; shared machine, so seconds are indicative. "
         f"Date {s['date']}.",
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-extras", action="store_true", help="skip the OWL and DSnoT variants")
     ap.add_argument("--only", default=None, help="comma list of exact labels to run, in this order")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=0, help="0: the whole evaluation part")
+    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "pruning"), help="output stem (.json and .md are written)")
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_model(args.model)
     corpus = load_corpus(tokenizer)
-    ev = corpus.evaluation(args.seq_len, args.eval_windows)
+    ev = corpus.evaluation(args.seq_len, args.eval_windows or None)
     calib = corpus.calibration(args.calib_samples, args.calib_len, args.seed)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     res = perplexity(model, ev, seq_len=args.seq_len, progress=False)
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
             "text": corpus.name,
             "seq_len": args.seq_len,
             "eval_windows": int(ev.shape[0]),
+            "eval_all": not args.eval_windows,
             "eval_tokens": res.n_tokens,
             "calib_samples": args.calib_samples,
             "calib_len": args.calib_len,

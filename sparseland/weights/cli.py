@@ -95,8 +95,8 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--calib-samples",
         type=positive_int,
-        default=64,
-        help="calibration windows of --seq-len tokens (default: 64)",
+        default=32,
+        help="calibration windows of --seq-len tokens (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random pruning")
     p.add_argument("--eval", action="store_true", help="print the perplexity after pruning")

@@ -4,9 +4,12 @@ reference code do.
 Step 1: run the calibration windows through the embeddings and capture the first block's inputs (hidden
 states and the position-embedding / mask kwargs) with a pre-hook that raises to stop the forward.
 Step 2 (OWL only): one dense pass over the blocks to measure each block's outlier ratio, then allocate.
-Step 3: for each block, hook its Linear modules to collect input statistics over the calibration
-windows (sum of squares; X^T X when the method needs it), prune them, then run the pruned block on the
-inputs to make the next block's inputs. Memory: one block's activations of the calibration windows.
+Step 3: for each block, one forward over all calibration windows at once, with a pre-hook on each Linear
+that collects its input statistics (sum of squares; X^T X when the method needs it) and prunes it before
+it runs. So each Linear sees the inputs made by the already-pruned Linears before it in the block (the
+"true sequential" order of the SparseGPT reference code), and the block's output is the pruned block's
+output: the next block's inputs, with no second forward. Memory: one block's activations of the
+calibration windows.
 
 Only the Linear modules inside the decoder blocks are pruned: lm_head and the embeddings stay dense.
 ``filter_fn(module, name)`` narrows the set further (``name`` is the module's full name).
@@ -92,7 +95,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model, layers, calibration: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+def capture_block_inputs(
+    model, layers, calibration: torch.Tensor, batch_size: int = CALIB_BATCH
+) -> list[tuple[torch.Tensor, dict]]:
     """Inputs of the first decoder block for each batch of calibration windows: [(hidden, kwargs)]."""
     captured: list[tuple[torch.Tensor, dict]] = []
 
@@ -103,7 +108,7 @@ def capture_block_inputs(model, layers, calibration: torch.Tensor) -> list[tuple
 
     handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for batch in calibration.split(CALIB_BATCH):
+        for batch in calibration.split(batch_size):
             with contextlib.suppress(_Stop):
                 model(input_ids=batch, use_cache=False)
     finally:
@@ -238,6 +243,41 @@ def _check_calibration(calibration, config: PruningConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
+def prune_block_in_one_pass(block, linears: dict[str, torch.nn.Linear], batches, gram: bool, prune) -> list:
+    """Run ``block`` once on ``batches`` (one batch: all windows), pruning each Linear just before it runs
+    with ``prune(name, module, stats)``; Linears fed the same tensor share statistics. Returns the outputs."""
+    if len(batches) != 1:
+        raise SparselandError("one-pass pruning needs every calibration window in one batch")
+    seen: list[tuple[torch.Tensor, InputStats]] = []
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0]
+            st = next((s for t, s in seen if t is x), None)
+            if st is None:
+                st = InputStats(x.shape[-1], gram)
+                st.add(x)
+                seen.append((x, st))
+            prune(name, module, st)
+
+        return hook
+
+    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in linears.items()]
+    try:
+        out = run_block(block, batches)
+    finally:
+        for h in handles:
+            h.remove()
+        seen.clear()
+    missing = [n for n, m in linears.items() if not getattr(m, "_sparseland_pruned", False)]
+    for m in linears.values():
+        m.__dict__.pop("_sparseland_pruned", None)
+    if missing:
+        raise SparselandError(f"{missing[0]} was not called in its block's forward; leave it out with filter_fn")
+    return out
+
+
+@torch.no_grad()
 def owl_block_sparsities(model, layers, batches, config: PruningConfig, filter_fn, progress: bool) -> list[float]:
     """Dense pass over the blocks measuring each block's Wanda outlier ratio; OWL allocation of the target."""
     ratios = []
@@ -273,7 +313,7 @@ def prune_model(
         calibration = _check_calibration(calibration, config)
         was_training = model.training
         model.eval()
-        batches = capture_block_inputs(model, layers, calibration)
+        batches = capture_block_inputs(model, layers, calibration, batch_size=calibration.shape[0])
         model.train(was_training)
     if config.allocation == "owl":
         block_sparsity = owl_block_sparsities(model, layers, batches, config, filter_fn, progress)
@@ -292,20 +332,27 @@ def prune_model(
     index = 0
     for i, block in enumerate(tqdm(layers, desc=f"prune {config.kind}", unit="block", disable=not progress)):
         linears = block_linears(block, f"model.layers.{i}", filter_fn)
-        stats = {}
-        if config.needs_calibration:
-            stats = collect_stats(block, linears, batches, gram=config.needs_hessian)
-        for name, mod in linears.items():
+        position = {name: index + k for k, name in enumerate(linears)}  # seeds of random pruning
+
+        def prune(name, mod, stats, sparsity=block_sparsity[i], position=position):
+            nonlocal zeros, total
             W = mod.weight.data
-            new = prune_weight(W, config, block_sparsity[i], stats.get(name), name, index)
-            W.copy_(new)
+            W.copy_(prune_weight(W, config, sparsity, stats, name, position[name]))
             z = int((W == 0).sum())
             report.layer_sparsity[name] = z / W.numel()
             zeros += z
             total += W.numel()
-            index += 1
-        if batches is not None and i + 1 < n_blocks:
-            batches = run_block(block, batches)
+            mod._sparseland_pruned = True
+
+        if config.needs_calibration:
+            batches = prune_block_in_one_pass(block, linears, batches, config.needs_hessian, prune)
+        else:
+            for name, mod in linears.items():
+                prune(name, mod, None)
+                del mod._sparseland_pruned
+            if batches is not None and i + 1 < n_blocks:
+                batches = run_block(block, batches)
+        index += len(linears)
     report.overall_sparsity = zeros / total if total else 0.0
     report.seconds = time.perf_counter() - start
     return report

@@ -186,3 +186,32 @@ def test_pruned_weights_are_positive_zero(cls):
     for name, mod in pruned_linears(model).items():
         zeros = mod.weight == 0
         assert not torch.signbit(mod.weight[zeros]).any(), name
+
+
+def test_one_pass_output_is_the_pruned_blocks_output_and_stats_are_sequential():
+    """The block's single forward prunes each Linear before it runs: its output equals the pruned block run
+    afresh, and o_proj's statistics are of the input the pruned q/k/v make (true sequential)."""
+    from sparseland.weights.pruner import block_linears, capture_block_inputs, prune_block_in_one_pass, run_block
+
+    model = make_tiny_llama()
+    block = model.model.layers[0]
+    batches = capture_block_inputs(model, model.model.layers, CALIB, batch_size=CALIB.shape[0])
+    linears = block_linears(block, "model.layers.0", None)
+    seen_o = []
+    hook = linears["model.layers.0.self_attn.o_proj"].register_forward_hook(lambda m, a, o: seen_o.append(a[0]))
+    stats = {}
+
+    def prune(name, mod, st):
+        stats[name] = st
+        mod.weight.data[:, ::2] = 0
+        mod._sparseland_pruned = True
+
+    out = prune_block_in_one_pass(block, linears, batches, False, prune)
+    hook.remove()
+    again = run_block(block, batches)
+    assert torch.equal(out[0][0], again[0][0])
+    x = seen_o[0].reshape(-1, seen_o[0].shape[-1]).double()
+    assert torch.allclose(stats["model.layers.0.self_attn.o_proj"].sumsq, (x * x).sum(0), rtol=1e-5)
+    assert stats["model.layers.0.self_attn.q_proj"] is stats["model.layers.0.self_attn.k_proj"]
+    with pytest.raises(SparselandError, match="one batch"):
+        prune_block_in_one_pass(block, linears, batches * 2, False, prune)

@@ -153,7 +153,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated, of: {', '.join(RUNNERS)}; dense, random and magnitude are always added "
+        help=f"comma-separated, of: {', '.join(RUNNERS)}, or combinations of different families joined by '+' "
+        f"(weights+activations+attention, e.g. wanda+teal); dense, random and magnitude are always added "
         f"(default: {DEFAULT_METHODS})",
     )
     p.add_argument(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseland.errors import SparselandError
+from sparseland.runtime import fastpath
 
 
 @dataclass
@@ -63,6 +64,8 @@ class LeanDecoder:
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
         self.pos = 0
+        # fused C++ step for T == 1 (fastpath.py); None if the model is not eligible
+        self.fast = fastpath.build_fast_step(self) if fastpath.enabled() else None
 
     def _attention(self, i: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         T = h.shape[1]  # h: (1, T, C)
@@ -109,9 +112,12 @@ class LeanDecoder:
         pos_ids = torch.arange(self.pos, self.pos + T).unsqueeze(0)
         cos, sin = self.base.rotary_emb(h, pos_ids)  # (1, T, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, D)
-        for i, layer in enumerate(self.base.layers):
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if T == 1 and self.fast is not None and fastpath.enabled():  # all layers in one C++ call
+            h = self.fast(h, cos, sin, self.pos)
+        else:  # the reference path
+            for i, layer in enumerate(self.base.layers):
+                h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.pos += T
         return self.model.lm_head(self.base.norm(h[:, -1:]))[0, -1]
 

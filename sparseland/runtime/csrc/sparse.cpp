@@ -7,6 +7,7 @@
 //   start at r * ceil(in/8) * 4. Per pair of bytes: "compress" the 16 x values to the 8 kept ones
 //   with two permutes, one FMA with 8 contiguous values; no popcount chain, no masking.
 #include "common.h"
+#include "matvec.h"
 
 namespace sparseland {
 
@@ -77,6 +78,23 @@ static void nm4_rows(const uint8_t* mask, const T* vals, const float* X, float* 
       Y[b * out + r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     }
   }
+}
+
+// Single-vector entry points for the fused decode step (x padded to in8 * 8 floats, y[r] for r in [r0, r1)).
+void bitmask_mv(const uint8_t* mask, const int64_t* row_ptr, const float* vals, const float* x, float* y, int64_t in8,
+                int64_t r0, int64_t r1) {
+  bitmask_rows<float, 1>(mask, row_ptr, vals, x, y, in8, in8 * 8, 0, r0, r1);
+}
+void bitmask_mv(const uint8_t* mask, const int64_t* row_ptr, const at::BFloat16* vals, const float* x, float* y,
+                int64_t in8, int64_t r0, int64_t r1) {
+  bitmask_rows<at::BFloat16, 1>(mask, row_ptr, vals, x, y, in8, in8 * 8, 0, r0, r1);
+}
+void nm4_mv(const uint8_t* mask, const float* vals, const float* x, float* y, int64_t in8, int64_t r0, int64_t r1) {
+  nm4_rows(mask, vals, x, y, 1, in8, in8 * 8, 0, r0, r1);
+}
+void nm4_mv(const uint8_t* mask, const at::BFloat16* vals, const float* x, float* y, int64_t in8, int64_t r0,
+            int64_t r1) {
+  nm4_rows(mask, vals, x, y, 1, in8, in8 * 8, 0, r0, r1);
 }
 
 at::Tensor bitmask_mm(at::Tensor mask, at::Tensor row_ptr, at::Tensor values, at::Tensor x) {

@@ -1,0 +1,329 @@
+// Fused decode step (T == 1) for Llama-style models: every decoder layer in one call, no allocation.
+//
+// Per layer (the lean loop's Python step, generate.py, in the same order):
+//   x = rmsnorm(h) ; q, k, v = Wq x, Wk x, Wv x ; RoPE(q, k) with the position's cos/sin ;
+//   k, v -> cache[layer, :, pos] ; o = softmax(q K^T * scale) V over positions [0, pos] (GQA) ;
+//   h += Wo o ; x = rmsnorm(h) ; h += Wd (silu(Wg x) * Wu x)
+// Each W is a dense fp32/bf16 matrix, a bitmask or a 4-per-byte N:M format (matvec.h kernels).
+//
+// Threading (torch.set_num_threads): mode 1 runs one OpenMP region for the whole step, every matvec's
+// rows split statically across the threads with a barrier between dependent stages (~6 per layer);
+// mode 0 wakes torch's pool once per matvec (parallel_rows), like the per-module Python path. With one
+// thread both run serially.
+#include <omp.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "matvec.h"
+
+namespace sparseland {
+namespace {
+
+enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2 };
+
+inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+
+struct Lin {
+  int64_t kind = kDense, in = 0, out = 0, in8 = 0;
+  bool bf16 = false;
+  const void* w = nullptr;  // dense weight, or packed values
+  const uint8_t* mask = nullptr;
+  const int64_t* row_ptr = nullptr;
+
+  void run(const float* x, float* y, int64_t r0, int64_t r1) const {
+    if (r0 >= r1) return;
+    if (kind == kDense) {
+      if (bf16) dense_mv(static_cast<const at::BFloat16*>(w), x, y, in, r0, r1);
+      else dense_mv(static_cast<const float*>(w), x, y, in, r0, r1);
+    } else if (kind == kBitmask) {
+      if (bf16) bitmask_mv(mask, row_ptr, static_cast<const at::BFloat16*>(w), x, y, in8, r0, r1);
+      else bitmask_mv(mask, row_ptr, static_cast<const float*>(w), x, y, in8, r0, r1);
+    } else {
+      if (bf16) nm4_mv(mask, static_cast<const at::BFloat16*>(w), x, y, in8, r0, r1);
+      else nm4_mv(mask, static_cast<const float*>(w), x, y, in8, r0, r1);
+    }
+  }
+};
+
+struct Layer {
+  const float* ln1 = nullptr;
+  const float* ln2 = nullptr;
+  float eps1 = 0, eps2 = 0;
+  Lin q, k, v, o, gate, up, down;
+};
+
+// Who runs what: either all threads of one OpenMP region (region == true; each takes its static share
+// of every split and waits at barriers), or the calling thread, which hands splits to parallel_rows.
+struct Exec {
+  bool region;
+  int tid, nth;
+  template <typename F>
+  void split(int64_t n, const F& fn) const {  // fn(r0, r1) over [0, n), then all threads agree
+    if (region) {
+      fn(n * tid / nth, n * (tid + 1) / nth);
+#pragma omp barrier
+    } else {
+      parallel_rows(n, 16, fn);
+    }
+  }
+  template <typename F>
+  void single(const F& fn) const {
+    if (region) {
+      if (tid == 0) fn();
+#pragma omp barrier
+    } else {
+      fn();
+    }
+  }
+};
+
+// out = w * h / sqrt(mean(h^2) + eps), as LlamaRMSNorm in float32.
+void rmsnorm(const float* h, const float* w, float eps, float* out, int64_t n) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += double(h[i]) * h[i];
+  const float r = 1.0f / std::sqrt(float(ss / double(n)) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (h[i] * r);
+}
+
+// In place: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
+void rope(float* x, const float* cos, const float* sin, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+class DecodeStep : public torch::CustomClassHolder {
+ public:
+  // tensors: per layer ln1 (C,), ln2 (C,), then q, k, v, o, gate, up, down, each as its format's tensors
+  //   (dense: w; bitmask: mask, row_ptr, values; nm: mask, values).
+  // meta: L, C, I, H, KVH, D, then 7 kinds per layer (0 dense, 1 bitmask, 2 nm). feps: scale, then
+  // (eps1, eps2) per layer. k_cache / v_cache: (L, KVH, T_max, D) float32, written at each position.
+  DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, std::vector<double> feps, at::Tensor k_cache,
+             at::Tensor v_cache)
+      : tensors_(std::move(tensors)), k_cache_(k_cache), v_cache_(v_cache) {
+    TORCH_CHECK(meta.size() >= 6, "DecodeStep: meta must start with L, C, I, H, KVH, D");
+    L_ = meta[0], C_ = meta[1], I_ = meta[2], H_ = meta[3], KVH_ = meta[4], D_ = meta[5];
+    TORCH_CHECK(L_ > 0 && C_ > 0 && I_ > 0 && H_ > 0 && KVH_ > 0 && D_ > 0 && D_ % 2 == 0 && H_ % KVH_ == 0,
+                "DecodeStep: bad dimensions");
+    TORCH_CHECK((int64_t)meta.size() == 6 + 7 * L_, "DecodeStep: meta needs 7 kinds per layer");
+    TORCH_CHECK((int64_t)feps.size() == 1 + 2 * L_, "DecodeStep: feps needs scale and 2 eps per layer");
+    for (const at::Tensor* c : {&k_cache_, &v_cache_})
+      TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(0) == L_ &&
+                      c->size(1) == KVH_ && c->size(3) == D_,
+                  "DecodeStep: caches must be contiguous float32 (L, KVH, T_max, D)");
+    Tmax_ = k_cache_.size(2);
+    TORCH_CHECK(v_cache_.size(2) == Tmax_, "DecodeStep: k and v caches differ in length");
+    scale_ = float(feps[0]);
+    size_t t = 0;
+    auto next = [&]() -> const at::Tensor& {
+      TORCH_CHECK(t < tensors_.size(), "DecodeStep: too few tensors for the formats in meta");
+      return tensors_[t++];
+    };
+    auto norm = [&](int64_t n) {
+      const at::Tensor& w = next();
+      TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == n,
+                  "DecodeStep: norm weights must be contiguous float32 (C,)");
+      return w.data_ptr<float>();
+    };
+    const int64_t shapes[7][2] = {{H_ * D_, C_}, {KVH_ * D_, C_}, {KVH_ * D_, C_}, {C_, H_ * D_},
+                                  {I_, C_},      {I_, C_},        {C_, I_}};
+    layers_.resize(L_);
+    for (int64_t l = 0; l < L_; ++l) {
+      Layer& ly = layers_[l];
+      ly.ln1 = norm(C_);
+      ly.ln2 = norm(C_);
+      ly.eps1 = float(feps[1 + 2 * l]);
+      ly.eps2 = float(feps[2 + 2 * l]);
+      Lin* lins[7] = {&ly.q, &ly.k, &ly.v, &ly.o, &ly.gate, &ly.up, &ly.down};
+      for (int j = 0; j < 7; ++j) {
+        Lin& lin = *lins[j];
+        lin.kind = meta[6 + 7 * l + j];
+        lin.out = shapes[j][0];
+        lin.in = shapes[j][1];
+        lin.in8 = (lin.in + 7) / 8;
+        if (lin.kind == kDense) {
+          const at::Tensor& w = next();
+          TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == lin.out && w.size(1) == lin.in,
+                      "DecodeStep: layer ", l, " linear ", j, ": dense weight must be contiguous (", lin.out, ", ",
+                      lin.in, ")");
+          set_values(lin, w);
+        } else if (lin.kind == kBitmask || lin.kind == kNM4) {
+          const at::Tensor& m = next();
+          TORCH_CHECK(m.scalar_type() == at::kByte && m.is_contiguous() && m.dim() == 2 && m.size(0) == lin.out &&
+                          m.size(1) == lin.in8,
+                      "DecodeStep: layer ", l, " linear ", j, ": mask must be contiguous uint8 (out, ceil(in/8))");
+          lin.mask = m.data_ptr<uint8_t>();
+          if (lin.kind == kBitmask) {
+            const at::Tensor& rp = next();
+            TORCH_CHECK(rp.scalar_type() == at::kLong && rp.is_contiguous() && rp.numel() == lin.out + 1,
+                        "DecodeStep: bitmask row_ptr must be int64 (out + 1,)");
+            lin.row_ptr = rp.data_ptr<int64_t>();
+            const at::Tensor& v = next();
+            TORCH_CHECK(v.numel() >= rp[lin.out].item<int64_t>() + 8, "DecodeStep: values need 8 zeros of padding");
+            set_values(lin, v);
+          } else {
+            const at::Tensor& v = next();
+            TORCH_CHECK(v.numel() >= lin.out * lin.in8 * 4 + 8, "DecodeStep: N:M values too short");
+            set_values(lin, v);
+          }
+        } else {
+          TORCH_CHECK(false, "DecodeStep: unknown weight kind ", lin.kind);
+        }
+      }
+    }
+    TORCH_CHECK(t == tensors_.size(), "DecodeStep: more tensors than the formats in meta use");
+    const int64_t maxw = pad8(std::max({C_, I_, H_ * D_})) + 8;
+    qkv_.assign(pad8(H_ * D_ + 2 * KVH_ * D_) + 8, 0.0f);
+    att_.assign(pad8(H_ * D_) + 8, 0.0f);
+    tmp_.assign(maxw, 0.0f);
+    gate_.assign(pad8(I_) + 8, 0.0f);
+    up_.assign(pad8(I_) + 8, 0.0f);
+    act_.assign(pad8(I_) + 8, 0.0f);
+    scores_.assign(H_ * Tmax_, 0.0f);
+  }
+
+  // h (C,) float32, the embedded token, overwritten with the last layer's output and returned; cos, sin
+  // (D,) for position `pos`; mode 1: one OpenMP region for the step, 0: torch's pool per matvec.
+  at::Tensor step(at::Tensor h, at::Tensor cos, at::Tensor sin, int64_t pos, int64_t mode) {
+    TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == C_,
+                "DecodeStep.step: h must be contiguous float32 with ", C_, " elements");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.numel() == D_ && sin.numel() == D_,
+                "DecodeStep.step: cos and sin must be contiguous float32 (D,) = (", D_, ",)");
+    TORCH_CHECK(pos >= 0 && pos < Tmax_, "DecodeStep.step: position ", pos, " is outside the cache (", Tmax_, ")");
+    float* H = h.data_ptr<float>();
+    const float* c = cos.data_ptr<float>();
+    const float* s = sin.data_ptr<float>();
+    const int nt = int(at::get_num_threads());
+    if (mode == 1 && nt > 1) {
+      if ((int64_t)xn_.size() < nt) xn_.resize(nt);
+      for (auto& b : xn_)
+        if (b.empty()) b.assign(pad8(C_) + 8, 0.0f);
+#pragma omp parallel num_threads(nt)
+      {
+        Exec ex{true, omp_get_thread_num(), omp_get_num_threads()};
+        run(ex, H, c, s, pos);
+      }
+    } else {
+      if (xn_.empty()) xn_.resize(1);
+      if (xn_[0].empty()) xn_[0].assign(pad8(C_) + 8, 0.0f);
+      run(Exec{false, 0, 1}, H, c, s, pos);
+    }
+    return h;
+  }
+
+  int64_t num_layers() const { return L_; }
+
+ private:
+  static void set_values(Lin& lin, const at::Tensor& v) {
+    TORCH_CHECK(v.is_contiguous(), "DecodeStep: weight values must be contiguous");
+    if (v.scalar_type() == at::kFloat) lin.w = v.data_ptr<float>(), lin.bf16 = false;
+    else if (v.scalar_type() == at::kBFloat16) lin.w = v.data_ptr<at::BFloat16>(), lin.bf16 = true;
+    else TORCH_CHECK(false, "DecodeStep: weight values must be float32 or bfloat16");
+  }
+
+  void run(const Exec& ex, float* H, const float* cos, const float* sin, int64_t pos) {
+    const int64_t HD = H_ * D_, KD = KVH_ * D_, G = H_ / KVH_, p1 = pos + 1;
+    float* xn = xn_[ex.region ? ex.tid : 0].data();  // each thread normalizes h into its own copy
+    float* q = qkv_.data();
+    float* k = q + HD;
+    float* v = k + KD;
+    for (int64_t l = 0; l < L_; ++l) {
+      const Layer& ly = layers_[l];
+      float* kc = k_cache_.data_ptr<float>() + l * KVH_ * Tmax_ * D_;  // (KVH, T_max, D)
+      float* vc = v_cache_.data_ptr<float>() + l * KVH_ * Tmax_ * D_;
+      // Step 1: rmsnorm, then q, k, v as one row space [q | k | v]
+      rmsnorm(H, ly.ln1, ly.eps1, xn, C_);
+      ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) {
+        ly.q.run(xn, q, std::min(r0, HD), std::min(r1, HD));
+        ly.k.run(xn, k, std::clamp(r0 - HD, int64_t(0), KD), std::clamp(r1 - HD, int64_t(0), KD));
+        ly.v.run(xn, v, std::clamp(r0 - HD - KD, int64_t(0), KD), std::clamp(r1 - HD - KD, int64_t(0), KD));
+      });
+      // Step 2: RoPE on q and k; k, v into the cache at pos
+      ex.single([&] {
+        for (int64_t hh = 0; hh < H_; ++hh) rope(q + hh * D_, cos, sin, D_);
+        for (int64_t kh = 0; kh < KVH_; ++kh) {
+          rope(k + kh * D_, cos, sin, D_);
+          std::copy(k + kh * D_, k + (kh + 1) * D_, kc + (kh * Tmax_ + pos) * D_);
+          std::copy(v + kh * D_, v + (kh + 1) * D_, vc + (kh * Tmax_ + pos) * D_);
+        }
+      });
+      // Step 3: attention, one query head at a time over positions [0, pos]
+      ex.split(H_, [&](int64_t h0, int64_t h1) {
+        for (int64_t hh = h0; hh < h1; ++hh) {
+          const int64_t kh = hh / G;
+          const float* qh = q + hh * D_;
+          const float* K = kc + kh * Tmax_ * D_;
+          const float* V = vc + kh * Tmax_ * D_;
+          float* sc = scores_.data() + hh * Tmax_;
+          float m = -std::numeric_limits<float>::infinity();
+          for (int64_t t = 0; t < p1; ++t) m = std::max(m, sc[t] = dot(qh, K + t * D_, D_) * scale_);
+          float sum = 0;
+          for (int64_t t = 0; t < p1; ++t) sum += sc[t] = std::exp(sc[t] - m);
+          float* o = att_.data() + hh * D_;
+          std::fill(o, o + D_, 0.0f);
+          for (int64_t t = 0; t < p1; ++t) {
+            const float p = sc[t] / sum;
+            const float* vt = V + t * D_;
+            for (int64_t d = 0; d < D_; ++d) o[d] += p * vt[d];
+          }
+        }
+      });
+      // Step 4: h += Wo o (each thread adds its own rows)
+      ex.split(C_, [&](int64_t r0, int64_t r1) {
+        ly.o.run(att_.data(), tmp_.data(), r0, r1);
+        for (int64_t r = r0; r < r1; ++r) H[r] += tmp_[r];
+      });
+      // Step 5: MLP: act = silu(Wg x) * (Wu x), row blocks of both
+      rmsnorm(H, ly.ln2, ly.eps2, xn, C_);
+      ex.split(I_, [&](int64_t r0, int64_t r1) {
+        ly.gate.run(xn, gate_.data(), r0, r1);
+        ly.up.run(xn, up_.data(), r0, r1);
+        for (int64_t r = r0; r < r1; ++r) {
+          const float g = gate_[r];
+          act_[r] = g / (1.0f + std::exp(-g)) * up_[r];
+        }
+      });
+      // Step 6: h += Wd act
+      ex.split(C_, [&](int64_t r0, int64_t r1) {
+        ly.down.run(act_.data(), tmp_.data(), r0, r1);
+        for (int64_t r = r0; r < r1; ++r) H[r] += tmp_[r];
+      });
+    }
+  }
+
+  std::vector<at::Tensor> tensors_;  // keeps every weight alive
+  at::Tensor k_cache_, v_cache_;
+  std::vector<Layer> layers_;
+  int64_t L_ = 0, C_ = 0, I_ = 0, H_ = 0, KVH_ = 0, D_ = 0, Tmax_ = 0;
+  float scale_ = 1.0f;
+  std::vector<std::vector<float>> xn_;
+  std::vector<float> qkv_, att_, tmp_, gate_, up_, act_, scores_;
+};
+
+}  // namespace sparseland
+
+TORCH_LIBRARY_FRAGMENT(sparseland, m) {
+  m.class_<sparseland::DecodeStep>("DecodeStep")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, at::Tensor, at::Tensor>())
+      .def("step", &sparseland::DecodeStep::step)
+      .def("num_layers", &sparseland::DecodeStep::num_layers);
+}

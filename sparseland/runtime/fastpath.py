@@ -1,0 +1,176 @@
+"""A fused C++ decode step for the lean loop: all decoder layers of one token (T == 1) in one call.
+
+    fast = build_fast_step(decoder)      # None when the model is not eligible
+    h = fast(h, cos, sin, pos)           # (1, 1, C) embedded token -> last layer's output
+
+``build_fast_step`` packs each layer's RMSNorm weights and its seven Linear / ``SparseLinear`` weights
+(plain fp32 Linear, or DenseFormat fp32/bf16, BitmaskFormat, NMFormat) once, by reference, into
+``torch.classes.sparseland.DecodeStep`` (csrc/decode_step.cpp), which runs the same math as
+``LeanDecoder.step``'s Python loop (the reference) with the same kernels and no per-layer dispatch.
+Anything the C++ step would silently skip makes the model ineligible: activation-sparsity hooks or
+any other forward hook, sparse attention methods, q/k norms, biases, a non-SiLU or non-Llama MLP or
+norm, a weight format it does not know, a cache that is not float32.
+
+Disabled by ``SPARSELAND_NO_FASTPATH=1`` and inside ``kernels.force_reference()``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sparseland.errors import SparselandError
+from sparseland.runtime import kernels
+from sparseland.runtime.formats import BitmaskFormat, DenseFormat, NMFormat
+from sparseland.runtime.modules import SparseLinear
+
+ENV = "SPARSELAND_NO_FASTPATH"
+MODE_ENV = "SPARSELAND_FASTPATH_MODE"  # threading of new fast steps: region (default) or per_matvec
+MODES = {"per_matvec": 0, "region": 1}  # torch's pool per matvec / one OpenMP region per step
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+_ACTS = {"SiLU", "SiLUActivation"}
+_DENSE, _BITMASK, _NM4 = 0, 1, 2
+
+
+def available() -> bool:
+    """Whether the extension is built with the fused step."""
+    if not kernels.extension_available():
+        return False
+    try:
+        torch.classes.sparseland.DecodeStep  # noqa: B018  (raises RuntimeError if not registered)
+    except RuntimeError:
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Whether fast steps run now (not disabled by the env var or ``force_reference``)."""
+    return os.environ.get(ENV, "") in ("", "0") and kernels.use_kernels()
+
+
+class FastStep:
+    """The packed model; call it with the embedded token, the position's cos/sin and the position."""
+
+    def __init__(self, step: object, mode: str = "region") -> None:
+        self._step = step
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise SparselandError(f"fast-step threading mode {mode!r} is unknown; use one of {sorted(MODES)}")
+        self._mode = mode
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+        # h (1, 1, C), cos/sin (..., D) for position pos; a copy of h is updated in place and returned
+        x = h.reshape(-1).clone()
+        x = self._step.step(x, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(), pos, MODES[self._mode])
+        return x.view(h.shape)
+
+
+def _linear(mod: torch.nn.Module, out: int, inp: int) -> tuple[int, list[torch.Tensor]] | None:
+    """(kind, tensors) of one projection with weight (out, inp), or None if the C++ step cannot run it."""
+    if type(mod) is torch.nn.Linear:
+        w = mod.weight.detach()
+        if mod.bias is not None or w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (out, inp):
+            return None
+        return _DENSE, [w]
+    if type(mod) is not SparseLinear or mod.bias is not None or (mod.out_features, mod.in_features) != (out, inp):
+        return None
+    f = mod.weight_format
+    vals = {DenseFormat: "weight", BitmaskFormat: "values", NMFormat: "values"}.get(type(f))
+    if vals is None or getattr(f, vals).dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if type(f) is DenseFormat:
+        return _DENSE, [f.weight]
+    if type(f) is BitmaskFormat:
+        return _BITMASK, [f.mask, f.row_ptr, f.values]
+    return _NM4, [f.mask, f.values]  # NMFormat: always 4 kept per mask byte (1:2, 2:4, 4:8)
+
+
+def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | None:
+    """Why the fused step cannot run ``model`` (None if it can)."""
+    from sparseland.activations.sites import get_state
+
+    if not available():
+        return "the C++ extension (with decode_step.cpp) is not built"
+    if get_state(model) is not None:
+        return "activation sparsity hooks are installed"
+    mods = torch.nn.modules.module
+    if mods._global_forward_hooks or mods._global_forward_pre_hooks:
+        return "global forward hooks are registered"
+    base = model.model
+    for name, m in base.layers.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"layers.{name} has forward hooks"
+    if k_cache.dtype != torch.float32 or base.embed_tokens.weight.dtype != torch.float32:
+        return "the model is not float32"
+    for i, layer in enumerate(base.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "_sparseland_attention", None) is not None:
+            return f"layer {i} has a sparse attention method"
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return f"layer {i} has q/k norms"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if type(norm).__name__ not in _NORMS or norm.weight.dtype != torch.float32:
+                return f"layer {i} norm {type(norm).__name__} is not a float32 Llama RMSNorm"
+        if type(mlp).__name__ not in _MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in _ACTS:
+            return f"layer {i} MLP {type(mlp).__name__} is not a SiLU-gated Llama MLP"
+    return None
+
+
+def build_fast_step(
+    decoder_or_model: object,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    mode: str | None = None,
+) -> FastStep | None:
+    """Pack a ``LeanDecoder`` (its model and KV cache) or a model with ``k_cache``/``v_cache``
+    (L, KVH, T_max, D) for the fused step; None if the model is not eligible. ``mode``: threading
+    with more than one torch thread (``MODES``; default ``$SPARSELAND_FASTPATH_MODE`` or region)."""
+    mode = mode or os.environ.get(MODE_ENV) or "region"
+    if mode not in MODES:
+        raise SparselandError(f"fast-step threading mode {mode!r} is unknown; use one of {sorted(MODES)}")
+    if hasattr(decoder_or_model, "k_cache") and hasattr(decoder_or_model, "base"):
+        model = decoder_or_model.model
+        k_cache, v_cache = decoder_or_model.k_cache, decoder_or_model.v_cache
+    else:
+        model = decoder_or_model
+        if k_cache is None or v_cache is None:
+            raise SparselandError("build_fast_step(model) needs k_cache and v_cache; or pass a LeanDecoder")
+    if ineligible_reason(model, k_cache) is not None:
+        return None
+    cfg, layers = model.config, model.model.layers
+    H = cfg.num_attention_heads
+    KVH = getattr(cfg, "num_key_value_heads", None) or H
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    C = cfg.hidden_size
+    inter = layers[0].mlp.gate_proj.out_features
+    if tuple(k_cache.shape[:2]) != (len(layers), KVH) or k_cache.shape[3] != D or not k_cache.is_contiguous():
+        return None
+    scale = getattr(layers[0].self_attn, "scaling", D**-0.5)
+    tensors: list[torch.Tensor] = []
+    meta = [len(layers), C, inter, H, KVH, D]
+    feps = [float(scale)]
+    shapes = [(H * D, C), (KVH * D, C), (KVH * D, C), (C, H * D), (inter, C), (inter, C), (C, inter)]
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "scaling", D**-0.5) != scale:
+            return None
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        tensors += [ln1.weight.detach().contiguous(), ln2.weight.detach().contiguous()]
+        feps += [float(ln1.variance_epsilon), float(ln2.variance_epsilon)]
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        for mod, (out, inp) in zip(projs, shapes, strict=True):
+            packed = _linear(mod, out, inp)
+            if packed is None:
+                return None
+            meta.append(packed[0])
+            tensors += packed[1]
+    return FastStep(torch.classes.sparseland.DecodeStep(tensors, meta, feps, k_cache, v_cache), mode)

@@ -100,32 +100,60 @@ class RuntimeDecodeSpeed:
     """``measure_speed`` with the runtime: a copy of the model gets ``SparseLinear`` layers in the
     format the runtime picks (``to_sparse_runtime_(format="auto")``: N:M, bitmask or dense) and
     decodes greedily with the lean loop; tokens/s is 1 / the median per-token time (robust to a busy
-    machine's hiccups). The dense model goes through the same path, so ratios compare kernels fairly."""
+    machine's hiccups). The dense model goes through the same path, so ratios compare kernels fairly.
+
+    The lean loop runs a token through all layers in one C++ call (``runtime.fastpath``) when the model
+    allows it, and through its Python step otherwise (activation-sparsity hooks, sparse attention). So
+    every model is also timed on the Python step (``python_tokens_per_s``), and a cell that cannot use
+    the fused step is compared with dense on the same Python step (``report.speedup``)."""
 
     def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4) -> None:
         self.n_tokens, self.prompt_len, self.warmup = n_tokens, prompt_len, warmup
-        self.speed_id = f"runtime-lean-auto-n{n_tokens}-p{prompt_len}"
+        self.speed_id = f"runtime-lean-auto-fused-n{n_tokens}-p{prompt_len}"
         # converted copies, kept while their source model lives (the dense base is re-timed per cell)
         self._converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+    def _tokens_per_s(self, fast: torch.nn.Module, python: bool) -> tuple[float, float]:
+        import os
         import statistics
 
+        from sparseland.runtime import fastpath
         from sparseland.runtime.generate import greedy_generate
+
+        old = os.environ.get(fastpath.ENV)
+        if python:
+            os.environ[fastpath.ENV] = "1"
+        try:
+            prompt = torch.randint(
+                0, fast.config.vocab_size, (1, self.prompt_len), generator=torch.Generator().manual_seed(0)
+            )
+            greedy_generate(fast, prompt, self.warmup, stop_at_eos=False)
+            run = greedy_generate(fast, prompt, self.n_tokens, stop_at_eos=False)
+        finally:
+            if python:
+                if old is None:
+                    os.environ.pop(fastpath.ENV, None)
+                else:
+                    os.environ[fastpath.ENV] = old
+        return 1.0 / statistics.median(run.per_token_seconds), run.decode_seconds
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        from sparseland.runtime import fastpath
         from sparseland.runtime.modules import to_sparse_runtime_
 
         if model not in self._converted:
             fast = copy.deepcopy(model)
             self._converted[model] = (fast, to_sparse_runtime_(fast, format="auto"))
         fast, report = self._converted[model]
-        vocab = model.config.vocab_size
-        prompt = torch.randint(0, vocab, (1, self.prompt_len), generator=torch.Generator().manual_seed(0))
-        greedy_generate(fast, prompt, self.warmup, stop_at_eos=False)
-        run = greedy_generate(fast, prompt, self.n_tokens, stop_at_eos=False)
+        fused = fastpath.enabled() and fastpath.ineligible_reason(fast, torch.zeros(1)) is None
+        py_tps, py_s = self._tokens_per_s(fast, python=True)
+        tps, seconds = self._tokens_per_s(fast, python=False) if fused else (py_tps, py_s)
         return {
-            "tokens_per_s": 1.0 / statistics.median(run.per_token_seconds),
+            "tokens_per_s": tps,
+            "python_tokens_per_s": py_tps,
+            "path": "fused" if fused else "python",
             "tokens": self.n_tokens,
-            "seconds": run.decode_seconds,
+            "seconds": seconds,
             "engine": "sparseland runtime (lean loop)",
             "formats": report.formats,
         }

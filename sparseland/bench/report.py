@@ -38,9 +38,13 @@ def _tps(r: Result | None) -> float | None:
 
 
 def speedup(r: Result, dense: Result | None) -> float | None:
-    """Decode tokens/s of ``r`` over dense's measured right before it (else the dense cell's)."""
+    """Decode tokens/s of ``r`` over dense's measured right before it (else the dense cell's), on the
+    same decode path: a cell the fused C++ step cannot run is compared with dense on the Python step."""
     a = _tps(r)
-    b = ((r.get("dense_speed") or {}).get("tokens_per_s")) or _tps(dense)
+    ref = r.get("dense_speed") or (dense or {}).get("speed") or {}
+    b = ref.get("tokens_per_s")
+    if (r.get("speed") or {}).get("path") == "python" and ref.get("python_tokens_per_s"):
+        b = ref["python_tokens_per_s"]
     return a / b if a and b else None
 
 

@@ -89,3 +89,26 @@ def test_settings_key_without_longctx_is_unchanged():
     """Stores written before the long-context column keep their keys (no longctx fields when off)."""
     d = FrontierSettings().key_dict()
     assert set(d) == {"model", "text", "seq_len", "eval_windows", "calib_windows", "seed"}
+
+
+def test_speed_compares_like_with_like_decode_paths():
+    """Dense may use the fused C++ step; a cell with activation hooks cannot, so it is compared with dense's
+    Python-step time measured in the same call."""
+    from sparseland.bench.measure import RuntimeDecodeSpeed
+    from sparseland.bench.report import speedup
+    from sparseland.runtime import fastpath
+
+    wl = ff.workload(ff.SETTINGS)
+    speed = RuntimeDecodeSpeed(n_tokens=3, prompt_len=4, warmup=1)
+    dense = speed(wl.model)
+    assert dense["python_tokens_per_s"] > 0
+    assert dense["path"] == ("fused" if fastpath.available() else "python")
+    res = run_cell(wl.model, Cell("teal", 0.5), wl, ff.SETTINGS, speed, speed_rounds=1)
+    assert res["speed"]["path"] == "python"
+    ref = res["dense_speed"]
+    assert speedup(res, None) == pytest.approx(res["speed"]["tokens_per_s"] / ref["python_tokens_per_s"])
+    fake = {
+        "speed": {"tokens_per_s": 2.0, "path": "fused"},
+        "dense_speed": {"tokens_per_s": 4.0, "python_tokens_per_s": 1.0},
+    }
+    assert speedup(fake, None) == 0.5

@@ -9,8 +9,17 @@ model goes through ``to_sparse_runtime_``: the layers whose inputs the method ze
 transposed so a skipped input is a skipped contiguous row), the rest the dense kernel; the dense model
 gets the dense kernel everywhere. All models decode the same prompt greedily with the lean loop,
 interleaved over rounds (``runtime.bench.time_decode``); speedup = dense median per-token time /
-the model's. ``--combined`` adds 50% Wanda weight sparsity under each method (quality only: no kernel
-here skips both zero weights and zero inputs, so its speed is that of the activation-sparse model).
+the model's.
+
+``--combined`` (-> results/activation_speed_combined.{md,json}): Wanda 50% weights under each method
+at 50% (``--combined-sparsities``), next to each method alone, Wanda alone (``bitmask`` format) and
+dense, all timed side by side in one run. The combined models run the ``actsparse_bitmask`` kernel
+(skips zero inputs and zero weights) on their activation-sparse layers and ``bitmask`` elsewhere;
+each is also timed with plain ``actsparse`` on those layers (the format before this kernel existed:
+skips zero inputs, reads the pruned weight densely). All timed models use the per-layer Python decode
+loop (``SPARSELAND_NO_FASTPATH=1``; activation hooks rule the fused step out anyway). Plus a kernel
+table: per SmolLM2 layer shape, a matvec over 30 distinct random weights (more than the caches) with
+50% zero weights and/or 50% zero inputs, per variant, as speedups over the dense fp32 kernel.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ import argparse
 import copy
 import gc
 import json
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,8 +45,9 @@ from sparseland.data import load_corpus
 from sparseland.evaluate import perplexity
 from sparseland.io import write_text_atomic
 from sparseland.models import load_model
-from sparseland.runtime.bench import time_decode
-from sparseland.runtime.modules import to_sparse_runtime_
+from sparseland.runtime.bench import LAYER_SHAPES, time_decode
+from sparseland.runtime.formats import ActSparseBitmaskFormat, ActSparseFormat, make_format
+from sparseland.runtime.modules import SparseLinear, activation_sparse_layers, to_sparse_runtime_
 from sparseland.weights import WandaConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,6 +86,187 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_table(layers: int = 30, rounds: int = 7, seed: int = 0) -> list[dict]:
+    """Per (out, in) layer shape: median time of one matvec (over ``layers`` distinct weights) per variant."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for out, inp in LAYER_SHAPES:
+        ws = [torch.randn(out, inp, generator=g) for _ in range(layers)]
+        pruned = [w * (torch.rand(out, inp, generator=g) >= 0.5) for w in ws]  # 50% zero weights
+        x = torch.randn(1, inp, generator=g)
+        x_act = x * (torch.rand(1, inp, generator=g) >= 0.5)  # 50% zero inputs
+        variants: dict[str, tuple[Callable[[], object], int]] = {}
+
+        def add(name, fmt, weights, xin, dtype=torch.float32, variants=variants):
+            fs = [make_format(w, fmt, dtype) for w in weights]
+            variants[name] = (lambda fs=fs, xin=xin: [f.matmul(xin) for f in fs]), sum(f.nbytes() for f in fs)
+
+        add("dense_fp32", "dense", ws, x)
+        add("bitmask50_fp32", "bitmask", pruned, x)
+        add("actsparse50_fp32", "actsparse", ws, x_act)
+        add("actsparse50_on_pruned_fp32", "actsparse", pruned, x_act)
+        add("combined50x50_fp32", "actsparse_bitmask", pruned, x_act)
+        add("combined50x50_bf16", "actsparse_bitmask", pruned, x_act, torch.bfloat16)
+        fs = [ActSparseBitmaskFormat.from_dense(w) for w in pruned]
+        variants["combined50x50_fp32_avx2"] = (
+            lambda fs=fs, xin=x_act: [
+                torch.ops.sparseland.actsparse_bitmask_mm(f.mask, f.row_ptr, f.values, xin, f.out_features, 0)
+                for f in fs
+            ],
+            sum(f.nbytes() for f in fs),
+        )
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for fn, _ in variants.values():
+            fn()
+        for _ in range(rounds):
+            for k, (fn, _) in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) / layers)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append(
+            {
+                "shape": f"{out}x{inp}",
+                **{f"{k}_us": v * 1e6 for k, v in med.items()},
+                **{f"{k}_speedup": med["dense_fp32"] / v for k, v in med.items()},
+                **{f"{k}_stored_mb": variants[k][1] / layers / 1e6 for k in med},
+            }
+        )
+        print(rows[-1]["shape"], " ".join(f"{k} {med['dense_fp32'] / v:.2f}x" for k, v in med.items()), flush=True)
+    return rows
+
+
+KERNELS = [
+    ("dense_fp32", "dense fp32"),
+    ("bitmask50_fp32", "bitmask (50% weights)"),
+    ("actsparse50_fp32", "actsparse (50% inputs)"),
+    ("actsparse50_on_pruned_fp32", "actsparse on the pruned weight"),
+    ("combined50x50_fp32", "**combined** fp32"),
+    ("combined50x50_bf16", "combined bf16"),
+    ("combined50x50_fp32_avx2", "combined fp32, AVX2 path"),
+]
+
+
+def markdown_combined(out: dict) -> str:
+    d, w = out["dense_ppl"], out["wanda_ppl"]
+    sd, sw = out["dense_speed"], out["wanda_speed"]
+    lines = [
+        "# Wanda 50% weights + activation sparsity 50%: quality and decode speed, one run (SmolLM2-135M, fp32)",
+        "",
+        f"Perplexity on {out['eval_windows']} x {out['seq_len']} evaluation tokens (dense **{d:.3f}**, Wanda 50% "
+        f"**{w:.3f}**); decode: {out['new_tokens']} greedy tokens after a {out['prompt_tokens']}-token prompt, "
+        f"{out['rounds']} interleaved rounds, median per-token time, {out['threads']} thread(s), per-layer decode "
+        "loop for every model. Generated by `benchmarks/bench_activation_speed.py --combined`.",
+        "",
+        "| model | runtime formats (activation-sparse layers / others) | ppl | ppl ratio | weight MB stored "
+        "| decode tok/s | vs dense | vs Wanda 50% |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | dense | {d:.2f} | 1.000x | {sd['weight_bytes_per_token'] / 1e6:.0f} | "
+        f"{sd['decode_tokens_per_s']:.1f} | 1.00x | {sd['decode_tokens_per_s'] / sw['decode_tokens_per_s']:.2f}x |",
+        f"| Wanda 50% | - / bitmask | {w:.2f} | {w / d:.3f}x | {sw['weight_bytes_per_token'] / 1e6:.0f} | "
+        f"{sw['decode_tokens_per_s']:.1f} | {sw['speedup']:.2f}x | 1.00x |",
+    ]
+    for r in out["runs"]:
+        for key, fmts in (("speed", r.get("formats")), ("speed_actsparse", "actsparse / bitmask")):
+            sp = r.get(key)
+            if sp is None:
+                continue
+            label = r["method"] + (" (old: actsparse)" if key == "speed_actsparse" else "")
+            lines.append(
+                f"| {label} @ {r['sparsity']:.0%} | {fmts} | {r['ppl']:.2f} | {r['ppl'] / d:.3f}x | "
+                f"{sp['weight_bytes_per_token'] / 1e6:.0f} | {sp['decode_tokens_per_s']:.1f} | {sp['speedup']:.2f}x | "
+                f"{sp['decode_tokens_per_s'] / sw['decode_tokens_per_s']:.2f}x |"
+            )
+    lines += [
+        "",
+        "Kernel table: one matvec (batch 1), median over rounds of 30 distinct random weights per shape (out x in), "
+        "50% zero weights (random) and/or 50% zero inputs (random); speedup over the dense fp32 kernel, "
+        f"{out['threads']} thread(s); stored MB per weight in brackets.",
+        "",
+        "| shape | " + " | ".join(label for _, label in KERNELS) + " |",
+        "|---|" + "---|" * len(KERNELS),
+    ]
+    for row in out["kernels"]:
+        cells = [f"{row[k + '_speedup']:.2f}x ({row[k + '_stored_mb']:.2f})" for k, _ in KERNELS]
+        lines.append(f"| {row['shape']} | " + " | ".join(cells) + " |")
+    lines += ["", *out.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def _formats(model: torch.nn.Module) -> str:
+    act, _ = activation_sparse_layers(model)
+    mods = dict(model.named_modules())
+    names = lambda pick: "+".join(sorted({mods[n].weight_format.name for n in mods if pick(n)}))  # noqa: E731
+    sparse = [n for n, m in mods.items() if isinstance(m, SparseLinear) and "lm_head" not in n]
+    return f"{names(lambda n: n in act) or '-'} / {names(lambda n: n in sparse and n not in act) or '-'}"
+
+
+def _with_actsparse(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose activation-sparse layers use plain ``actsparse`` (hooks stay on the same modules)."""
+    m = copy.deepcopy(model)
+    act, _ = activation_sparse_layers(m)
+    for name, mod in m.named_modules():
+        if name in act:
+            mod.weight_format = ActSparseFormat.from_dense(mod.weight_format.to_dense())
+    return m
+
+
+def main_combined(args, model, corpus, ev, calib, prompt, dense_ppl) -> int:
+    os.environ["SPARSELAND_NO_FASTPATH"] = "1"  # every model on the same per-layer loop
+    out = {
+        "model": "smollm2-135m", "dense_ppl": dense_ppl, "eval_windows": int(ev.shape[0]), "seq_len": args.seq_len,
+        "new_tokens": args.new_tokens, "prompt_tokens": int(prompt.shape[1]), "rounds": args.rounds,
+        "threads": args.threads, "runs": [], "notes": [],
+    }  # fmt: skip
+    fast = {"dense": copy.deepcopy(model)}
+    to_sparse_runtime_(fast["dense"], format="dense")
+    t0 = time.perf_counter()
+    pruned = copy.deepcopy(model)
+    sparsify_(pruned, WandaConfig(sparsity=0.5), calibration=calib)
+    out["wanda_ppl"] = _ppl_and_sparsity(pruned, ev, args.seq_len)[0]
+    print(f"wanda 50% ppl {out['wanda_ppl']:.3f} [{time.perf_counter() - t0:.0f} s]", flush=True)
+    fast["wanda50"] = copy.deepcopy(pruned)
+    to_sparse_runtime_(fast["wanda50"], format="auto")
+    for prefix, base in (("", model), ("wanda50+", pruned)):
+        for method in args.methods.split(","):
+            for s in [float(x) for x in args.combined_sparsities.split(",")]:
+                t0 = time.perf_counter()
+                m = copy.deepcopy(base)
+                sparsify_(m, make_config(method, s), calibration=calib)
+                p, meas, skipped = _ppl_and_sparsity(m, ev, args.seq_len)
+                run = {"method": prefix + method, "sparsity": s, "ppl": p, "measured": meas, "skipped": skipped}
+                to_sparse_runtime_(m, format="auto" if prefix else "dense")
+                run["formats"] = _formats(m)
+                fast[f"{prefix}{method}@{s}"] = m
+                if prefix:
+                    fast[f"{prefix}{method}@{s}/actsparse"] = _with_actsparse(m)
+                out["runs"].append(run)
+                print(f"{run['method']:14s} {s:.2f} ppl {p:.3f} ({p / dense_ppl:.3f}x) skipped {skipped:.2f} "
+                      f"[{run['formats']}] [{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
+                gc.collect()
+    del pruned
+    gc.collect()
+    torch.set_num_threads(args.threads)
+    rows = {r["variant"]: r for r in time_decode(fast, prompt, args.new_tokens, args.rounds, base="dense")}
+    for run in out["runs"]:
+        key = f"{run['method']}@{run['sparsity']}"
+        run["speed"] = rows[key]
+        if key + "/actsparse" in rows:
+            run["speed_actsparse"] = rows[key + "/actsparse"]
+    out["dense_speed"], out["wanda_speed"] = rows["dense"], rows["wanda50"]
+    del fast
+    gc.collect()
+    out["kernels"] = kernel_table()
+    out["notes"].append(
+        "Every model produces its own greedy tokens (sparsity changes them); speed is per token. Activation-only "
+        "rows use actsparse on their activation-sparse layers and the dense kernel elsewhere."
+    )
+    write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(out, indent=1) + "\n")
+    write_text_atomic(Path(args.out).with_suffix(".md"), markdown_combined(out))
+    print(markdown_combined(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="teal,cats,chess,wina")
@@ -84,10 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads while timing decode")
     ap.add_argument("--eval-threads", type=int, default=2, help="torch threads for calibration and perplexity")
-    ap.add_argument("--combined", action="store_true", help="also under 50%% Wanda weight sparsity")
+    ap.add_argument("--combined", action="store_true", help="Wanda 50%% + each method, timed with the combined kernel")
     ap.add_argument("--combined-sparsities", default="0.5", help="activation sparsities for --combined")
-    ap.add_argument("--out", default=str(RESULTS / "activation_speed"))
+    ap.add_argument("--out", default=None, help="results path without suffix (default: activation_speed[_combined])")
     args = ap.parse_args(argv)
+    args.out = args.out or str(RESULTS / ("activation_speed_combined" if args.combined else "activation_speed"))
     torch.set_num_threads(args.eval_threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     timed = {float(s) for s in args.speed_sparsities.split(",")}
@@ -104,20 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens, "prompt_tokens": int(prompt.shape[1]), "rounds": args.rounds,
         "threads": args.threads, "runs": [], "notes": [],
     }  # fmt: skip
+    if args.combined:
+        return main_combined(args, model, corpus, ev, calib, prompt, dense_ppl)
     fast = {"dense": copy.deepcopy(model)}
     to_sparse_runtime_(fast["dense"], format="dense")
-    bases = [("", model)]
-    if args.combined:
-        t0 = time.perf_counter()
-        pruned = copy.deepcopy(model)
-        sparsify_(pruned, WandaConfig(sparsity=0.5), calibration=calib)
-        print(f"wanda 50% in {time.perf_counter() - t0:.0f} s", flush=True)
-        bases.append(("wanda50+", pruned))
-        p, _, _ = _ppl_and_sparsity(pruned, ev, args.seq_len)
-        out["runs"].append({"method": "wanda50 (weights only)", "sparsity": 0.0, "ppl": p, "measured": 0, "skipped": 0})
-    for prefix, base in bases:
+    for prefix, base in [("", model)]:
         for method in args.methods.split(","):
-            for s in sparsities if not prefix else [float(x) for x in args.combined_sparsities.split(",")]:
+            for s in sparsities:
                 t0 = time.perf_counter()
                 m = copy.deepcopy(base)
                 sparsify_(m, make_config(method, s), calibration=calib)

@@ -90,6 +90,16 @@ def ref_actsparse_mm(wt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x @ wt.float()  # (B, in) @ (in, out); zero inputs contribute nothing
 
 
+def ref_actsparse_bitmask_mm(
+    mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor, out: int
+) -> torch.Tensor:
+    bits = _unpack_rows(mask)  # (in, out_pad): row i of W^T
+    wt = torch.zeros(bits.shape, dtype=torch.float32)
+    wt[bits] = values[: int(row_ptr[-1])].float()
+    act = (x != 0).any(0)  # (in,) inputs nonzero in some batch row; the others skip their row
+    return x[:, act] @ wt[act, :out]  # (B, na) @ (na, out)
+
+
 # ----- dispatch -------------------------------------------------------------------------------------
 
 
@@ -119,3 +129,14 @@ def actsparse_mm(wt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(in, out) W^T, (B, in) mostly-zero inputs -> (B, out); rows of W^T for zero inputs are skipped."""
     x = _prep(x)
     return torch.ops.sparseland.actsparse_mm(wt, x) if use_kernels() else ref_actsparse_mm(wt, x)
+
+
+def actsparse_bitmask_mm(
+    mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, x: torch.Tensor, out: int
+) -> torch.Tensor:
+    """W^T stored as a bitmask per input row, (B, in) mostly-zero inputs -> (B, out): skips zero inputs'
+    rows and zero weights."""
+    x = _prep(x)
+    if use_kernels():
+        return torch.ops.sparseland.actsparse_bitmask_mm(mask, row_ptr, values, x, out)
+    return ref_actsparse_bitmask_mm(mask, row_ptr, values, x, out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseland.runtime.formats import DenseFormat, WeightFormat, make_format, value_dtype_of
+from sparseland.runtime.formats import DenseFormat, WeightFormat, make_act_format, make_format, value_dtype_of
 
 DENSE_ROWS = 32
 
@@ -104,11 +104,13 @@ def to_sparse_runtime_(
     """Replace Linear layers (default: all but lm_head) by ``SparseLinear`` in place.
 
     ``format``: auto (N:M if exact, else bitmask if smaller, else dense), dense, bitmask, 2:4, 4:8,
-    actsparse. ``lm_head_dtype`` (float32/bfloat16): also run lm_head on the dense kernel in that dtype
-    (a bfloat16 copy unties it from the embeddings; float32 shares their storage).
+    actsparse, actsparse_bitmask. ``lm_head_dtype`` (float32/bfloat16): also run lm_head on the dense
+    kernel in that dtype (a bfloat16 copy unties it from the embeddings; float32 shares their storage).
     ``activation_sparse``: if the model carries activation sparsity (``sparsify_`` with a TEAL, CATS,
-    CHESS or WINA config), the layers whose inputs it zeroes get the ``actsparse`` format (skipping
-    the weight rows of zero inputs) whatever ``format`` says, and its hooks move to the new modules.
+    CHESS or WINA config), the layers whose inputs it zeroes get an activation-sparse format (skipping
+    the weight rows of zero inputs) and its hooks move to the new modules: ``actsparse_bitmask`` (which
+    also skips zero weights) where it is smaller than ``actsparse`` -- a pruned weight -- else
+    ``actsparse``; ``format="actsparse"`` or ``"actsparse_bitmask"`` forces one of the two there.
     """
     from sparseland.activations.sites import get_state, install, remove
 
@@ -126,7 +128,10 @@ def to_sparse_runtime_(
     formats: dict[str, int] = {}
     dense_bytes = runtime_bytes = 0
     for name, lin in targets:
-        new = SparseLinear.from_linear(lin, "actsparse" if name in act_layers else format, vdt)
+        if name in act_layers and format not in ("actsparse", "actsparse_bitmask"):
+            new = SparseLinear(make_act_format(lin.weight.data, vdt), lin.bias)
+        else:
+            new = SparseLinear.from_linear(lin, format, vdt)
         _set_module(model, name, new)
         formats[new.weight_format.name] = formats.get(new.weight_format.name, 0) + 1
         dense_bytes += lin.weight.numel() * lin.weight.element_size()

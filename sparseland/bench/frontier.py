@@ -4,7 +4,7 @@ A ``Cell`` says what to do declaratively; a ``Runner`` registered under the cell
 it (``register_runner``), so new families (activation, attention sparsity) plug in without touching
 the sweep. Each cell is measured on a fresh copy of the dense model: perplexity on a fixed number of
 evaluation windows, the seconds the method took, model bytes (nonzero-aware, ``model_bytes``) and,
-optionally, decode tokens/s from a pluggable ``measure_speed(model) -> dict``. The dense model's speed
+optionally, decode (and prefill) tokens/s from a pluggable ``measure_speed(model) -> dict``. The dense model's speed
 is measured again right before each cell's, so each speedup is a side-by-side ratio even when the
 machine's load changes during a long sweep.
 

@@ -107,9 +107,9 @@ class RuntimeDecodeSpeed:
     every model is also timed on the Python step (``python_tokens_per_s``), and a cell that cannot use
     the fused step is compared with dense on the same Python step (``report.speedup``)."""
 
-    def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4) -> None:
-        self.n_tokens, self.prompt_len, self.warmup = n_tokens, prompt_len, warmup
-        self.speed_id = f"runtime-lean-auto-fused-n{n_tokens}-p{prompt_len}"
+    def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4, prefill_len: int = 64) -> None:
+        self.n_tokens, self.prompt_len, self.warmup, self.prefill_len = n_tokens, prompt_len, warmup, prefill_len
+        self.speed_id = f"runtime-lean-auto-fused-n{n_tokens}-p{prompt_len}-prefill{prefill_len}"
         # converted copies, kept while their source model lives (the dense base is re-timed per cell)
         self._converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -139,6 +139,7 @@ class RuntimeDecodeSpeed:
 
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
         from sparseland.runtime import fastpath
+        from sparseland.runtime.generate import greedy_generate
         from sparseland.runtime.modules import to_sparse_runtime_
 
         if model not in self._converted:
@@ -148,8 +149,13 @@ class RuntimeDecodeSpeed:
         fused = fastpath.enabled() and fastpath.ineligible_reason(fast, torch.zeros(1)) is None
         py_tps, py_s = self._tokens_per_s(fast, python=True)
         tps, seconds = self._tokens_per_s(fast, python=False) if fused else (py_tps, py_s)
+        prompt = torch.randint(
+            0, fast.config.vocab_size, (1, self.prefill_len), generator=torch.Generator().manual_seed(1)
+        )
+        prefill = greedy_generate(fast, prompt, 1, stop_at_eos=False)
         return {
             "tokens_per_s": tps,
+            "prefill_tokens_per_s": prefill.prefill_tokens_per_s,  # a prompt of prefill_len tokens
             "python_tokens_per_s": py_tps,
             "path": "fused" if fused else "python",
             "tokens": self.n_tokens,

@@ -168,6 +168,7 @@ def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         "size vs dense",
         "tokens/s",
         "speedup",
+        "prefill tok/s",
     ] + (["long-ctx acc"] if with_longctx else [])
     rows = []
     for r in results:
@@ -185,6 +186,7 @@ def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                 f"{r['model_bytes'] / dense['model_bytes']:.2f}x" if dense else "-",
                 f"{tps:.1f}" if tps else "-",
                 f"{up:.2f}x" if up else "-",
+                f"{pf:.0f}" if (pf := (r.get("speed") or {}).get("prefill_tokens_per_s")) else "-",
             ]
             + ([f"{_longctx(r):.0f}%" if _longctx(r) is not None else "-"] if with_longctx else [])
         )

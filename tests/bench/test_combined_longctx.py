@@ -101,7 +101,7 @@ def test_speed_compares_like_with_like_decode_paths():
     wl = ff.workload(ff.SETTINGS)
     speed = RuntimeDecodeSpeed(n_tokens=3, prompt_len=4, warmup=1)
     dense = speed(wl.model)
-    assert dense["python_tokens_per_s"] > 0
+    assert dense["python_tokens_per_s"] > 0 and dense["prefill_tokens_per_s"] > 0
     assert dense["path"] == ("fused" if fastpath.available() else "python")
     res = run_cell(wl.model, Cell("teal", 0.5), wl, ff.SETTINGS, speed, speed_rounds=1)
     assert res["speed"]["path"] == "python"

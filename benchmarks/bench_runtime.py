@@ -5,6 +5,10 @@ warm-up left out), at each of ``--threads`` (default 1,2). Decode paths: ``fast`
 (fastpath.py), ``python`` = the lean loop's per-module Python step over the same kernels, and with
 more than one thread ``fast_pm`` = the fused step waking torch's pool once per matvec.
 Run under the shared lock:  flock /tmp/sparseland-heavy.lock python benchmarks/bench_runtime.py
+Every variant but torch_linear_fp32 runs lm_head on our dense kernel in its Variant.lm_head_dtype (fp32 for
+the fp32 variants, dense included), so the lm_head costs the same on both sides of an fp32 ratio.
+Re-render the report with new Notes from the saved JSON (no measurement):
+    python benchmarks/bench_runtime.py --rerender --notes notes.txt
 """
 
 from __future__ import annotations
@@ -302,7 +306,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT / "runtime"))
     ap.add_argument("--notes", default=None, help="a text file whose content goes into the report's Notes")
     ap.add_argument("--quick", action="store_true", help="fp32 variants only, no checkpoint sizes (~30 s)")
+    ap.add_argument("--rerender", action="store_true", help="rewrite the .md from the saved .json (with --notes)")
     args = ap.parse_args()
+    if args.rerender:
+        out = Path(args.out)
+        res = json.loads(out.with_suffix(".json").read_text())
+        if args.notes:
+            res["notes"] = Path(args.notes).read_text().strip()
+            out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        out.with_suffix(".md").write_text(render(res))
+        return
     threads = [int(t) for t in str(args.threads).split(",")]
     t0 = time.perf_counter()
     loadavg = Path("/proc/loadavg").read_text().split()[:3]

@@ -3,9 +3,20 @@
 // bitmask: mask (out, ceil(in/8)) uint8, bit j of byte k = W[r, 8k+j] != 0; values packed row after
 //   row (row r starts at row_ptr[r]), padded with 8 trailing zeros. Per mask byte: load 8 packed
 //   values, "expand" them into their lanes with one permute + and, FMA with 8 contiguous x.
+//   One vector (B == 1, the decode case) on a CPU with AVX-512 VPOPCNTDQ (Zen 4, Ice Lake and later)
+//   takes 16 lanes per 2 mask bytes instead: the lane indices are computed in registers (lane j of a
+//   16-bit word w reads value popcount(w & (2^j - 1)), one vpopcntd) rather than loaded from the
+//   table, a zero-masked vpermps (the word itself is the mask) expands the values, and the four
+//   words of each 8 mask bytes have their value offsets computed ahead, so one row is a single
+//   sequential pass over its mask and values with four independent FMA chains. AVX-512 code is
+//   compiled per function (target attribute) and chosen at run time; the build stays -march=haswell.
+//   SPARSELAND_BITMASK_ISA=avx2 forces the table path (for tests and comparisons).
 // nm (4 kept per byte: 2:4, 4:8): same mask, but every byte has exactly 4 bits set, so row r's values
 //   start at r * ceil(in/8) * 4. Per pair of bytes: "compress" the 16 x values to the 8 kept ones
 //   with two permutes, one FMA with 8 contiguous values; no popcount chain, no masking.
+#include <cstdlib>
+#include <cstring>
+
 #include "common.h"
 #include "matvec.h"
 
@@ -80,13 +91,100 @@ static void nm4_rows(const uint8_t* mask, const T* vals, const float* X, float* 
   }
 }
 
+// ---- single vector, AVX-512 (run-time dispatch) ----
+#define SPARSELAND_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512vpopcntdq,popcnt,bmi2")))
+
+// 16 values at p -> 16 fp32 lanes; Full == false loads only the first n (the rest read as 0, no
+// access past them), for rows near the end of the values array.
+template <bool Full>
+SPARSELAND_AVX512 inline __m512 load16(const float* p, unsigned n) {
+  if (Full) return _mm512_loadu_ps(p);
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, n)), p);
+}
+template <bool Full>
+SPARSELAND_AVX512 inline __m512 load16(const at::BFloat16* p, unsigned n) {
+  __m256i h = Full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                   : _mm256_maskz_loadu_epi16(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, n)), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// One row: sum_j W[r, j] x[j] from its mask bytes m[0, in8) and packed values v.
+template <typename T, bool Full>
+SPARSELAND_AVX512 inline float bitmask_row512(const uint8_t* m, const T* v, const float* x, int64_t in8) {
+  // Lane j of word w reads packed value popcount(w & below_j): its rank among the set bits.
+  const __m512i blo = _mm512_setr_epi32(0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767);
+  const __m512i bhi = _mm512_slli_epi32(blo, 16);  // the same for the upper word of a 32-bit pair
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const int64_t n8 = in8 & ~int64_t(7);
+  int64_t k = 0;
+  for (; k < n8; k += 8) {
+    uint64_t w;
+    std::memcpy(&w, m + k, 8);
+    const uint32_t wl = static_cast<uint32_t>(w), wh = static_cast<uint32_t>(w >> 32);
+    const unsigned c0 = _mm_popcnt_u32(wl & 0xFFFF), c1 = _mm_popcnt_u32(wl >> 16);
+    const unsigned c2 = _mm_popcnt_u32(wh & 0xFFFF), c3 = _mm_popcnt_u32(wh >> 16);
+    const T *v1 = v + c0, *v2 = v1 + c1, *v3 = v2 + c2;
+    const __m512i bl = _mm512_set1_epi32(static_cast<int>(wl)), bh = _mm512_set1_epi32(static_cast<int>(wh));
+    const __m512i i0 = _mm512_popcnt_epi32(_mm512_and_si512(bl, blo));
+    const __m512i i1 = _mm512_popcnt_epi32(_mm512_and_si512(bl, bhi));
+    const __m512i i2 = _mm512_popcnt_epi32(_mm512_and_si512(bh, blo));
+    const __m512i i3 = _mm512_popcnt_epi32(_mm512_and_si512(bh, bhi));
+    a0 = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(static_cast<__mmask16>(wl), i0, load16<Full>(v, c0)),
+                         _mm512_loadu_ps(x + 8 * k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(static_cast<__mmask16>(wl >> 16), i1, load16<Full>(v1, c1)),
+                         _mm512_loadu_ps(x + 8 * k + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(static_cast<__mmask16>(wh), i2, load16<Full>(v2, c2)),
+                         _mm512_loadu_ps(x + 8 * k + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(static_cast<__mmask16>(wh >> 16), i3, load16<Full>(v3, c3)),
+                         _mm512_loadu_ps(x + 8 * k + 48), a3);
+    v = v3 + c3;
+  }
+  for (; k < in8; ++k) {  // the last in8 % 8 bytes, 8 lanes each
+    const unsigned b = m[k], c = _mm_popcnt_u32(b);
+    const __m512i i0 = _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32(static_cast<int>(b)), blo));
+    a0 = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(static_cast<__mmask16>(b), i0, load16<Full>(v, c)),
+                         _mm512_maskz_loadu_ps(0xFF, x + 8 * k), a0);
+    v += c;
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+template <typename T>
+SPARSELAND_AVX512 static void bitmask_mv512(const uint8_t* mask, const int64_t* row_ptr, const T* vals, const float* x,
+                                            float* y, int64_t in8, int64_t r0, int64_t r1) {
+  // Full 16-value loads read up to 16 values past a row's start; values are known to exist up to
+  // row_ptr[r1] + 8 (the 8 padding zeros), so rows ending within 8 of that use exact masked loads.
+  const int64_t safe_end = row_ptr[r1] - 8;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = mask + r * in8;
+    const T* v = vals + row_ptr[r];
+    y[r] = row_ptr[r + 1] <= safe_end ? bitmask_row512<T, true>(m, v, x, in8) : bitmask_row512<T, false>(m, v, x, in8);
+  }
+}
+
+// 0: AVX2 table path, 1: AVX-512 path. Chosen once: the CPU's features, unless SPARSELAND_BITMASK_ISA=avx2.
+static int bitmask_isa() {
+  static const int isa = [] {
+    const char* env = std::getenv("SPARSELAND_BITMASK_ISA");
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return 0;
+    __builtin_cpu_init();
+    const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vpopcntdq") &&
+                    __builtin_cpu_supports("bmi2");
+    return ok ? 1 : 0;
+  }();
+  return isa;
+}
+
 // Single-vector entry points for the fused decode step (x padded to in8 * 8 floats, y[r] for r in [r0, r1)).
 void bitmask_mv(const uint8_t* mask, const int64_t* row_ptr, const float* vals, const float* x, float* y, int64_t in8,
                 int64_t r0, int64_t r1) {
+  if (bitmask_isa() == 1) return bitmask_mv512(mask, row_ptr, vals, x, y, in8, r0, r1);
   bitmask_rows<float, 1>(mask, row_ptr, vals, x, y, in8, in8 * 8, 0, r0, r1);
 }
 void bitmask_mv(const uint8_t* mask, const int64_t* row_ptr, const at::BFloat16* vals, const float* x, float* y,
                 int64_t in8, int64_t r0, int64_t r1) {
+  if (bitmask_isa() == 1) return bitmask_mv512(mask, row_ptr, vals, x, y, in8, r0, r1);
   bitmask_rows<at::BFloat16, 1>(mask, row_ptr, vals, x, y, in8, in8 * 8, 0, r0, r1);
 }
 void nm4_mv(const uint8_t* mask, const float* vals, const float* x, float* y, int64_t in8, int64_t r0, int64_t r1) {
@@ -118,7 +216,7 @@ at::Tensor bitmask_mm(at::Tensor mask, at::Tensor row_ptr, at::Tensor values, at
       parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
         if (nb == 4) bitmask_rows<T, 4>(M, R, V, Xb, Yb, in8, in_pad, out, r0, r1);
         else if (nb == 2) bitmask_rows<T, 2>(M, R, V, Xb, Yb, in8, in_pad, out, r0, r1);
-        else bitmask_rows<T, 1>(M, R, V, Xb, Yb, in8, in_pad, out, r0, r1);
+        else bitmask_mv(M, R, V, Xb, Yb, in8, r0, r1);
       });
       b0 += nb;
     }

@@ -434,8 +434,14 @@ def run_cell(
         dense_runs, runs = [], []
         for _ in range(max(1, speed_rounds)):
             if cell.method != "dense":
-                dense_runs.append(measure_speed(base))
-            runs.append(measure_speed(model))
+                run = measure_speed(model)
+                # dense on the same decode path as the cell (fused C++ step or Python step), if the
+                # speed function can choose it
+                path = run.get("path") if getattr(measure_speed, "supports_path", False) else None
+                dense_runs.append(measure_speed(base, path=path) if path else measure_speed(base))
+                runs.append(run)
+            else:
+                runs.append(measure_speed(model))
         dense_speed, speed = _median_run(dense_runs), _median_run(runs)
     return {
         "cell": cell.to_dict(),

@@ -103,13 +103,15 @@ class RuntimeDecodeSpeed:
     machine's hiccups). The dense model goes through the same path, so ratios compare kernels fairly.
 
     The lean loop runs a token through all layers in one C++ call (``runtime.fastpath``) when the model
-    allows it, and through its Python step otherwise (activation-sparsity hooks, sparse attention). So
-    every model is also timed on the Python step (``python_tokens_per_s``), and a cell that cannot use
-    the fused step is compared with dense on the same Python step (``report.speedup``)."""
+    allows it, and through its Python step otherwise (activation-sparsity hooks, sparse attention).
+    ``path="python"`` forces the Python step, so the frontier times dense on the same path as a cell
+    that cannot use the fused step (``supports_path``)."""
+
+    supports_path = True
 
     def __init__(self, n_tokens: int = 32, prompt_len: int = 16, warmup: int = 4, prefill_len: int = 64) -> None:
         self.n_tokens, self.prompt_len, self.warmup, self.prefill_len = n_tokens, prompt_len, warmup, prefill_len
-        self.speed_id = f"runtime-lean-auto-fused-n{n_tokens}-p{prompt_len}-prefill{prefill_len}"
+        self.speed_id = f"runtime-lean-auto-paths-n{n_tokens}-p{prompt_len}-prefill{prefill_len}"
         # converted copies, kept while their source model lives (the dense base is re-timed per cell)
         self._converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -137,18 +139,25 @@ class RuntimeDecodeSpeed:
                     os.environ[fastpath.ENV] = old
         return 1.0 / statistics.median(run.per_token_seconds), run.decode_seconds
 
-    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+    def __call__(self, model: torch.nn.Module, path: str | None = None) -> dict[str, Any]:
+        """Time ``model``; ``path`` None: the fused step if the model allows it, else the Python step;
+        ``"python"``: the Python step; ``"fused"``: the fused step (an error if the model cannot use it)."""
+        from sparseland.errors import SparselandError
         from sparseland.runtime import fastpath
         from sparseland.runtime.generate import greedy_generate
         from sparseland.runtime.modules import to_sparse_runtime_
 
+        if path not in (None, "fused", "python"):
+            raise SparselandError(f"path={path!r}: use None (automatic), 'fused' or 'python'")
         if model not in self._converted:
             fast = copy.deepcopy(model)
             self._converted[model] = (fast, to_sparse_runtime_(fast, format="auto"))
         fast, report = self._converted[model]
-        fused = fastpath.enabled() and fastpath.ineligible_reason(fast, torch.zeros(1)) is None
-        py_tps, py_s = self._tokens_per_s(fast, python=True)
-        tps, seconds = self._tokens_per_s(fast, python=False) if fused else (py_tps, py_s)
+        why = "the fused step is off" if not fastpath.enabled() else fastpath.ineligible_reason(fast, torch.zeros(1))
+        if path == "fused" and why is not None:
+            raise SparselandError(f"this model cannot use the fused decode step: {why}")
+        fused = why is None and path != "python"
+        tps, seconds = self._tokens_per_s(fast, python=not fused)
         prompt = torch.randint(
             0, fast.config.vocab_size, (1, self.prefill_len), generator=torch.Generator().manual_seed(1)
         )
@@ -156,7 +165,6 @@ class RuntimeDecodeSpeed:
         return {
             "tokens_per_s": tps,
             "prefill_tokens_per_s": prefill.prefill_tokens_per_s,  # a prompt of prefill_len tokens
-            "python_tokens_per_s": py_tps,
             "path": "fused" if fused else "python",
             "tokens": self.n_tokens,
             "seconds": seconds,

@@ -92,8 +92,8 @@ def test_settings_key_without_longctx_is_unchanged():
 
 
 def test_speed_compares_like_with_like_decode_paths():
-    """Dense may use the fused C++ step; a cell with activation hooks cannot, so it is compared with dense's
-    Python-step time measured in the same call."""
+    """Dense may use the fused C++ step; a cell with activation hooks cannot, so dense is timed on the
+    Python step next to it."""
     from sparseland.bench.measure import RuntimeDecodeSpeed
     from sparseland.bench.report import speedup
     from sparseland.runtime import fastpath
@@ -101,14 +101,22 @@ def test_speed_compares_like_with_like_decode_paths():
     wl = ff.workload(ff.SETTINGS)
     speed = RuntimeDecodeSpeed(n_tokens=3, prompt_len=4, warmup=1)
     dense = speed(wl.model)
-    assert dense["python_tokens_per_s"] > 0 and dense["prefill_tokens_per_s"] > 0
+    assert dense["prefill_tokens_per_s"] > 0
     assert dense["path"] == ("fused" if fastpath.available() else "python")
+    assert speed(wl.model, path="python")["path"] == "python"
+    with pytest.raises(SparselandError, match="path="):
+        speed(wl.model, path="gpu")
     res = run_cell(wl.model, Cell("teal", 0.5), wl, ff.SETTINGS, speed, speed_rounds=1)
-    assert res["speed"]["path"] == "python"
-    ref = res["dense_speed"]
-    assert speedup(res, None) == pytest.approx(res["speed"]["tokens_per_s"] / ref["python_tokens_per_s"])
-    fake = {
-        "speed": {"tokens_per_s": 2.0, "path": "fused"},
-        "dense_speed": {"tokens_per_s": 4.0, "python_tokens_per_s": 1.0},
-    }
-    assert speedup(fake, None) == 0.5
+    assert res["speed"]["path"] == "python" and res["dense_speed"]["path"] == "python"
+    assert speedup(res, None) == pytest.approx(res["speed"]["tokens_per_s"] / res["dense_speed"]["tokens_per_s"])
+    mag = run_cell(wl.model, Cell("magnitude", 0.5), wl, ff.SETTINGS, speed, speed_rounds=1)
+    assert mag["speed"]["path"] == mag["dense_speed"]["path"] == dense["path"]
+    with pytest.raises(SparselandError, match="cannot use the fused"):
+        wl2 = ff.workload(ff.SETTINGS)
+        from sparseland import sparsify_
+        from sparseland.activations.cli import make_config
+
+        sparsify_(wl2.model, make_config("teal", 0.5), calibration=wl2.calibration())
+        if not fastpath.available():
+            raise SparselandError("cannot use the fused step (extension not built)")
+        speed(wl2.model, path="fused")

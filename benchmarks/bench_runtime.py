@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import os
 import statistics
@@ -31,8 +30,7 @@ from sparseland.models import load_model
 from sparseland.runtime import fastpath
 from sparseland.runtime.bench import (
     DEFAULT_VARIANTS,
-    Variant,
-    build_variant,
+    build_models,
     kernel_ratios,
     magnitude_prune_,
     read_bandwidth_gbs,
@@ -48,7 +46,6 @@ QUICK = ("dense_fp32", "dense_bf16", "unstructured50_fp32", "2:4_fp32", "unstruc
 
 def checkpoint_ratio(model: torch.nn.Module) -> dict:
     """Disk bytes of a 50% magnitude-pruned sparse checkpoint vs the same writer on the dense model."""
-    import copy
 
     sparse = copy.deepcopy(model)
     magnitude_prune_(sparse, 0.5)
@@ -75,23 +72,6 @@ def decode_path(path: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def build_models(dense: torch.nn.Module, variants: list[Variant], include_torch: bool) -> dict[str, torch.nn.Module]:
-    """Each variant from ``dense`` (magnitude pruning once per pattern, then runtime formats)."""
-    models: dict[str, torch.nn.Module] = {}
-    pruned: dict[tuple, torch.nn.Module] = {}
-    for v in variants:
-        key = (v.sparsity, v.pattern)
-        if v.sparsity and key not in pruned:
-            pruned[key] = copy.deepcopy(dense)
-            magnitude_prune_(pruned[key], v.sparsity, v.pattern)
-        models[v.name] = build_variant(pruned.get(key, dense), v, already_sparse=True)
-    del pruned
-    if include_torch:
-        models["torch_linear_fp32"] = dense  # our loop over the unchanged model (torch's own matvec)
-    gc.collect()
-    return models
 
 
 def time_paths(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int, paths: list[str]) -> list[dict]:

@@ -144,19 +144,26 @@ def decode_bench(
     include_torch_baseline: bool = True,
 ) -> list[dict]:
     """Build each variant from ``dense`` (magnitude pruning + runtime formats) and time them together."""
+    models = build_models(dense, variants or DEFAULT_VARIANTS, include_torch_baseline)
+    return time_decode(models, prompt_ids, new_tokens, rounds, base=next(iter(models)))
+
+
+def build_models(dense: torch.nn.Module, variants: list[Variant], include_torch: bool) -> dict[str, torch.nn.Module]:
+    """Each variant from ``dense`` (magnitude pruning once per (sparsity, pattern), reused across dtypes,
+    then runtime formats); ``include_torch`` adds the unchanged model as ``torch_linear_fp32``."""
     models: dict[str, torch.nn.Module] = {}
-    pruned: dict[tuple, torch.nn.Module] = {}  # prune once per (sparsity, pattern), reuse across dtypes
-    for v in variants or DEFAULT_VARIANTS:
+    pruned: dict[tuple, torch.nn.Module] = {}
+    for v in variants:
         key = (v.sparsity, v.pattern)
         if v.sparsity and key not in pruned:
             pruned[key] = copy.deepcopy(dense)
             magnitude_prune_(pruned[key], v.sparsity, v.pattern)
         models[v.name] = build_variant(pruned.get(key, dense), v, already_sparse=True)
     del pruned
-    if include_torch_baseline:
+    if include_torch:
         models["torch_linear_fp32"] = dense  # our loop over the unchanged model (torch's own matvec)
     gc.collect()
-    return time_decode(models, prompt_ids, new_tokens, rounds, base=next(iter(models)))
+    return models
 
 
 def time_decode(

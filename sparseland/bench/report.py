@@ -59,6 +59,18 @@ def _name(r: Result) -> str:
     return r["cell"]["method"] + opts
 
 
+FAMILY_NAMES = {
+    "weights": "Weight sparsity",
+    "activations": "Activation sparsity",
+    "attention": "Attention sparsity",
+    "combined": "Combined sparsity",
+}
+
+
+def _family(r: Result) -> str:
+    return r.get("family") or "weights"
+
+
 def _group(r: Result) -> tuple[str, float]:
     return r["cell"]["pattern"], r["cell"]["sparsity"]
 
@@ -77,18 +89,19 @@ def summary(results: list[Result], n_expected: int | None = None) -> list[str]:
         lines.append(
             f"Dense model: perplexity {dense['perplexity']:.2f} on {dense['eval_windows']} windows, {mb:.0f} MB{tps}."
         )
-    groups: dict[tuple[str, float], list[Result]] = {}
-    for r in results:
+    groups: dict[tuple[str, str, float], list[Result]] = {}
+    for r in results:  # compare within a family: 50% of the weights is not 50% of the attention
         if r["cell"]["method"] != "dense":
-            groups.setdefault(_group(r), []).append(r)
-    for (pattern, sparsity), rs in groups.items():
+            groups.setdefault((_family(r), *_group(r)), []).append(r)
+    for (family, pattern, sparsity), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["perplexity"])
         best, rest = rs[0], rs[1:]
         far = f", {_num(best['perplexity'] / dense['perplexity'])}x dense" if dense else ""
         others = "; ".join(f"{_name(r)} {r['perplexity']:.4g}" for r in rest)
         size = f" Its size is {best['model_bytes'] / dense['model_bytes']:.2f}x dense." if dense else ""
+        verb = "wins with perplexity" if rest else "has perplexity"
         lines.append(
-            f"At {_group_name(pattern, sparsity)}, {_name(best)} wins with perplexity "
+            f"{FAMILY_NAMES.get(family, family)} at {_group_name(pattern, sparsity)}: {_name(best)} {verb} "
             f"{best['perplexity']:.4g}{far}" + (f" (then {others})." if others else ".") + size
         )
     lines += longctx_summary(results)

@@ -63,7 +63,7 @@ def test_report_renders_from_store(tmp_path):
     md = paths["md"].read_text()
     assert "| method |" in md and all(name in md for name in PLOTS.values())
     text = "\n".join(lines)
-    assert "At 50% unstructured, wanda wins" in text and "At 2:4 (50%), wanda wins" in text
+    assert "Weight sparsity at 50% unstructured: wanda wins" in text and "at 2:4 (50%): wanda wins" in text
     assert "1.67x dense" in text  # 20 / 12
     assert "speedup over dense ranges from 0.99x" in text and "1.58x" in text  # 20.5 / 13
 

@@ -2,7 +2,7 @@
 
 ``demo`` is the main job on the embedded defaults: dense, random, magnitude, Wanda and SparseGPT at
 50% unstructured and 2:4, TEAL activation sparsity and StreamingLLM attention at 50%, and Wanda + TEAL
-combined at 50%, with long-context needle accuracy on dense and the attention cell, about 10 minutes on
+combined at 50%, with long-context needle accuracy on dense and the attention cell, about 12 minutes on
 2 cores (``--quick``: dense, random, magnitude and Wanda, about 2 minutes).
 """
 
@@ -176,7 +176,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job: dense, random, magnitude, Wanda, SparseGPT at 50%% and 2:4, TEAL, StreamingLLM and "
-        "Wanda+TEAL at 50%%, with a report (about 10 minutes; --quick about 2)",
+        "Wanda+TEAL at 50%%, with a report (about 12 minutes on 2 cores; --quick about 2.5)",
     )
     _add_run_args(p, "sparseland-report")
     p.set_defaults(func=_demo_command)

@@ -249,6 +249,7 @@ def prune_block_in_one_pass(block, linears: dict[str, torch.nn.Linear], batches,
     if len(batches) != 1:
         raise SparselandError("one-pass pruning needs every calibration window in one batch")
     seen: list[tuple[torch.Tensor, InputStats]] = []
+    pruned: set[str] = set()
 
     def make_hook(name):
         def hook(module, args):
@@ -259,6 +260,7 @@ def prune_block_in_one_pass(block, linears: dict[str, torch.nn.Linear], batches,
                 st.add(x)
                 seen.append((x, st))
             prune(name, module, st)
+            pruned.add(name)
 
         return hook
 
@@ -269,9 +271,7 @@ def prune_block_in_one_pass(block, linears: dict[str, torch.nn.Linear], batches,
         for h in handles:
             h.remove()
         seen.clear()
-    missing = [n for n, m in linears.items() if not getattr(m, "_sparseland_pruned", False)]
-    for m in linears.values():
-        m.__dict__.pop("_sparseland_pruned", None)
+    missing = [n for n in linears if n not in pruned]
     if missing:
         raise SparselandError(f"{missing[0]} was not called in its block's forward; leave it out with filter_fn")
     return out
@@ -342,14 +342,12 @@ def prune_model(
             report.layer_sparsity[name] = z / W.numel()
             zeros += z
             total += W.numel()
-            mod._sparseland_pruned = True
 
         if config.needs_calibration:
             batches = prune_block_in_one_pass(block, linears, batches, config.needs_hessian, prune)
         else:
             for name, mod in linears.items():
                 prune(name, mod, None)
-                del mod._sparseland_pruned
             if batches is not None and i + 1 < n_blocks:
                 batches = run_block(block, batches)
         index += len(linears)

@@ -204,7 +204,6 @@ def test_one_pass_output_is_the_pruned_blocks_output_and_stats_are_sequential():
     def prune(name, mod, st):
         stats[name] = st
         mod.weight.data[:, ::2] = 0
-        mod._sparseland_pruned = True
 
     out = prune_block_in_one_pass(block, linears, batches, False, prune)
     hook.remove()

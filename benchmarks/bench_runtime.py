@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -62,16 +61,8 @@ PATHS = {"fast": ("0", "region"), "python": ("1", "region"), "fast_pm": ("0", "p
 def decode_path(path: str) -> Iterator[None]:
     """Run the lean loop on one decode path (set through the env vars fastpath.py reads)."""
     no_fast, mode = PATHS[path]
-    old = {k: os.environ.get(k) for k in (fastpath.ENV, fastpath.MODE_ENV)}
-    os.environ[fastpath.ENV], os.environ[fastpath.MODE_ENV] = no_fast, mode
-    try:
+    with fastpath.use(enabled=no_fast == "0", mode=mode):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def time_paths(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int, paths: list[str]) -> list[dict]:

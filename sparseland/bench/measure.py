@@ -116,27 +116,18 @@ class RuntimeDecodeSpeed:
         self._converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _tokens_per_s(self, fast: torch.nn.Module, python: bool) -> tuple[float, float]:
-        import os
+        import contextlib
         import statistics
 
         from sparseland.runtime import fastpath
         from sparseland.runtime.generate import greedy_generate
 
-        old = os.environ.get(fastpath.ENV)
-        if python:
-            os.environ[fastpath.ENV] = "1"
-        try:
+        with fastpath.use(enabled=False) if python else contextlib.nullcontext():
             prompt = torch.randint(
                 0, fast.config.vocab_size, (1, self.prompt_len), generator=torch.Generator().manual_seed(0)
             )
             greedy_generate(fast, prompt, self.warmup, stop_at_eos=False)
             run = greedy_generate(fast, prompt, self.n_tokens, stop_at_eos=False)
-        finally:
-            if python:
-                if old is None:
-                    os.environ.pop(fastpath.ENV, None)
-                else:
-                    os.environ[fastpath.ENV] = old
         return 1.0 / statistics.median(run.per_token_seconds), run.decode_seconds
 
     def __call__(self, model: torch.nn.Module, path: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,9 @@ Disabled by ``SPARSELAND_NO_FASTPATH=1`` and inside ``kernels.force_reference()`
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -48,6 +50,23 @@ def available() -> bool:
 def enabled() -> bool:
     """Whether fast steps run now (not disabled by the env var or ``force_reference``)."""
     return os.environ.get(ENV, "") in ("", "0") and kernels.use_kernels()
+
+
+@contextlib.contextmanager
+def use(enabled: bool = True, mode: str | None = None) -> Iterator[None]:
+    """Inside the block, fast steps are on or off (and new ones use threading ``mode``), through the
+    env vars this module reads; their previous values are restored afterwards."""
+    new = {ENV: "0" if enabled else "1", **({MODE_ENV: mode} if mode is not None else {})}
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class FastStep:

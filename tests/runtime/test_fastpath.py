@@ -1,5 +1,7 @@
 """The fused C++ decode step (fastpath.py, csrc/decode_step.cpp) against the lean loop's Python step."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -215,3 +217,13 @@ def test_real_model_fast_tokens_match(embedded, fmt, dtype, monkeypatch):
     if fmt is None:
         out = model.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24, pad_token_id=0)
         assert fast == out[0, ids.shape[1] :].tolist()
+
+
+def test_use_switches_and_restores(monkeypatch):
+    monkeypatch.delenv(fastpath.ENV, raising=False)
+    monkeypatch.setenv(fastpath.MODE_ENV, "per_matvec")
+    before = fastpath.enabled()
+    with fastpath.use(enabled=False, mode="region"):
+        assert not fastpath.enabled() and os.environ[fastpath.MODE_ENV] == "region"
+    assert fastpath.enabled() == before and fastpath.ENV not in os.environ
+    assert os.environ[fastpath.MODE_ENV] == "per_matvec"

@@ -97,7 +97,7 @@ def markdown(out: dict, results: list[LongCtxResult]) -> str:
             fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
             per_task = " | ".join(f"{r.accuracy(task=t):.0f}" for t in tasks)
             lines.append(
-                f"| {i['method']} | {i['sparsity']:g} | {fmt(i.get('measured_prefill_sparsity'))} | "
+                f"| {i['method']}{_set_suffix(i.get('overrides'))} | {i['sparsity']:g} | {fmt(i.get('measured_prefill_sparsity'))} | "
                 f"{fmt(i.get('measured_decode_sparsity'))} | {acc:.1f} | {base_acc:.1f} | {acc - base_acc:+.1f} | "
                 f"{per_task} |"
             )
@@ -105,6 +105,10 @@ def markdown(out: dict, results: list[LongCtxResult]) -> str:
         lines += ["", f"Methods run at lengths {lengths}; per-task columns: accuracy (%) of the method."]
     lines.append("")
     return "\n".join(lines)
+
+
+def _set_suffix(overrides: dict | None) -> str:
+    return " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else ""
 
 
 def _measured(attention, model) -> dict:
@@ -117,6 +121,20 @@ def _measured(attention, model) -> dict:
     return out
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["share_heads=true", "kernel=15"]`` -> ``{"share_heads": True, "kernel": 15}`` (values as JSON)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. share_heads=true")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
@@ -126,6 +144,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", nargs="*", default=[], help="sparse attention methods (sparseland.attention.METHODS)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.85, 0.95])
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config fields for every --methods config, e.g. share_heads=true kernel=15 (JSON values)",
+    )
     p.add_argument("--method-lengths", type=int, nargs="*", default=None, help="lengths for --methods (default: all)")
     p.add_argument("--name", default="longctx_dense", help="results file stem in benchmarks/results/")
     p.add_argument(
@@ -180,13 +205,14 @@ def main() -> int:
         import sparseland.attention as attention
         from sparseland.api import sparsify_
 
+        overrides = parse_overrides(args.set)
         judged = [s for s in samples if args.method_lengths is None or s.length in args.method_lengths]
         for method in args.methods:
             for sp in args.sparsities:
-                sparsify_(model, attention.make_config(method, sp))
+                sparsify_(model, attention.make_config(method, sp, **overrides))
                 attention.reset_sparsity(model)
                 res = evaluate_longctx(model, tokenizer, judged, label=f"{method}@{sp:g}")
-                res.info = {"method": method, "sparsity": sp, **_measured(attention, model)}
+                res.info = {"method": method, "sparsity": sp, "overrides": overrides, **_measured(attention, model)}
                 attention.remove(model)
                 save(res)
     print(f"total {time.perf_counter() - t0:.0f} s; wrote {RESULTS / args.name}.{{json,md}}")

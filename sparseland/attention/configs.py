@@ -157,17 +157,22 @@ class QuestConfig(DecodeConfig):
 @dataclass
 class TidalDecodeConfig(DecodeConfig):
     """TidalDecode: layers < ``dense_layers`` dense; full attention at ``dense_layers`` and at
-    ``reselect_layer`` (default: the middle layer) picks the top tokens that the following layers reuse."""
+    ``reselect_layer`` (default: the middle layer) picks the top tokens that the following layers reuse.
+    Each head keeps its own top tokens, as in the paper's code; ``share_heads`` selects one set for all
+    heads instead (the union of the heads' rankings, rank by rank, cut to the same budget)."""
 
     kind: ClassVar[str] = "tidaldecode"
     dense_layers: int = 2
     reselect_layer: int | None = None
+    share_heads: bool = False
 
     def validate(self) -> None:
         super().validate()
         _int("dense_layers", self.dense_layers, 0)
         if self.reselect_layer is not None:
             _int("reselect_layer", self.reselect_layer, self.dense_layers)
+        if not isinstance(self.share_heads, bool):
+            raise SparselandError(f"share_heads={self.share_heads!r} must be True or False")
 
 
 @dataclass

@@ -59,6 +59,21 @@ def top_tokens(probs: torch.Tensor, k: int) -> torch.Tensor:
     return probs.topk(min(k, probs.shape[-1]), dim=-1).indices.sort(-1).values  # (H, k)
 
 
+def shared_top_tokens(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """One token set for all heads: the union of the heads' rankings taken rank by rank (every head's
+    best, then every head's second best, ...) until ``k`` distinct positions: (H, k) sorted, rows equal.
+
+    A variant of TidalDecode's selection for small models, where the top tokens of one head miss what
+    another head needs; the budget stays ``k`` tokens per head."""
+    H, S = probs.shape
+    k = min(k, S)
+    ranked = probs.topk(k, dim=-1).indices.t().reshape(-1)  # (k * H,) rank-major
+    first = torch.full((S,), ranked.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, ranked, torch.arange(ranked.numel()), reduce="amin")  # earliest rank of each position
+    chosen = first.argsort(stable=True)[:k]  # positions never ranked sort last; k <= #distinct always holds
+    return chosen.sort().values.expand(H, -1)
+
+
 def snapkv_select(q_obs: torch.Tensor, k: torch.Tensor, n_keep: int, kernel: int, scale: float) -> torch.Tensor:
     """SnapKV (Li et al. 2024): the observation window's queries ``q_obs`` (H, w, D) vote for prompt
     positions before the window (summed softmax attention, max-pooled over ``kernel``); keep the top

@@ -110,7 +110,8 @@ class SparseAttention:
             reselect = c.reselect_layer if c.reselect_layer is not None else self.n_layers // 2
             if layer in (c.dense_layers, reselect) or self.selected is None:
                 probs = D.full_probs(q, k, scale)  # (H, S)
-                self.selected = D.top_tokens(probs, D.budget(c.keep, S))
+                pick = D.shared_top_tokens if c.share_heads else D.top_tokens
+                self.selected = pick(probs, D.budget(c.keep, S))
                 self._count("decode", H * S, H * S)
                 g = H // k.shape[0]
                 return torch.einsum("hs,hsd->hd", probs, v.repeat_interleave(g, 0))

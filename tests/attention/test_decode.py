@@ -52,6 +52,24 @@ def test_top_tokens_are_most_attended():
         assert probs[h, sel[h]].min() >= probs[h].topk(7).values.min()
 
 
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 40))
+def test_shared_top_tokens_union_of_rankings(seed, H, k):
+    probs = torch.softmax(torch.randn(H, 40, generator=torch.Generator().manual_seed(seed)), -1)
+    sel = D.shared_top_tokens(probs, k)
+    assert sel.shape == (H, k) and (sel == sel[0]).all()  # one set for every head, the full budget
+    row = sel[0]
+    assert len(set(row.tolist())) == k and torch.equal(row, row.sort().values)
+    ranks = probs.argsort(-1, descending=True)  # (H, 40)
+    assert set(ranks[:, : k // H].flatten().tolist()) <= set(row.tolist())  # each head's first k // H
+    union: list[int] = []  # the first k distinct positions taken rank by rank, head by head
+    for p in ranks.t().flatten().tolist():
+        if p not in union:
+            union.append(p)
+    assert set(row.tolist()) == set(union[:k])
+    if H == 1:
+        assert torch.equal(row, D.top_tokens(probs, k)[0])
+
+
 def test_snapkv_keeps_window_and_votes():
     g = torch.Generator().manual_seed(0)
     H, KVH, S, Dh, w = 4, 2, 100, 8, 10

@@ -17,6 +17,7 @@ from sparseland.attention import (
     measured_sparsity,
     remove,
 )
+from sparseland.attention.decode import budget
 from sparseland.config import SparsityConfig
 from sparseland.errors import SparselandError
 from sparseland.runtime.generate import LeanDecoder, greedy_generate
@@ -201,3 +202,17 @@ def test_config_json_round_trip_and_make_config_budgets():
     assert make_config("block_sparse", 0.9).keep == pytest.approx(0.1)
     assert make_config("quest", 0.85).keep == pytest.approx(0.15)
     assert make_config("xattention", 0.0).threshold == 1.0
+
+
+def test_tidaldecode_shared_heads_one_set(model, ids):
+    state = sparsify_(model, TidalDecodeConfig(keep=0.2, dense_layers=1, share_heads=True))
+    try:
+        dec = LeanDecoder(model, T + 2)
+        dec.step(ids)
+        dec.step(ids[:, :1])
+        sel = state.selected
+        assert sel.shape == (4, budget(0.2, T + 1)) and (sel == sel[0]).all()
+    finally:
+        remove(model)
+    with pytest.raises(SparselandError, match="share_heads"):
+        TidalDecodeConfig(keep=0.2, share_heads="yes").validate()

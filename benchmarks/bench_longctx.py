@@ -97,7 +97,8 @@ def markdown(out: dict, results: list[LongCtxResult]) -> str:
             fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
             per_task = " | ".join(f"{r.accuracy(task=t):.0f}" for t in tasks)
             lines.append(
-                f"| {i['method']}{_set_suffix(i.get('overrides'))} | {i['sparsity']:g} | {fmt(i.get('measured_prefill_sparsity'))} | "
+                f"| {i['method']}{_set_suffix(i.get('overrides'))} | {i['sparsity']:g} | "
+                f"{fmt(i.get('measured_prefill_sparsity'))} | "
                 f"{fmt(i.get('measured_decode_sparsity'))} | {acc:.1f} | {base_acc:.1f} | {acc - base_acc:+.1f} | "
                 f"{per_task} |"
             )

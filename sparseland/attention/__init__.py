@@ -8,7 +8,8 @@ selections / KV-cache eviction (which cached keys a new token attends). Batch si
 
 Prefill: ``streaming`` (A-shape), ``vertical_slash`` and ``block_sparse`` (MInference), ``flexprefill``,
 ``xattention``; per-head patterns from an offline search (``search_head_patterns``, MoA style).
-Decode: ``quest``, ``tidaldecode``, ``snapkv``, ``h2o``.
+Decode: ``quest``, ``tidaldecode``, ``snapkv``, ``h2o``; ``topk`` is exact top-k attention, the accuracy
+ceiling of a selection at the same budget (it scores every key, so it saves no time).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sparseland.attention.configs import (
     SnapKVConfig,
     StreamingConfig,
     TidalDecodeConfig,
+    TopKDecodeConfig,
     VerticalSlashConfig,
     XAttentionConfig,
 )
@@ -54,6 +56,7 @@ CONFIGS: dict[str, type[AttentionConfig]] = {
         TidalDecodeConfig,
         SnapKVConfig,
         H2OConfig,
+        TopKDecodeConfig,
     )
 }
 METHODS: tuple[str, ...] = tuple(CONFIGS)
@@ -73,7 +76,7 @@ def make_config(name: str, sparsity: float, **overrides) -> AttentionConfig:
     * flexprefill (gamma 0.9, tau 0.1) and xattention (threshold 0.9): adaptive, so ``d`` is a cap,
       ``max_density = d`` per query block, and the measured sparsity can be higher than asked
       (at sparsity 0 the cumulative threshold is 1: dense);
-    * quest, tidaldecode, snapkv, h2o: ``keep = d`` of the cached keys.
+    * quest, tidaldecode, snapkv, h2o, topk: ``keep = d`` of the cached keys.
 
     The patterns work on blocks, so the measured sparsity (``measured_sparsity``) is what to report.
     """
@@ -127,6 +130,7 @@ __all__ = [
     "SparseAttention",
     "StreamingConfig",
     "TidalDecodeConfig",
+    "TopKDecodeConfig",
     "VerticalSlashConfig",
     "XAttentionConfig",
     "apply_attention",

@@ -176,6 +176,20 @@ class TidalDecodeConfig(DecodeConfig):
 
 
 @dataclass
+class TopKDecodeConfig(DecodeConfig):
+    """Exact top-k (the oracle the decode selections approximate): every layer from ``dense_layers`` on
+    scores all cached keys and attends only each head's ``keep`` share with the highest scores. It
+    reads every key, so it saves no time; it is the accuracy ceiling for a selection at that budget."""
+
+    kind: ClassVar[str] = "topk"
+    dense_layers: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        _int("dense_layers", self.dense_layers, 0)
+
+
+@dataclass
 class SnapKVConfig(DecodeConfig):
     """SnapKV: after prefill keep, per head, the prompt tokens most attended by the last ``window``
     queries (scores max-pooled over ``kernel``) plus the window; ``keep`` is the share of the prompt."""

@@ -116,6 +116,9 @@ class SparseAttention:
                 g = H // k.shape[0]
                 return torch.einsum("hs,hsd->hd", probs, v.repeat_interleave(g, 0))
             return self._sparse(q, k, v, self.selected, scale)
+        if isinstance(c, C.TopKDecodeConfig) and layer >= c.dense_layers:
+            probs = D.full_probs(q, k, scale)  # (H, S): scored in full, attended on the top keys only
+            return self._sparse(q, k, v, D.top_tokens(probs, D.budget(c.keep, S)), scale)
         if isinstance(c, C.SnapKVConfig) and layer in self.layer_state:
             kept, T = self.layer_state[layer]  # (H, K) prompt positions; new tokens are all attended
             new = torch.arange(T, S).expand(H, -1)

@@ -29,7 +29,7 @@ T = 150
 
 def _cfg(name, sparsity):
     kw = {"block_size": 16} if name in PREFILL else {}
-    if name in ("quest", "tidaldecode"):
+    if name in ("quest", "tidaldecode", "topk"):
         kw["dense_layers"] = 1
     if name == "streaming":
         kw["sink"] = 16
@@ -216,3 +216,26 @@ def test_tidaldecode_shared_heads_one_set(model, ids):
         remove(model)
     with pytest.raises(SparselandError, match="share_heads"):
         TidalDecodeConfig(keep=0.2, share_heads="yes").validate()
+
+
+def test_topk_attends_each_heads_highest_scores(model, ids):
+    from sparseland.attention import decode as D
+
+    state = sparsify_(model, make_config("topk", 0.8, dense_layers=1))
+    try:
+        seen = []
+        orig = state._sparse
+        state._sparse = lambda q, k, v, idx, scale: seen.append((q, k, idx)) or orig(q, k, v, idx, scale)
+        dec = LeanDecoder(model, T + 2)
+        dec.step(ids)
+        dec.step(ids[:, :1])
+        assert len(seen) == 3  # layers 1-3 of 4
+        q, k, idx = seen[0]
+        probs = D.full_probs(q, k, q.shape[-1] ** -0.5)
+        n = D.budget(0.2, T + 1)
+        assert idx.shape == (4, n)
+        for h in range(4):  # every kept key scores at least the n-th best of its head
+            assert probs[h, idx[h]].min() >= probs[h].topk(n).values.min() - 1e-7
+        assert measured_sparsity(model) == pytest.approx(0.8 * 3 / 4, abs=0.01)
+    finally:
+        remove(model)

@@ -9,6 +9,7 @@ from sparseland.attention import (
     SnapKVConfig,
     StreamingConfig,
     TidalDecodeConfig,
+    TopKDecodeConfig,
     VerticalSlashConfig,
     XAttentionConfig,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "SnapKVConfig",
     "StreamingConfig",
     "TidalDecodeConfig",
+    "TopKDecodeConfig",
     "VerticalSlashConfig",
     "XAttentionConfig",
     "FinetuneConfig",

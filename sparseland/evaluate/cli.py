@@ -139,7 +139,13 @@ def add_commands(sub) -> None:
         "and length (string_match_all: fraction of expected answers found in the greedy output).",
     )
     add_model_args(p)
-    p.add_argument("--method", default="dense", help="dense, or a sparse attention method (default: %(default)s)")
+    from sparseland.attention import METHODS
+
+    p.add_argument(
+        "--method",
+        default="dense",
+        help=f"dense, or a sparse attention method: {', '.join(METHODS)} (default: %(default)s)",
+    )
     p.add_argument("--sparsity", type=fraction, default=None, help="attention sparsity of --method, in [0, 1)")
     p.add_argument(
         "--length",

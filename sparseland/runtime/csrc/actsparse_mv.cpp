@@ -1,6 +1,6 @@
 // Single-vector activation-sparse kernels over a range of output columns, for the fused decode step
-// (see actsparse_mv.h). The inner loops are those of actsparse.cpp (act_group / act_cols) and
-// actsparse_bitmask.cpp (accumulate / accumulate512 with B = 1, R = 4), so a column gets the same sum
+// (see actsparse_mv.h); the actsparse op (actsparse.cpp) runs these same loops. The bitmask loops are
+// those of actsparse_bitmask.cpp (accumulate / accumulate512 with B = 1, R = 4), so a column gets the same sum
 // as the op computes for it with one thread; the differences are that a thread here owns a column
 // range (the bitmask op splits active rows instead) and starts each active row at its first byte of
 // the range (a popcount of the mask bytes before it gives the value offset).

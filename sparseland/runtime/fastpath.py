@@ -4,12 +4,24 @@
     h = fast(h, cos, sin, pos)           # (1, 1, C) embedded token -> last layer's output
 
 ``build_fast_step`` packs each layer's RMSNorm weights and its seven Linear / ``SparseLinear`` weights
-(plain fp32 Linear, or DenseFormat fp32/bf16, BitmaskFormat, NMFormat) once, by reference, into
-``torch.classes.sparseland.DecodeStep`` (csrc/decode_step.cpp), which runs the same math as
-``LeanDecoder.step``'s Python loop (the reference) with the same kernels and no per-layer dispatch.
-Anything the C++ step would silently skip makes the model ineligible: activation-sparsity hooks or
-any other forward hook, sparse attention methods, q/k norms, biases, a non-SiLU or non-Llama MLP or
-norm, a weight format it does not know, a cache that is not float32.
+(plain fp32 Linear, or DenseFormat fp32/bf16, BitmaskFormat, NMFormat, ActSparseFormat,
+ActSparseBitmaskFormat) once, by reference, into ``torch.classes.sparseland.DecodeStep``
+(csrc/decode_step.cpp), which runs the same math as ``LeanDecoder.step``'s Python loop (the
+reference) with the same kernels and no per-layer dispatch.
+
+Activation sparsity (``sparseland.activations``) runs in the fused step when every site is a
+threshold site on a model converted with ``to_sparse_runtime_`` (so the Linears whose inputs are
+made sparse hold an actsparse / actsparse_bitmask format): an ``input`` site zeroes the Linear's
+input where ``|x| <= threshold`` and its kernel skips those inputs; a ``gate_act`` site zeroes the
+gate output where ``|silu(g)| <= threshold`` before ``silu(g) * up`` (the up rows of zeroed channels
+are not computed) and the down projection skips the zeros. The thresholds are copied when the step
+is built: re-build it (a new ``LeanDecoder``) after changing the sites. The fused step does not count
+zeros for ``counting_zeros`` (use the Python step, ``SPARSELAND_NO_FASTPATH=1``, to count).
+
+Anything the C++ step would silently skip makes the model ineligible: top-k (``keep``) or R-Sparse
+activation sites, activation-sparse formats without activation sparsity, any other forward hook,
+sparse attention methods, q/k norms, biases, a non-SiLU or non-Llama MLP or norm, a weight format it
+does not know, a cache that is not float32.
 
 Disabled by ``SPARSELAND_NO_FASTPATH=1`` and inside ``kernels.force_reference()``.
 """
@@ -24,7 +36,13 @@ import torch
 
 from sparseland.errors import SparselandError
 from sparseland.runtime import kernels
-from sparseland.runtime.formats import BitmaskFormat, DenseFormat, NMFormat
+from sparseland.runtime.formats import (
+    ActSparseBitmaskFormat,
+    ActSparseFormat,
+    BitmaskFormat,
+    DenseFormat,
+    NMFormat,
+)
 from sparseland.runtime.modules import SparseLinear
 
 ENV = "SPARSELAND_NO_FASTPATH"
@@ -33,7 +51,19 @@ MODES = {"per_matvec": 0, "region": 1}  # torch's pool per matvec / one OpenMP r
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 _MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 _ACTS = {"SiLU", "SiLUActivation"}
-_DENSE, _BITMASK, _NM4 = 0, 1, 2
+_DENSE, _BITMASK, _NM4, _ACT, _ACT_BITMASK = 0, 1, 2, 3, 4
+_ACT_FORMATS = (ActSparseFormat, ActSparseBitmaskFormat)
+# a layer's seven projections, in DecodeStep's order
+_PROJS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_GATE = 4
 
 
 def available() -> bool:
@@ -103,14 +133,132 @@ def _linear(mod: torch.nn.Module, out: int, inp: int) -> tuple[int, list[torch.T
     if type(mod) is not SparseLinear or mod.bias is not None or (mod.out_features, mod.in_features) != (out, inp):
         return None
     f = mod.weight_format
-    vals = {DenseFormat: "weight", BitmaskFormat: "values", NMFormat: "values"}.get(type(f))
+    vals = {
+        DenseFormat: "weight",
+        BitmaskFormat: "values",
+        NMFormat: "values",
+        ActSparseFormat: "wt",
+        ActSparseBitmaskFormat: "values",
+    }.get(type(f))
     if vals is None or getattr(f, vals).dtype not in (torch.float32, torch.bfloat16):
         return None
     if type(f) is DenseFormat:
         return _DENSE, [f.weight]
     if type(f) is BitmaskFormat:
         return _BITMASK, [f.mask, f.row_ptr, f.values]
+    if type(f) is ActSparseFormat:  # W^T (in, out)
+        return (_ACT, [f.wt]) if f.wt.is_contiguous() else None
+    if type(f) is ActSparseBitmaskFormat:
+        return _ACT_BITMASK, [f.mask, f.row_ptr, f.values]
     return _NM4, [f.mask, f.values]  # NMFormat: always 4 kept per mask byte (1:2, 2:4, 4:8)
+
+
+def _is_act(mod: torch.nn.Module) -> bool:
+    return type(mod) is SparseLinear and isinstance(mod.weight_format, _ACT_FORMATS)
+
+
+def _format_name(mod: torch.nn.Module) -> str:
+    return mod.weight_format.name if type(mod) is SparseLinear else type(mod).__name__
+
+
+def _is_marked(hook: object) -> bool:
+    return bool(getattr(hook, "_sparseland_activation", False))
+
+
+ActivationPlan = tuple[dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]
+
+
+def _activation_plan(model: torch.nn.Module) -> ActivationPlan | str:
+    """The model's activation sites as thresholds for the fused step: ``({(layer, projection): (in,)
+    input threshold}, {layer: (I,) gate_act threshold})``, or why it cannot run them."""
+    from sparseland.activations.sites import get_state
+
+    state = get_state(model)
+    layers = model.model.layers
+    if state is None:
+        for i, layer in enumerate(layers):
+            for p in _PROJS:
+                if _is_act(layer.get_submodule(p)):
+                    return (
+                        f"layer {i} {p} has an activation-sparse format ({_format_name(layer.get_submodule(p))}) "
+                        "but the model has no activation sparsity installed (its inputs are dense; use format='dense')"
+                    )
+        return {}, {}
+    for site in state.sites:  # rules the C++ step does not implement, named first
+        if site.keep is not None:
+            return (
+                f"activation site {site.module} keeps a per-token top-k (keep={site.keep}, WINA mode='topk'); "
+                "the fused step runs threshold sites only"
+            )
+        if site.lr_a is not None or site.lr_b is not None:
+            return f"activation site {site.module} is R-Sparse (low-rank part); the fused step runs thresholds only"
+        if site.threshold is None:
+            return f"activation site {site.module} has no threshold"
+    names = {id(m): n for n, m in model.named_modules()}
+    where: dict[str, tuple[int, int]] = {}
+    for i, layer in enumerate(layers):
+        for j, p in enumerate(_PROJS):
+            where[names[id(layer.get_submodule(p))]] = (i, j)
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    gates: dict[int, torch.Tensor] = {}
+    seen: set[tuple[str, str]] = set()
+    for site in state.sites:
+        if site.module not in where:
+            return f"activation site {site.module} is not a q/k/v/o/gate/up/down projection of a decoder layer"
+        if (site.module, site.where) in seen:
+            return f"activation site {site.module} ({site.where}) appears twice"
+        seen.add((site.module, site.where))
+        i, j = where[site.module]
+        layer = layers[i]
+        mod = layer.get_submodule(_PROJS[j])
+        hooks = mod._forward_pre_hooks if site.where == "input" else mod._forward_hooks
+        if not any(_is_marked(h) for h in hooks.values()):
+            return f"activation site {site.module} has no hook installed (the Python step would not apply it)"
+        if site.where == "input":
+            if not _is_act(mod):
+                return (
+                    f"activation site {site.module} is a {_format_name(mod)} layer; run to_sparse_runtime_(model) "
+                    "so the layers with sparse inputs get an actsparse format"
+                )
+            n = mod.in_features
+        elif site.where == "gate_act":
+            if j != _GATE:
+                return f"gate_act site {site.module} is not an MLP gate_proj"
+            down = layer.mlp.down_proj
+            if not _is_act(down):
+                return (
+                    f"gate_act site {site.module}: its down_proj is a {_format_name(down)} layer; run "
+                    "to_sparse_runtime_(model) so it gets an actsparse format"
+                )
+            n = mod.out_features
+        else:
+            return f"activation site {site.module} has an unknown kind {site.where!r}"
+        t = site.threshold.detach().to(torch.float32).reshape(-1)  # threshold_mask compares in x's dtype
+        if t.numel() not in (1, n):
+            return f"activation site {site.module}: threshold has {t.numel()} values, expected 1 or {n}"
+        t = t.expand(n).contiguous()
+        if site.where == "input":
+            inputs[(i, j)] = t
+        else:
+            gates[i] = t
+    # hooks on the layers: only the sites' own (checked above); anything else makes the model ineligible
+    kinds = {(s.module, s.where) for s in state.sites}
+    for name, m in layers.named_modules():
+        full = names[id(m)]
+        for kind, hooks in (("input", m._forward_pre_hooks), ("gate_act", m._forward_hooks)):
+            if any(not _is_marked(h) or (full, kind) not in kinds for h in hooks.values()):
+                return f"layers.{name} has forward hooks"
+    return inputs, gates
+
+
+def _share_equal(tensors: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an equal tensor already in ``tensors`` (the C++ step gathers inputs once for Linears that
+    read the same tensor with the same threshold: q/k/v, gate/up)."""
+    for u in tensors:
+        if u.shape == t.shape and torch.equal(u, t):
+            return u
+    tensors.append(t)
+    return t
 
 
 def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | None:
@@ -119,15 +267,14 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
 
     if not available():
         return "the C++ extension (with decode_step.cpp) is not built"
-    if get_state(model) is not None:
-        return "activation sparsity hooks are installed"
     mods = torch.nn.modules.module
     if mods._global_forward_hooks or mods._global_forward_pre_hooks:
         return "global forward hooks are registered"
     base = model.model
-    for name, m in base.layers.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            return f"layers.{name} has forward hooks"
+    if get_state(model) is None:
+        for name, m in base.layers.named_modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return f"layers.{name} has forward hooks"
     if k_cache.dtype != torch.float32 or base.embed_tokens.weight.dtype != torch.float32:
         return "the model is not float32"
     for i, layer in enumerate(base.layers):
@@ -141,7 +288,8 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
                 return f"layer {i} norm {type(norm).__name__} is not a float32 Llama RMSNorm"
         if type(mlp).__name__ not in _MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in _ACTS:
             return f"layer {i} MLP {type(mlp).__name__} is not a SiLU-gated Llama MLP"
-    return None
+    plan = _activation_plan(model)
+    return plan if isinstance(plan, str) else None
 
 
 def build_fast_step(
@@ -165,6 +313,7 @@ def build_fast_step(
             raise SparselandError("build_fast_step(model) needs k_cache and v_cache; or pass a LeanDecoder")
     if ineligible_reason(model, k_cache) is not None:
         return None
+    inputs, gates = _activation_plan(model)  # {} and {} without activation sparsity
     cfg, layers = model.config, model.model.layers
     H = cfg.num_attention_heads
     KVH = getattr(cfg, "num_key_value_heads", None) or H
@@ -175,10 +324,10 @@ def build_fast_step(
         return None
     scale = getattr(layers[0].self_attn, "scaling", D**-0.5)
     tensors: list[torch.Tensor] = []
-    meta = [len(layers), C, inter, H, KVH, D]
+    meta = [len(layers), C, inter, H, KVH, D]  # then per layer: 7 kinds, 7 input-threshold flags, gate flag
     feps = [float(scale)]
     shapes = [(H * D, C), (KVH * D, C), (KVH * D, C), (C, H * D), (inter, C), (inter, C), (C, inter)]
-    for layer in layers:
+    for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "scaling", D**-0.5) != scale:
             return None
@@ -186,10 +335,19 @@ def build_fast_step(
         tensors += [ln1.weight.detach().contiguous(), ln2.weight.detach().contiguous()]
         feps += [float(ln1.variance_epsilon), float(ln2.variance_epsilon)]
         projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        for mod, (out, inp) in zip(projs, shapes, strict=True):
+        kinds, flags, shared = [], [], []
+        for j, (mod, (out, inp)) in enumerate(zip(projs, shapes, strict=True)):
             packed = _linear(mod, out, inp)
             if packed is None:
                 return None
-            meta.append(packed[0])
+            kinds.append(packed[0])
             tensors += packed[1]
+            thr = inputs.get((i, j))
+            flags.append(int(thr is not None))
+            if thr is not None:
+                tensors.append(_share_equal(shared, thr))
+        gate = gates.get(i)
+        if gate is not None:
+            tensors.append(gate)
+        meta += kinds + flags + [int(gate is not None)]
     return FastStep(torch.classes.sparseland.DecodeStep(tensors, meta, feps, k_cache, v_cache), mode)

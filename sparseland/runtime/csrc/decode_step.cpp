@@ -4,7 +4,14 @@
 //   x = rmsnorm(h) ; q, k, v = Wq x, Wk x, Wv x ; RoPE(q, k) with the position's cos/sin ;
 //   k, v -> cache[layer, :, pos] ; o = softmax(q K^T * scale) V over positions [0, pos] (GQA) ;
 //   h += Wo o ; x = rmsnorm(h) ; h += Wd (silu(Wg x) * Wu x)
-// Each W is a dense fp32/bf16 matrix, a bitmask or a 4-per-byte N:M format (matvec.h kernels).
+// Each W is a dense fp32/bf16 matrix, a bitmask or a 4-per-byte N:M format (matvec.h kernels), or,
+// for activation sparsity (sparseland.activations), an actsparse / actsparse_bitmask format (W^T,
+// actsparse_mv.h kernels: zero inputs skip their rows). Threshold sites as the hooks apply them:
+//   input site on a Linear:  its input x -> x * (|x| > t) (t scalar or per channel), then its kernel
+//                            runs over the nonzero inputs only;
+//   gate_act site:           g = Wg x -> g * (|silu(g)| > t), so silu(g) * up is zero there and the
+//                            rows of Wu for those channels are not computed (a row-format Wu).
+// Activation-sparse kernels split output columns in blocks of 16 across threads (see Lin::run_act).
 //
 // Threading (torch.set_num_threads): mode 1 runs one OpenMP region for the whole step, every matvec's
 // rows split statically across the threads with a barrier between dependent stages (~6 per layer);
@@ -17,15 +24,26 @@
 #include <cmath>
 #include <limits>
 
+#include "actsparse_mv.h"
 #include "common.h"
 #include "matvec.h"
 
 namespace sparseland {
 namespace {
 
-enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2 };
+enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2, kAct = 3, kActBitmask = 4 };
 
 inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+// A split boundary for the activation-sparse kernels: a multiple of 16, or the end. Every thread maps
+// the same boundary to the same value, so the rounded ranges still tile [0, n).
+inline int64_t align16(int64_t r, int64_t n) { return r >= n ? n : r & ~int64_t(15); }
+
+// One Linear's active inputs (act_gather): indices and values.
+struct ActIn {
+  const int64_t* act = nullptr;
+  const float* xa = nullptr;
+  int64_t na = 0;
+};
 
 struct Lin {
   int64_t kind = kDense, in = 0, out = 0, in8 = 0;
@@ -33,7 +51,11 @@ struct Lin {
   const void* w = nullptr;  // dense weight, or packed values
   const uint8_t* mask = nullptr;
   const int64_t* row_ptr = nullptr;
+  const float* thr = nullptr;  // (in,) input-site threshold (activation-sparse kinds), or none
 
+  bool act() const { return kind >= kAct; }
+
+  // rows [r0, r1) of a row-major kind (dense, bitmask, N:M) from the full input x
   void run(const float* x, float* y, int64_t r0, int64_t r1) const {
     if (r0 >= r1) return;
     if (kind == kDense) {
@@ -47,6 +69,21 @@ struct Lin {
       else nm4_mv(mask, static_cast<const float*>(w), x, y, in8, r0, r1);
     }
   }
+
+  // outputs [align16(r0), align16(r1)) of an activation-sparse kind from its active inputs; acc: scratch
+  void run_act(const ActIn& a, float* y, int64_t r0, int64_t r1, float* acc) const {
+    r0 = align16(r0, out), r1 = align16(r1, out);
+    if (r0 >= r1) return;
+    if (kind == kAct) {
+      if (bf16) actsparse_mv(static_cast<const at::BFloat16*>(w), a.act, a.xa, a.na, y, out, r0, r1);
+      else actsparse_mv(static_cast<const float*>(w), a.act, a.xa, a.na, y, out, r0, r1);
+    } else {
+      if (bf16)
+        actsparse_bitmask_mv(mask, row_ptr, static_cast<const at::BFloat16*>(w), a.act, a.xa, a.na, y, out, r0, r1,
+                             acc);
+      else actsparse_bitmask_mv(mask, row_ptr, static_cast<const float*>(w), a.act, a.xa, a.na, y, out, r0, r1, acc);
+    }
+  }
 };
 
 struct Layer {
@@ -54,7 +91,23 @@ struct Layer {
   const float* ln2 = nullptr;
   float eps1 = 0, eps2 = 0;
   Lin q, k, v, o, gate, up, down;
+  const float* gate_thr = nullptr;  // (I,) gate_act site threshold on |silu(gate)|, or none
+  bool act = false;                 // any activation-sparse kind or site in this layer
 };
+
+// Per-thread scratch of the activation-sparse path: up to 3 active-input lists (q, k, v).
+struct ActScratch {
+  std::vector<int64_t> act[3];
+  std::vector<float> xa[3];
+};
+
+// The calling thread's accumulator for actsparse_bitmask_mv (OpenMP region threads and torch's pool
+// threads alike), at least n floats.
+float* acc_buffer(int64_t n) {
+  thread_local std::vector<float> acc;
+  if ((int64_t)acc.size() < n) acc.resize(n);
+  return acc.data();
+}
 
 // Who runs what: either all threads of one OpenMP region (region == true; each takes its static share
 // of every split and waits at barriers), or the calling thread, which hands splits to parallel_rows.
@@ -113,9 +166,14 @@ float dot(const float* a, const float* b, int64_t n) {
 class DecodeStep : public torch::CustomClassHolder {
  public:
   // tensors: per layer ln1 (C,), ln2 (C,), then q, k, v, o, gate, up, down, each as its format's tensors
-  //   (dense: w; bitmask: mask, row_ptr, values; nm: mask, values).
-  // meta: L, C, I, H, KVH, D, then 7 kinds per layer (0 dense, 1 bitmask, 2 nm). feps: scale, then
-  // (eps1, eps2) per layer. k_cache / v_cache: (L, KVH, T_max, D) float32, written at each position.
+  //   (dense: w; bitmask: mask, row_ptr, values; nm: mask, values; actsparse: wt (in, out);
+  //   actsparse_bitmask: mask (in, ceil(out/8)), row_ptr, values) followed, if its input flag is set,
+  //   by its input threshold (in,) float32; then, if the layer's gate flag is set, the gate_act
+  //   threshold (I,) float32.
+  // meta: L, C, I, H, KVH, D, then per layer 7 kinds (0 dense, 1 bitmask, 2 nm, 3 actsparse,
+  //   4 actsparse_bitmask), 7 input-threshold flags (activation-sparse kinds only) and 1 gate flag.
+  // feps: scale, then (eps1, eps2) per layer. k_cache / v_cache: (L, KVH, T_max, D) float32, written
+  // at each position.
   DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, std::vector<double> feps, at::Tensor k_cache,
              at::Tensor v_cache)
       : tensors_(std::move(tensors)), k_cache_(k_cache), v_cache_(v_cache) {
@@ -123,7 +181,8 @@ class DecodeStep : public torch::CustomClassHolder {
     L_ = meta[0], C_ = meta[1], I_ = meta[2], H_ = meta[3], KVH_ = meta[4], D_ = meta[5];
     TORCH_CHECK(L_ > 0 && C_ > 0 && I_ > 0 && H_ > 0 && KVH_ > 0 && D_ > 0 && D_ % 2 == 0 && H_ % KVH_ == 0,
                 "DecodeStep: bad dimensions");
-    TORCH_CHECK((int64_t)meta.size() == 6 + 7 * L_, "DecodeStep: meta needs 7 kinds per layer");
+    TORCH_CHECK((int64_t)meta.size() == 6 + 15 * L_,
+                "DecodeStep: meta needs 15 entries per layer (7 kinds, 7 input-threshold flags, a gate flag)");
     TORCH_CHECK((int64_t)feps.size() == 1 + 2 * L_, "DecodeStep: feps needs scale and 2 eps per layer");
     for (const at::Tensor* c : {&k_cache_, &v_cache_})
       TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(0) == L_ &&
@@ -153,9 +212,16 @@ class DecodeStep : public torch::CustomClassHolder {
       ly.eps1 = float(feps[1 + 2 * l]);
       ly.eps2 = float(feps[2 + 2 * l]);
       Lin* lins[7] = {&ly.q, &ly.k, &ly.v, &ly.o, &ly.gate, &ly.up, &ly.down};
+      const int64_t* lm = meta.data() + 6 + 15 * l;  // this layer's kinds, input flags, gate flag
+      auto threshold = [&](int64_t n, const char* what) {
+        const at::Tensor& t = next();
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, "DecodeStep: layer ", l,
+                    ": ", what, " threshold must be contiguous float32 with ", n, " elements");
+        return t.data_ptr<float>();
+      };
       for (int j = 0; j < 7; ++j) {
         Lin& lin = *lins[j];
-        lin.kind = meta[6 + 7 * l + j];
+        lin.kind = lm[j];
         lin.out = shapes[j][0];
         lin.in = shapes[j][1];
         lin.in8 = (lin.in + 7) / 8;
@@ -184,10 +250,42 @@ class DecodeStep : public torch::CustomClassHolder {
             TORCH_CHECK(v.numel() >= lin.out * lin.in8 * 4 + 8, "DecodeStep: N:M values too short");
             set_values(lin, v);
           }
+        } else if (lin.kind == kAct) {
+          const at::Tensor& w = next();
+          TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == lin.in && w.size(1) == lin.out,
+                      "DecodeStep: layer ", l, " linear ", j, ": actsparse weight must be contiguous W^T (", lin.in,
+                      ", ", lin.out, ")");
+          set_values(lin, w);
+        } else if (lin.kind == kActBitmask) {
+          const int64_t out8 = (lin.out + 7) / 8;
+          const at::Tensor& m = next();
+          TORCH_CHECK(m.scalar_type() == at::kByte && m.is_contiguous() && m.dim() == 2 && m.size(0) == lin.in &&
+                          m.size(1) == out8,
+                      "DecodeStep: layer ", l, " linear ", j, ": mask must be contiguous uint8 (in, ceil(out/8))");
+          lin.mask = m.data_ptr<uint8_t>();
+          const at::Tensor& rp = next();
+          TORCH_CHECK(rp.scalar_type() == at::kLong && rp.is_contiguous() && rp.numel() == lin.in + 1,
+                      "DecodeStep: actsparse_bitmask row_ptr must be int64 (in + 1,)");
+          lin.row_ptr = rp.data_ptr<int64_t>();
+          const at::Tensor& v = next();
+          TORCH_CHECK(v.dim() == 1 && v.numel() >= rp[lin.in].item<int64_t>() + 8,
+                      "DecodeStep: values need 8 zeros of padding");
+          set_values(lin, v);
         } else {
           TORCH_CHECK(false, "DecodeStep: unknown weight kind ", lin.kind);
         }
+        if (lm[7 + j]) {
+          TORCH_CHECK(lin.act(), "DecodeStep: layer ", l, " linear ", j,
+                      ": an input threshold needs an activation-sparse kind (3 or 4)");
+          lin.thr = threshold(lin.in, "input");
+        }
+        ly.act = ly.act || lin.act();
       }
+      if (lm[14]) {
+        ly.gate_thr = threshold(I_, "gate_act");
+        ly.act = true;
+      }
+      any_act_ = any_act_ || ly.act;
     }
     TORCH_CHECK(t == tensors_.size(), "DecodeStep: more tensors than the formats in meta use");
     const int64_t maxw = pad8(std::max({C_, I_, H_ * D_})) + 8;
@@ -198,6 +296,7 @@ class DecodeStep : public torch::CustomClassHolder {
     up_.assign(pad8(I_) + 8, 0.0f);
     act_.assign(pad8(I_) + 8, 0.0f);
     scores_.assign(H_ * Tmax_, 0.0f);
+    acc_n_ = maxw + 32;
   }
 
   // h (C,) float32, the embedded token, overwritten with the last layer's output and returned; cos, sin
@@ -217,6 +316,7 @@ class DecodeStep : public torch::CustomClassHolder {
       if ((int64_t)xn_.size() < nt) xn_.resize(nt);
       for (auto& b : xn_)
         if (b.empty()) b.assign(pad8(C_) + 8, 0.0f);
+      if (any_act_) act_scratch(nt);
 #pragma omp parallel num_threads(nt)
       {
         Exec ex{true, omp_get_thread_num(), omp_get_num_threads()};
@@ -225,6 +325,7 @@ class DecodeStep : public torch::CustomClassHolder {
     } else {
       if (xn_.empty()) xn_.resize(1);
       if (xn_[0].empty()) xn_[0].assign(pad8(C_) + 8, 0.0f);
+      if (any_act_) act_scratch(1);
       run(Exec{false, 0, 1}, H, c, s, pos);
     }
     return h;
@@ -233,11 +334,75 @@ class DecodeStep : public torch::CustomClassHolder {
   int64_t num_layers() const { return L_; }
 
  private:
+  void act_scratch(int nt) {  // per-thread buffers of the activation-sparse path, allocated once
+    if ((int64_t)scratch_.size() >= nt) return;
+    const int64_t maxw = pad8(std::max({C_, I_, H_ * D_})) + 16;
+    scratch_.resize(nt);
+    for (auto& sc : scratch_)
+      for (int j = 0; j < 3; ++j) sc.act[j].resize(maxw), sc.xa[j].resize(maxw);
+    keep_.assign(I_, 0);
+  }
+
+  // The active inputs of lin from x (its input site's rule), into list j of sc.
+  static ActIn gather(const Lin& lin, const float* x, ActScratch& sc, int j) {
+    return ActIn{sc.act[j].data(), sc.xa[j].data(), act_gather(x, lin.thr, lin.in, sc.act[j].data(), sc.xa[j].data())};
+  }
+
   static void set_values(Lin& lin, const at::Tensor& v) {
     TORCH_CHECK(v.is_contiguous(), "DecodeStep: weight values must be contiguous");
     if (v.scalar_type() == at::kFloat) lin.w = v.data_ptr<float>(), lin.bf16 = false;
     else if (v.scalar_type() == at::kBFloat16) lin.w = v.data_ptr<at::BFloat16>(), lin.bf16 = true;
     else TORCH_CHECK(false, "DecodeStep: weight values must be float32 or bfloat16");
+  }
+
+  // Step 5 of an activation-sparse layer: act = silu(g) * up over row blocks aligned to 16, where g is
+  // gated by the gate_act site (kept: |silu(g)| > t); up is computed only for kept rows.
+  void mlp_act(const Exec& ex, const Layer& ly, const float* xn) {
+    ActScratch& sc = scratch_[ex.region ? ex.tid : 0];
+    ActIn ag, au;
+    if (ly.gate.act()) ag = gather(ly.gate, xn, sc, 0);
+    if (ly.up.act()) au = ly.gate.act() && ly.gate.thr == ly.up.thr ? ag : gather(ly.up, xn, sc, 1);
+    float* G = gate_.data();
+    float* U = up_.data();
+    float* A = act_.data();
+    uint8_t* keep = keep_.data();
+    ex.split(I_, [&](int64_t r0, int64_t r1) {
+      r0 = align16(r0, I_), r1 = align16(r1, I_);
+      if (r0 >= r1) return;
+      float* acc = acc_buffer(acc_n_);
+      if (ly.gate.act()) ly.gate.run_act(ag, G, r0, r1, acc);
+      else ly.gate.run(xn, G, r0, r1);
+      if (ly.gate_thr == nullptr) {
+        if (ly.up.act()) ly.up.run_act(au, U, r0, r1, acc);
+        else ly.up.run(xn, U, r0, r1);
+        for (int64_t r = r0; r < r1; ++r) {
+          const float g = G[r];
+          A[r] = g / (1.0f + std::exp(-g)) * U[r];
+        }
+        return;
+      }
+      for (int64_t r = r0; r < r1; ++r) {  // the gate_act site: A = silu(g) where kept
+        const float g = G[r];
+        const float sg = g / (1.0f + std::exp(-g));
+        keep[r] = std::fabs(sg) > ly.gate_thr[r];
+        A[r] = sg;
+      }
+      if (ly.up.act()) {
+        ly.up.run_act(au, U, r0, r1, acc);
+      } else {
+        for (int64_t r = r0; r < r1;) {  // runs of kept rows
+          if (!keep[r]) {
+            ++r;
+            continue;
+          }
+          int64_t e = r + 1;
+          while (e < r1 && keep[e]) ++e;
+          ly.up.run(xn, U, r, e);
+          r = e;
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) A[r] = keep[r] ? A[r] * U[r] : 0.0f;
+    });
   }
 
   void run(const Exec& ex, float* H, const float* cos, const float* sin, int64_t pos) {
@@ -252,11 +417,33 @@ class DecodeStep : public torch::CustomClassHolder {
       float* vc = v_cache_.data_ptr<float>() + l * KVH_ * Tmax_ * D_;
       // Step 1: rmsnorm, then q, k, v as one row space [q | k | v]
       rmsnorm(H, ly.ln1, ly.eps1, xn, C_);
-      ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) {
-        ly.q.run(xn, q, std::min(r0, HD), std::min(r1, HD));
-        ly.k.run(xn, k, std::clamp(r0 - HD, int64_t(0), KD), std::clamp(r1 - HD, int64_t(0), KD));
-        ly.v.run(xn, v, std::clamp(r0 - HD - KD, int64_t(0), KD), std::clamp(r1 - HD - KD, int64_t(0), KD));
-      });
+      if (!ly.act) {
+        ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) {
+          ly.q.run(xn, q, std::min(r0, HD), std::min(r1, HD));
+          ly.k.run(xn, k, std::clamp(r0 - HD, int64_t(0), KD), std::clamp(r1 - HD, int64_t(0), KD));
+          ly.v.run(xn, v, std::clamp(r0 - HD - KD, int64_t(0), KD), std::clamp(r1 - HD - KD, int64_t(0), KD));
+        });
+      } else {  // the same row space; activation-sparse ones from their active inputs (shared if equal rules)
+        ActScratch& sc = scratch_[ex.region ? ex.tid : 0];
+        const Lin* lins[3] = {&ly.q, &ly.k, &ly.v};
+        float* outs[3] = {q, k, v};
+        const int64_t offs[3] = {0, HD, HD + KD}, ns[3] = {HD, KD, KD};
+        ActIn in[3];
+        for (int j = 0; j < 3; ++j) {
+          if (!lins[j]->act()) continue;
+          int same = -1;
+          for (int i = 0; i < j; ++i)
+            if (lins[i]->act() && lins[i]->thr == lins[j]->thr) same = i;
+          in[j] = same >= 0 ? in[same] : gather(*lins[j], xn, sc, j);
+        }
+        ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) {
+          for (int j = 0; j < 3; ++j) {
+            const int64_t a = std::clamp(r0 - offs[j], int64_t(0), ns[j]), b = std::clamp(r1 - offs[j], int64_t(0), ns[j]);
+            if (lins[j]->act()) lins[j]->run_act(in[j], outs[j], a, b, acc_buffer(acc_n_));
+            else lins[j]->run(xn, outs[j], a, b);
+          }
+        });
+      }
       // Step 2: RoPE on q and k; k, v into the cache at pos
       ex.single([&] {
         for (int64_t hh = 0; hh < H_; ++hh) rope(q + hh * D_, cos, sin, D_);
@@ -288,25 +475,45 @@ class DecodeStep : public torch::CustomClassHolder {
         }
       });
       // Step 4: h += Wo o (each thread adds its own rows)
-      ex.split(C_, [&](int64_t r0, int64_t r1) {
-        ly.o.run(att_.data(), tmp_.data(), r0, r1);
-        for (int64_t r = r0; r < r1; ++r) H[r] += tmp_[r];
-      });
+      if (!ly.o.act()) {
+        ex.split(C_, [&](int64_t r0, int64_t r1) {
+          ly.o.run(att_.data(), tmp_.data(), r0, r1);
+          for (int64_t r = r0; r < r1; ++r) H[r] += tmp_[r];
+        });
+      } else {
+        const ActIn a = gather(ly.o, att_.data(), scratch_[ex.region ? ex.tid : 0], 0);
+        ex.split(C_, [&](int64_t r0, int64_t r1) {
+          ly.o.run_act(a, tmp_.data(), r0, r1, acc_buffer(acc_n_));
+          for (int64_t r = align16(r0, C_); r < align16(r1, C_); ++r) H[r] += tmp_[r];
+        });
+      }
       // Step 5: MLP: act = silu(Wg x) * (Wu x), row blocks of both
       rmsnorm(H, ly.ln2, ly.eps2, xn, C_);
-      ex.split(I_, [&](int64_t r0, int64_t r1) {
-        ly.gate.run(xn, gate_.data(), r0, r1);
-        ly.up.run(xn, up_.data(), r0, r1);
-        for (int64_t r = r0; r < r1; ++r) {
-          const float g = gate_[r];
-          act_[r] = g / (1.0f + std::exp(-g)) * up_[r];
-        }
-      });
+      if (!ly.act) {
+        ex.split(I_, [&](int64_t r0, int64_t r1) {
+          ly.gate.run(xn, gate_.data(), r0, r1);
+          ly.up.run(xn, up_.data(), r0, r1);
+          for (int64_t r = r0; r < r1; ++r) {
+            const float g = gate_[r];
+            act_[r] = g / (1.0f + std::exp(-g)) * up_[r];
+          }
+        });
+      } else {
+        mlp_act(ex, ly, xn);
+      }
       // Step 6: h += Wd act
-      ex.split(C_, [&](int64_t r0, int64_t r1) {
-        ly.down.run(act_.data(), tmp_.data(), r0, r1);
-        for (int64_t r = r0; r < r1; ++r) H[r] += tmp_[r];
-      });
+      if (!ly.down.act()) {
+        ex.split(C_, [&](int64_t r0, int64_t r1) {
+          ly.down.run(act_.data(), tmp_.data(), r0, r1);
+          for (int64_t r = r0; r < r1; ++r) H[r] += tmp_[r];
+        });
+      } else {
+        const ActIn a = gather(ly.down, act_.data(), scratch_[ex.region ? ex.tid : 0], 0);
+        ex.split(C_, [&](int64_t r0, int64_t r1) {
+          ly.down.run_act(a, tmp_.data(), r0, r1, acc_buffer(acc_n_));
+          for (int64_t r = align16(r0, C_); r < align16(r1, C_); ++r) H[r] += tmp_[r];
+        });
+      }
     }
   }
 
@@ -317,6 +524,12 @@ class DecodeStep : public torch::CustomClassHolder {
   float scale_ = 1.0f;
   std::vector<std::vector<float>> xn_;
   std::vector<float> qkv_, att_, tmp_, gate_, up_, act_, scores_;
+  // activation sparsity: whether any layer has it, per-thread active-input lists, gate_act keep flags,
+  // accumulator size for actsparse_bitmask_mv
+  bool any_act_ = false;
+  std::vector<ActScratch> scratch_;
+  std::vector<uint8_t> keep_;
+  int64_t acc_n_ = 0;
 };
 
 }  // namespace sparseland

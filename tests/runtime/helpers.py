@@ -1,7 +1,9 @@
-"""Test helpers: magnitude masks made with torch.topk (independent of sparseland.weights)."""
+"""Test helpers: magnitude masks made with torch.topk (independent of sparseland.weights), and the
+fused decode step compared with the Python step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -21,3 +23,51 @@ def magnitude_prune_(model: torch.nn.Module, sparsity: float = 0.5, pattern: str
                 k = int(round(w.numel() * sparsity))
                 if k:
                     w.view(-1)[w.abs().view(-1).topk(k, largest=False).indices] = 0.0
+
+
+def require_fast_step() -> None:
+    from sparseland.runtime import fastpath
+
+    if not fastpath.available():
+        pytest.skip("C++ extension without decode_step.cpp")
+
+
+def prompt(seed: int = 0, T: int = 7, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+def compare_fast_and_python(
+    model, steps: int = 6, prompt_len: int = 7, mode: str = "region", threads: int = 1, seed: int = 0, atol=2e-5
+) -> list[int]:
+    """The fused and the Python decode step side by side on the same tokens: the prompt's logits equal
+    (both run the Python step unless prompt_len == 1), every decode step's within ``atol``, the KV caches
+    too, greedy choices equal up to near-ties; returns the greedy tokens."""
+    from sparseland.runtime import fastpath
+    from sparseland.runtime.generate import LeanDecoder
+
+    require_fast_step()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = LeanDecoder(model, prompt_len + steps)
+        ref = LeanDecoder(model, prompt_len + steps)
+        assert fast.fast is not None, fastpath.ineligible_reason(model, fast.k_cache)
+        fast.fast.mode = mode
+        ref.fast = None
+        ids = prompt(seed, prompt_len)
+        a, b = fast.step(ids), ref.step(ids)
+        exact = prompt_len > 1
+        torch.testing.assert_close(a, b, atol=0 if exact else atol, rtol=0 if exact else 1e-5)
+        tokens = []
+        for _ in range(steps):
+            top = b.topk(2).values
+            assert int(a.argmax()) == int(b.argmax()) or float(top[0] - top[1]) <= 2 * atol  # a near-tie
+            tokens.append(int(b.argmax()))
+            tok = torch.tensor([[tokens[-1]]])
+            a, b = fast.step(tok), ref.step(tok)
+            torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+        torch.testing.assert_close(fast.k_cache, ref.k_cache, atol=max(atol, 1e-5), rtol=1e-5)
+        torch.testing.assert_close(fast.v_cache, ref.v_cache, atol=max(atol, 1e-5), rtol=1e-5)
+        return tokens
+    finally:
+        torch.set_num_threads(old)

@@ -15,16 +15,10 @@ from sparseland.runtime.generate import LeanDecoder, greedy_generate
 from sparseland.runtime.kernels import force_reference
 from sparseland.runtime.modules import SparseLinear, to_sparse_runtime_
 from tests.conftest import make_tiny_llama
+from tests.runtime.helpers import compare_fast_and_python as _compare
 from tests.runtime.helpers import magnitude_prune_
-
-
-def _require_extension() -> None:
-    if not fastpath.available():
-        pytest.skip("C++ extension without decode_step.cpp")
-
-
-def _prompt(seed=0, T=7, vocab=256):
-    return torch.randint(3, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
+from tests.runtime.helpers import prompt as _prompt
+from tests.runtime.helpers import require_fast_step as _require_extension
 
 
 def _variant(model, fmt: str | None, value_dtype: str = "float32", pattern: str | None = None, sparsity=0.5):
@@ -33,30 +27,6 @@ def _variant(model, fmt: str | None, value_dtype: str = "float32", pattern: str 
     if fmt is not None:
         to_sparse_runtime_(model, format=fmt, value_dtype=value_dtype)
     return model
-
-
-def _compare(model, steps: int = 6, prompt_len: int = 7, mode: str = "region", threads: int = 1, seed: int = 0):
-    """Run the fast and the Python step side by side on the same tokens; logits must agree tightly."""
-    _require_extension()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fast = LeanDecoder(model, prompt_len + steps)
-        ref = LeanDecoder(model, prompt_len + steps)
-        assert fast.fast is not None, fastpath.ineligible_reason(model, fast.k_cache)
-        fast.fast.mode = mode
-        ref.fast = None
-        ids = _prompt(seed, prompt_len)
-        a, b = fast.step(ids), ref.step(ids)  # prefill (Python path both; fast too if prompt_len == 1)
-        torch.testing.assert_close(a, b, atol=0 if prompt_len > 1 else 2e-5, rtol=0 if prompt_len > 1 else 1e-5)
-        for _ in range(steps):
-            tok = torch.tensor([[int(b.argmax())]])
-            a, b = fast.step(tok), ref.step(tok)
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(fast.k_cache, ref.k_cache, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast.v_cache, ref.v_cache, atol=1e-5, rtol=1e-5)
-    finally:
-        torch.set_num_threads(old)
 
 
 VARIANTS = [

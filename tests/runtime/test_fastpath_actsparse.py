@@ -14,7 +14,10 @@ from sparseland.runtime.formats import ActSparseBitmaskFormat, ActSparseFormat
 from sparseland.runtime.generate import LeanDecoder, greedy_generate
 from sparseland.runtime.modules import SparseLinear, to_sparse_runtime_
 from tests.conftest import make_tiny_llama
+from tests.runtime.helpers import compare_fast_and_python as _compare
 from tests.runtime.helpers import magnitude_prune_
+from tests.runtime.helpers import prompt as _prompt
+from tests.runtime.helpers import require_fast_step as _require_extension
 
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIGS = {
@@ -23,15 +26,6 @@ CONFIGS = {
     "chess": lambda s: CHESSConfig(sparsity=s),
     "wina": lambda s: WINAConfig(sparsity=s, mode="threshold"),  # per-channel input thresholds
 }
-
-
-def _require_extension() -> None:
-    if not fastpath.available():
-        pytest.skip("C++ extension without decode_step.cpp")
-
-
-def _prompt(seed=0, T=7, vocab=256):
-    return torch.randint(3, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
 
 
 def _calib(seed=0, n=4, T=32):
@@ -47,36 +41,6 @@ def _model(method: str, pruned: bool, sparsity=0.5, value_dtype="float32", seed=
     sparsify_(model, CONFIGS[method](sparsity), calibration=_calib(seed))
     to_sparse_runtime_(model, value_dtype=value_dtype)
     return model
-
-
-def _compare(model, steps=6, prompt_len=7, mode="region", threads=1, seed=0, atol=2e-5):
-    """Fast and Python step side by side on the same tokens: logits within atol, same KV cache; returns
-    the greedy tokens (equal on both sides, since every step's logits are compared)."""
-    _require_extension()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fast = LeanDecoder(model, prompt_len + steps)
-        ref = LeanDecoder(model, prompt_len + steps)
-        assert fast.fast is not None, fastpath.ineligible_reason(model, fast.k_cache)
-        fast.fast.mode = mode
-        ref.fast = None
-        ids = _prompt(seed, prompt_len)
-        a, b = fast.step(ids), ref.step(ids)
-        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
-        tokens = []
-        for _ in range(steps):
-            top = b.topk(2).values
-            assert int(a.argmax()) == int(b.argmax()) or float(top[0] - top[1]) <= 2 * atol  # a near-tie
-            tokens.append(int(b.argmax()))
-            tok = torch.tensor([[tokens[-1]]])
-            a, b = fast.step(tok), ref.step(tok)
-            torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
-        torch.testing.assert_close(fast.k_cache, ref.k_cache, atol=max(atol, 1e-5), rtol=1e-5)
-        torch.testing.assert_close(fast.v_cache, ref.v_cache, atol=max(atol, 1e-5), rtol=1e-5)
-        return tokens
-    finally:
-        torch.set_num_threads(old)
 
 
 def _act_formats(model) -> set[str]:

@@ -7,121 +7,23 @@
 // nonzero weights (weight sparsity). AVX2: per mask byte, load 8 packed values, "expand" them into
 // their output lanes (ExpandLUT: one permute + one blend), FMA into 8 outputs of the accumulator.
 // AVX-512 (chosen at run time when the CPU has it): the same per 2 mask bytes with one vexpandps.
+// The loops are in actsparse_loops.h, shared with the fused decode step's single-vector kernel.
 //
 // Threads split the active rows, balanced by the bytes each row reads; each thread accumulates into
 // its own (B, out_pad) fp32 buffer (a few KB, stays in L1/L2) and the buffers are summed at the end.
 // So a row is always walked whole by one thread and no per-chunk value offsets need storing.
 #include <torch/library.h>
 
-#include <cstring>
-
+#include "actsparse_loops.h"
 #include "common.h"
 
 namespace sparseland {
 
 namespace {
 
-template <typename T>
-inline __m256 expand8(const ExpandLUT& lut, unsigned byte, const T* v) {
-  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.idx[byte]));
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(load8(v), idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
-}
-
-// acc (B, out8*8) += xa[a*B + b] * WT[act[a], :] for a in [a0, a1), R rows per pass over acc.
-template <typename T, int B, int R>
-void accumulate(const uint8_t* mask, const int64_t* row_ptr, const T* vals, const int64_t* act, const float* xa,
-                int64_t a0, int64_t a1, int64_t out8, float* acc) {
-  const ExpandLUT& lut = expand_lut();
-  const int64_t out_pad = out8 * 8;
-  int64_t a = a0;
-  for (; a + R <= a1; a += R) {
-    const uint8_t* m[R];
-    const T* v[R];
-    __m256 x[R][B];
-    for (int r = 0; r < R; ++r) {
-      m[r] = mask + act[a + r] * out8;
-      v[r] = vals + row_ptr[act[a + r]];
-      for (int b = 0; b < B; ++b) x[r][b] = _mm256_set1_ps(xa[(a + r) * B + b]);
-    }
-    for (int64_t k = 0; k < out8; ++k) {
-      __m256 w[R];
-      for (int r = 0; r < R; ++r) {
-        const unsigned byte = m[r][k];
-        w[r] = expand8(lut, byte, v[r]);
-        v[r] += _mm_popcnt_u32(byte);
-      }
-      for (int b = 0; b < B; ++b) {
-        float* y = acc + b * out_pad + 8 * k;
-        __m256 s = _mm256_fmadd_ps(w[0], x[0][b], _mm256_loadu_ps(y));
-        if constexpr (R >= 2) {
-          __m256 t = _mm256_mul_ps(w[1], x[1][b]);
-          for (int r = 2; r + 1 < R; r += 2) {
-            s = _mm256_fmadd_ps(w[r], x[r][b], s);
-            t = _mm256_fmadd_ps(w[r + 1], x[r + 1][b], t);
-          }
-          if constexpr (R % 2) s = _mm256_fmadd_ps(w[R - 1], x[R - 1][b], s);
-          s = _mm256_add_ps(s, t);
-        }
-        _mm256_storeu_ps(y, s);
-      }
-    }
-  }
-  if constexpr (R > 1)
-    if (a < a1) accumulate<T, B, 1>(mask, row_ptr, vals, act, xa, a, a1, out8, acc);
-}
-
-// The same on AVX-512 (F+VL+BW+DQ): 16 outputs per step, "expand" in one instruction: vexpandps from
-// memory (fp32), or a masked load + widen + vexpandps (bf16); both read only the popcount values, so
-// they never run past the packed values.
-#define SL_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,popcnt,bmi2")))
-SL_AVX512 inline __m512 expand16(const float* p, __mmask16 k) { return _mm512_maskz_expandloadu_ps(k, p); }
-SL_AVX512 inline __m512 expand16(const at::BFloat16* p, __mmask16 k) {
-  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, _mm_popcnt_u32(k))), p);
-  return _mm512_maskz_expand_ps(k, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-}
-
-template <typename T, int B, int R>
-SL_AVX512 void accumulate512(const uint8_t* mask, const int64_t* row_ptr, const T* vals, const int64_t* act,
-                             const float* xa, int64_t a0, int64_t a1, int64_t out8, float* acc) {
-  const int64_t out_pad = out8 * 8, out16 = out8 / 2;
-  int64_t a = a0;
-  for (; a + R <= a1; a += R) {
-    const uint8_t* m[R];
-    const T* v[R];
-    __m512 x[R][B];
-    for (int r = 0; r < R; ++r) {
-      m[r] = mask + act[a + r] * out8;
-      v[r] = vals + row_ptr[act[a + r]];
-      for (int b = 0; b < B; ++b) x[r][b] = _mm512_set1_ps(xa[(a + r) * B + b]);
-    }
-    for (int64_t k = 0; k < out16; ++k) {
-      __m512 w[R];
-      for (int r = 0; r < R; ++r) {
-        uint16_t bits;
-        std::memcpy(&bits, m[r] + 2 * k, 2);
-        w[r] = expand16(v[r], bits);
-        v[r] += _mm_popcnt_u32(bits);
-      }
-      for (int b = 0; b < B; ++b) {
-        float* y = acc + b * out_pad + 16 * k;
-        __m512 s = _mm512_fmadd_ps(w[0], x[0][b], _mm512_loadu_ps(y));
-        for (int r = 1; r < R; ++r) s = _mm512_fmadd_ps(w[r], x[r][b], s);
-        _mm512_storeu_ps(y, s);
-      }
-    }
-    if (out8 & 1) {  // a last odd mask byte: 8 outputs
-      for (int r = 0; r < R; ++r) {
-        const __m256 w = _mm512_castps512_ps256(expand16(v[r], m[r][out8 - 1]));
-        for (int b = 0; b < B; ++b) {
-          float* y = acc + b * out_pad + 16 * out16;
-          _mm256_storeu_ps(y, _mm256_fmadd_ps(w, _mm512_castps512_ps256(x[r][b]), _mm256_loadu_ps(y)));
-        }
-      }
-    }
-  }
-  if constexpr (R > 1)
-    if (a < a1) accumulate512<T, B, 1>(mask, row_ptr, vals, act, xa, a, a1, out8, acc);
-}
+using actsparse_loops::accumulate;
+using actsparse_loops::accumulate512;
+using actsparse_loops::has_avx512;
 
 template <typename T, int B>
 void run_group(const uint8_t* mask, const int64_t* row_ptr, const T* vals, const float* X, int64_t in, int64_t out,
@@ -152,11 +54,11 @@ void run_group(const uint8_t* mask, const int64_t* row_ptr, const T* vals, const
   auto work = [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       if (use512)
-        accumulate512<T, B, R>(mask, row_ptr, vals, act.data(), xa.data(), bound[p], bound[p + 1], out8,
-                               acc.data() + p * B * out_pad);
+        accumulate512<T, B, R>(mask, row_ptr, vals, act.data(), xa.data(), bound[p], bound[p + 1], out8, 0, out8,
+                               acc.data() + p * B * out_pad, out_pad);
       else
-        accumulate<T, B, R>(mask, row_ptr, vals, act.data(), xa.data(), bound[p], bound[p + 1], out8,
-                            acc.data() + p * B * out_pad);
+        accumulate<T, B, R>(mask, row_ptr, vals, act.data(), xa.data(), bound[p], bound[p + 1], out8, 0, out8,
+                            acc.data() + p * B * out_pad, out_pad);
   };
   if (parts == 1) work(0, 1);
   else at::parallel_for(0, parts, 1, work);
@@ -173,13 +75,6 @@ void run_group(const uint8_t* mask, const int64_t* row_ptr, const T* vals, const
 }
 
 }  // namespace
-
-static bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("bmi2");
-  return ok;
-}
 
 // avx512: -1 = use it if the CPU has it, 0 = AVX2 path (for tests and comparisons), 1 = require it.
 at::Tensor actsparse_bitmask_mm(at::Tensor mask, at::Tensor row_ptr, at::Tensor values, at::Tensor x, int64_t out,

@@ -6,9 +6,11 @@ Protocol: SmolLM2-135M float32, batch 1, the first ``--length`` tokens of the em
 
 * Prefill (``--prefill-threads``, default 2): end-to-end ``LeanDecoder.step`` over the whole prompt,
   dense (the loop's own SDPA) and each prefill method made with ``make_config(name, --sparsity)``;
-  one timed run each after a short warm-up, the methods run back to back in one process.
-  Speedup = dense seconds / method seconds; the measured sparsity is the method's own count of
-  skipped causal query-key pairs.
+  every method is warmed up on a short prompt, then dense and the methods run in turn, interleaved
+  over ``--prefill-rounds`` rounds, so a load change on the shared machine hits all of them alike.
+  Seconds = the median over rounds; speedup = the median over rounds of (dense seconds / method
+  seconds) within the same round; the measured sparsity is the method's own count of skipped causal
+  query-key pairs.
 * Decode (``--decode-threads``, default 1 and 2): the prompt is prefilled once densely (not timed);
   then dense, Quest and TidalDecode each decode ``--decode-tokens`` tokens from the same cache position,
   interleaved over ``--rounds`` rounds; tokens/s from the median per-token time.
@@ -48,25 +50,49 @@ def _kernel_info() -> dict:
     return {"ops_module": ops.KERNELS, "cpp_ops_built": built}
 
 
-def bench_prefill(model, ids: torch.Tensor, methods, sparsity: float) -> list[dict]:
-    T = ids.shape[1]
-    LeanDecoder(model, 256).step(ids[:, :256])  # warm-up
-    rows, dense_s, dense_tok = [], None, None
-    for name in ("dense", *methods):
-        remove(model)
-        if name != "dense":
-            sparsify_(model, make_config(name, sparsity))
-        dec = LeanDecoder(model, T)
-        t0 = time.perf_counter()
-        tok = int(dec.step(ids).argmax())
-        sec = time.perf_counter() - t0
-        if name == "dense":
-            dense_s, dense_tok = sec, tok
-        sp = 0.0 if name == "dense" else measured_sparsity(model, "prefill")
-        same = tok == dense_tok
-        rows.append({"method": name, "seconds": sec, "speedup": dense_s / sec, "sparsity": sp, "same_next_token": same})
-        print(f"prefill {name:15s} {sec:7.2f}s  x{dense_s / sec:.2f}  sparsity {sp:.3f}", flush=True)
+def _prefill_once(model, name: str, ids: torch.Tensor, sparsity: float) -> tuple[float, int, float]:
+    """One timed prefill of ``ids`` with ``name`` (or dense): seconds, next token, measured sparsity."""
     remove(model)
+    if name != "dense":
+        sparsify_(model, make_config(name, sparsity))
+    dec = LeanDecoder(model, ids.shape[1])
+    t0 = time.perf_counter()
+    tok = int(dec.step(ids).argmax())
+    sec = time.perf_counter() - t0
+    sp = 0.0 if name == "dense" else measured_sparsity(model, "prefill")
+    return sec, tok, sp
+
+
+def bench_prefill(model, ids: torch.Tensor, methods, sparsity: float, rounds: int) -> list[dict]:
+    names = ("dense", *methods)
+    for name in names:  # warm-up: first calls of each method's code paths and kernels
+        _prefill_once(model, name, ids[:, :512], sparsity)
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    last: dict[str, tuple[int, float]] = {}
+    for r in range(rounds):
+        for name in names:
+            sec, tok, sp = _prefill_once(model, name, ids, sparsity)
+            secs[name].append(sec)
+            last[name] = (tok, sp)
+            print(f"prefill round {r + 1}/{rounds} {name:15s} {sec:7.2f}s  sparsity {sp:.3f}", flush=True)
+        for name in names:
+            ratios[name].append(secs["dense"][-1] / secs[name][-1])
+    remove(model)
+    rows = []
+    for name in names:
+        tok, sp = last[name]
+        rows.append(
+            {
+                "method": name,
+                "seconds": statistics.median(secs[name]),
+                "seconds_all": secs[name],
+                "speedup": statistics.median(ratios[name]),
+                "speedup_all": ratios[name],
+                "sparsity": sp,
+                "same_next_token": tok == last["dense"][0],
+            }
+        )
     return rows
 
 
@@ -122,12 +148,13 @@ def _markdown(res: dict) -> str:
         lines += [
             f"## Prefill, {threads} thread(s)",
             "",
-            "| method | seconds | speedup vs dense | measured sparsity | same next token |",
-            "|---|---|---|---|---|",
+            "| method | seconds (median) | speedup vs dense (median) | per round | measured sparsity "
+            "| same next token |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['method']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {r['sparsity']:.3f} | "
-            f"{r['same_next_token']} |"
+            f"| {r['method']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | "
+            f"{', '.join(f'{x:.2f}' for x in r['speedup_all'])} | {r['sparsity']:.3f} | {r['same_next_token']} |"
             for r in rows
         ]
         lines.append("")
@@ -154,6 +181,7 @@ def main() -> None:
     ap.add_argument("--prefill-threads", type=int, nargs="*", default=[2], help="torch threads for prefill")
     ap.add_argument("--decode-threads", type=int, nargs="*", default=[1, 2], help="torch threads for decode")
     ap.add_argument("--prefill-methods", nargs="*", default=list(PREFILL))
+    ap.add_argument("--prefill-rounds", type=int, default=3, help="interleaved prefill rounds (default: %(default)s)")
     ap.add_argument("--decode-tokens", type=int, default=12, help="decode steps per round (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved decode rounds (default: %(default)s)")
     ap.add_argument("--out", default="attention_speed", help="results file stem (default: %(default)s)")
@@ -166,6 +194,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "length": ids.shape[1],
         "sparsity": args.sparsity,
+        "prefill_rounds": args.prefill_rounds,
         "kernels": _kernel_info(),
         "prefill": {},
         "decode": {},
@@ -173,7 +202,7 @@ def main() -> None:
     with torch.inference_mode():
         for n in args.prefill_threads:
             torch.set_num_threads(n)
-            res["prefill"][str(n)] = bench_prefill(model, ids, args.prefill_methods, args.sparsity)
+            res["prefill"][str(n)] = bench_prefill(model, ids, args.prefill_methods, args.sparsity, args.prefill_rounds)
         if args.decode_threads:
             remove(model)
             dec = LeanDecoder(model, ids.shape[1] + args.decode_tokens + 1)

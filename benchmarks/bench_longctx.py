@@ -122,13 +122,13 @@ def _measured(attention, model) -> dict:
     return out
 
 
-def parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str], flag: str = "--set") -> dict:
     """``["share_heads=true", "kernel=15"]`` -> ``{"share_heads": True, "kernel": 15}`` (values as JSON)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. share_heads=true")
+            raise SystemExit(f"{flag} {item!r}: write KEY=VALUE, e.g. share_heads=true")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -136,14 +136,27 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def parse_method(spec: str, common: dict) -> tuple[str, dict]:
+    """``"quest:page_size=4,dense_layers=3"`` -> ``("quest", {**common, "page_size": 4, "dense_layers": 3})``."""
+    name, _, fields = spec.partition(":")
+    own = parse_overrides([f for f in fields.split(",") if f], flag=f"--methods {spec!r}:") if fields else {}
+    return name, {**common, **own}
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", nargs="*", default=[], help="sparse attention methods (sparseland.attention.METHODS)")
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="prompt lengths in tokens")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks (default: all of {', '.join(TASKS)})")
+    p.add_argument("--samples", type=int, default=4, help="samples per task and length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sample generation seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        default=[],
+        help="sparse attention methods (sparseland.attention.METHODS), each optionally with its own config "
+        "fields: quest:page_size=4,dense_layers=3 (the same method may appear with different fields)",
+    )
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.85, 0.95])
     p.add_argument(
         "--set",
@@ -206,13 +219,14 @@ def main() -> int:
         import sparseland.attention as attention
         from sparseland.api import sparsify_
 
-        overrides = parse_overrides(args.set)
+        common = parse_overrides(args.set)
         judged = [s for s in samples if args.method_lengths is None or s.length in args.method_lengths]
-        for method in args.methods:
+        for spec in args.methods:
+            method, overrides = parse_method(spec, common)
             for sp in args.sparsities:
                 sparsify_(model, attention.make_config(method, sp, **overrides))
                 attention.reset_sparsity(model)
-                res = evaluate_longctx(model, tokenizer, judged, label=f"{method}@{sp:g}")
+                res = evaluate_longctx(model, tokenizer, judged, label=f"{spec}@{sp:g}")
                 res.info = {"method": method, "sparsity": sp, "overrides": overrides, **_measured(attention, model)}
                 attention.remove(model)
                 save(res)

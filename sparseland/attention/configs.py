@@ -1,7 +1,8 @@
 """One config per sparse-attention method. Budgets are fractions so one config fits every length:
 
 * prefill patterns decide, per head, which (query block, key block) pairs are computed;
-* decode selections decide, per head and step, which cached keys the new token attends.
+* decode selections decide, per head and step, which cached keys the new token attends (SnapKV and
+  H2O: per KV head, which entries the KV cache keeps).
 
     sparsify_(model, VerticalSlashConfig(vertical=0.05, slash=0.05))
 """
@@ -191,8 +192,9 @@ class TopKDecodeConfig(DecodeConfig):
 
 @dataclass
 class SnapKVConfig(DecodeConfig):
-    """SnapKV: after prefill keep, per head, the prompt tokens most attended by the last ``window``
-    queries (scores max-pooled over ``kernel``) plus the window; ``keep`` is the share of the prompt."""
+    """SnapKV (Li et al. 2024): after prefill keep the prompt tokens most attended by the last ``window``
+    queries (scores max-pooled over ``kernel``) plus the window; ``keep`` is the share of the prompt.
+    Selection is per KV head (the group's votes summed); the lean loop evicts the rest of the cache."""
 
     kind: ClassVar[str] = "snapkv"
     window: int = 32
@@ -208,8 +210,9 @@ class SnapKVConfig(DecodeConfig):
 
 @dataclass
 class H2OConfig(DecodeConfig):
-    """H2O: a cache of ``keep`` x prompt length tokens per head: heavy hitters by accumulated attention
-    plus the most recent ``recent`` share of the budget; the lowest-scored older token is evicted."""
+    """H2O (Zhang et al. 2023): a cache of ``keep`` x length tokens: heavy hitters by accumulated attention
+    plus the most recent ``recent`` share of the budget; the lowest-scored older token is evicted.
+    Selection is per KV head (the group's scores summed); the lean loop evicts physically."""
 
     kind: ClassVar[str] = "h2o"
     recent: float = 0.5

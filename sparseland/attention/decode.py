@@ -1,7 +1,8 @@
 """Decode selections: pure functions choosing which cached keys a new token attends.
 
 Batch size 1. ``q`` (H, D) is the new token's queries, caches are (KVH, S, D) before the grouped-query
-repeat (head ``h`` reads KV head ``h // (H // KVH)``); selections are int64 positions (H, K).
+repeat (head ``h`` reads KV head ``h // (H // KVH)``); selections are int64 positions (H, K), or
+(KVH, K) for the KV-cache evictions (SnapKV, H2O), which choose per KV head what a physical cache keeps.
 """
 
 from __future__ import annotations
@@ -74,23 +75,50 @@ def shared_top_tokens(probs: torch.Tensor, k: int) -> torch.Tensor:
     return chosen.sort().values.expand(H, -1)
 
 
-def snapkv_select(q_obs: torch.Tensor, k: torch.Tensor, n_keep: int, kernel: int, scale: float) -> torch.Tensor:
-    """SnapKV (Li et al. 2024): the observation window's queries ``q_obs`` (H, w, D) vote for prompt
-    positions before the window (summed softmax attention, max-pooled over ``kernel``); keep the top
-    ``n_keep - w`` of those plus the window itself: (H, max(n_keep, w)) sorted positions."""
+def group_scores(scores: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Sum the scores of the G = H // KVH query heads that read each KV head: (H, S) -> (KVH, S).
+
+    A physical KV cache holds KV heads, so eviction ranks positions per KV head on the group's summed
+    scores (the GQA rule of KVPress / AdaKV)."""
+    H, S = scores.shape
+    return scores.view(n_kv, H // n_kv, S).sum(1)
+
+
+def snapkv_votes(q_obs: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """SnapKV's votes: the softmax attention of the observation window's queries ``q_obs`` (H, w, D)
+    (causal within the window) summed over the window, for the prompt positions before it: (H, S - w)."""
     H, w, _ = q_obs.shape
     S = k.shape[1]
     prefix = S - w
-    n_top = min(max(n_keep - w, 0), prefix)
-    window = torch.arange(prefix, S).expand(H, -1)
-    if n_top == 0:
-        return window.clone()
     s = q_obs @ _expand(k, H).transpose(-1, -2) * scale  # (H, w, S)
     causal = torch.arange(S).view(1, -1) > torch.arange(prefix, S).view(-1, 1)
-    votes = torch.softmax(s.masked_fill(causal, float("-inf")), dim=-1)[:, :, :prefix].sum(1)  # (H, prefix)
-    votes = F.max_pool1d(votes.unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
-    top = votes.topk(n_top, dim=-1).indices
+    return torch.softmax(s.masked_fill(causal, float("-inf")), dim=-1)[:, :, :prefix].sum(1)  # (H, prefix)
+
+
+def snapkv_keep(votes: torch.Tensor, w: int, n_keep: int, kernel: int) -> torch.Tensor:
+    """SnapKV's cache from votes (R, S - w) of any rows (query or KV heads): max-pool the votes over
+    ``kernel``, keep the top ``n_keep - w`` plus the window: (R, min(max(n_keep, w), S)) sorted positions."""
+    R, prefix = votes.shape
+    S = prefix + w
+    n_top = min(max(n_keep - w, 0), prefix)
+    window = torch.arange(prefix, S).expand(R, -1)
+    if n_top == 0:
+        return window.clone()
+    pooled = F.max_pool1d(votes.unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
+    top = pooled.topk(n_top, dim=-1).indices
     return torch.cat([top, window], dim=-1).sort(-1).values
+
+
+def snapkv_select(q_obs: torch.Tensor, k: torch.Tensor, n_keep: int, kernel: int, scale: float) -> torch.Tensor:
+    """SnapKV (Li et al. 2024): the observation window's queries ``q_obs`` (H, w, D) vote for prompt
+    positions before the window (summed softmax attention, max-pooled over ``kernel``); keep the top
+    ``n_keep - w`` of those plus the window itself. Selection is per KV head (the group's votes summed
+    before pooling): k (KVH, S, D) -> (KVH, min(max(n_keep, w), S)) sorted positions."""
+    w = q_obs.shape[1]
+    if min(max(n_keep - w, 0), k.shape[1] - w) == 0:  # the window only: no votes needed
+        return torch.arange(k.shape[1] - w, k.shape[1]).expand(k.shape[0], -1).clone()
+    votes = group_scores(snapkv_votes(q_obs, k, scale), k.shape[0])  # (KVH, S - w)
+    return snapkv_keep(votes, w, n_keep, kernel)
 
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
@@ -100,24 +128,40 @@ def accumulated_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk:
     kx = _expand(k, H)
     acc = torch.zeros(H, T)
     for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        s = q[:, t0:t1] @ kx.transpose(-1, -2) * scale  # (H, c, T)
-        s = s.masked_fill(torch.arange(T).view(1, -1) > torch.arange(t0, t1).view(-1, 1), float("-inf"))
-        acc += torch.softmax(s, dim=-1).sum(1)
+        t1 = min(T, t0 + chunk)  # the chunk's queries see keys < t1 only
+        s = q[:, t0:t1] @ kx[:, :t1].transpose(-1, -2) * scale  # (H, c, t1)
+        s = s.masked_fill(torch.arange(t1).view(1, -1) > torch.arange(t0, t1).view(-1, 1), float("-inf"))
+        acc[:, :t1] += torch.softmax(s, dim=-1).sum(1)
     return acc
 
 
 def h2o_keep(scores: torch.Tensor, n_keep: int, n_recent: int) -> torch.Tensor:
     """The cache H2O keeps: the last ``n_recent`` positions plus the highest-scored older ones, ``n_keep``
-    in all per head: scores (H, S) -> (H, min(n_keep, S)) sorted positions."""
-    H, S = scores.shape
+    in all per row: scores (R, S) -> (R, min(n_keep, S)) sorted positions. Rows are KV heads when the
+    scores are group-summed (``group_scores``), query heads otherwise."""
+    R, S = scores.shape
     n_keep = min(n_keep, S)
     n_recent = min(n_recent, n_keep)
     older = S - n_recent
-    recent = torch.arange(older, S).expand(H, -1)
+    recent = torch.arange(older, S).expand(R, -1)
     n_heavy = min(n_keep - n_recent, older)
     heavy = scores[:, :older].topk(n_heavy, dim=-1).indices
     return torch.cat([heavy, recent], dim=-1).sort(-1).values
+
+
+def h2o_evict(scores: torch.Tensor, positions: torch.Tensor, recent_from: int) -> torch.Tensor:
+    """H2O's eviction during decode: per row, the cache slot with the lowest accumulated score among
+    the entries older than ``recent_from`` (the recent ones are protected): scores, positions (R, n)
+    -> (R,) slot indices. At least one entry must be older than ``recent_from``."""
+    return scores.masked_fill(positions >= recent_from, float("inf")).argmin(-1)
+
+
+def swap_remove(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Remove entry ``slot[r]`` of each row by moving the row's last entry into it (O(1) per row, the
+    order of the others is kept): x (R, n, ...) -> (R, n - 1, ...); returns a view of ``x``'s storage."""
+    rows = torch.arange(x.shape[0])
+    x[rows, slot] = x[:, -1].clone()
+    return x[:, :-1]
 
 
 def budget(keep: float, n: int) -> int:

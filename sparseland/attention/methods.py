@@ -8,6 +8,11 @@ last ``T`` positions and ``k``/``v`` (KVH, S, D) for all ``S`` cached positions:
 * decode (T == 1): a decode method picks positions -> ``sparse_decode_attention``;
 * anything else (a multi-token continuation of a cache) runs dense causal attention.
 
+SnapKV and H2O evict KV-cache entries, chosen per KV head (KVH, K). Through transformers (whose cache
+keeps everything) decode gathers the kept entries with indices expanded to the H query heads; a
+runtime with its own cache (the lean loop) keeps only ``kept_positions`` after prefill and calls
+``decode_evicted`` on the compacted cache, so both paths attend the same entries.
+
 It also counts what was skipped: causal query-key pairs in prefill, cached keys in decode.
 """
 
@@ -23,6 +28,7 @@ from sparseland.attention import configs as C
 from sparseland.attention import decode as D
 from sparseland.attention import ops, search
 from sparseland.attention import patterns as P
+from sparseland.errors import SparselandError
 
 
 class SparseAttention:
@@ -54,7 +60,9 @@ class SparseAttention:
         self.layer_state.pop(layer, None)
         if T != S:  # continuation of a cache: dense, causal with offset
             mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(
+                q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
+            )[0]
         return self._prefill(layer, q, k, v, scale)
 
     def _prefill(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
@@ -63,15 +71,19 @@ class SparseAttention:
             self.selected = None
             if isinstance(c, C.SnapKVConfig):
                 w = min(c.window, T)
-                kept = D.snapkv_select(q[:, T - w :], k, D.budget(c.keep, T), c.kernel, scale)
+                kept = D.snapkv_select(q[:, T - w :], k, D.budget(c.keep, T), c.kernel, scale)  # (KVH, K)
                 self.layer_state[layer] = (kept, T)
             elif isinstance(c, C.H2OConfig):
                 n_keep = D.budget(c.keep, T)
-                scores = D.accumulated_attention(q, k, scale)  # (H, T)
-                self.layer_state[layer] = (D.h2o_keep(scores, n_keep, round(c.recent * n_keep)), scores)
+                scores = D.group_scores(D.accumulated_attention(q, k, scale), k.shape[0])  # (KVH, T)
+                kept = D.h2o_keep(scores, n_keep, round(c.recent * n_keep))  # (KVH, K)
+                self.layer_state[layer] = (kept, scores.gather(1, kept))  # positions and scores of the entries
             pairs = H * T * (T + 1) / 2
             self._count("prefill", pairs, pairs)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            # 4-D inputs: 3-D ones miss SDPA's fused CPU kernel (~4x slower at 1k tokens on this machine)
+            return F.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True
+            )[0]
         mask = self.block_mask(q, k, scale, layer)  # (H, nb, nb)
         nb = mask.shape[-1]
         eff = (mask | torch.eye(nb, dtype=torch.bool)) & P.causal_blocks(nb)
@@ -120,11 +132,14 @@ class SparseAttention:
             probs = D.full_probs(q, k, scale)  # (H, S): scored in full, attended on the top keys only
             return self._sparse(q, k, v, D.top_tokens(probs, D.budget(c.keep, S)), scale)
         if isinstance(c, C.SnapKVConfig) and layer in self.layer_state:
-            kept, T = self.layer_state[layer]  # (H, K) prompt positions; new tokens are all attended
-            new = torch.arange(T, S).expand(H, -1)
-            return self._sparse(q, k, v, torch.cat([kept, new], dim=-1), scale)
-        if isinstance(c, C.H2OConfig) and layer in self.layer_state:
-            return self._h2o_step(layer, q, k, v, scale)
+            kept, T = self.layer_state[layer]  # (KVH, K) prompt positions; new tokens are all attended
+            idx = torch.cat([kept, torch.arange(T, S).expand(kept.shape[0], -1)], dim=-1)  # (KVH, K + S - T)
+            return self._sparse(q, k, v, idx.repeat_interleave(H // k.shape[0], 0), scale)
+        if isinstance(c, C.H2OConfig) and layer in self.layer_state:  # gather the entries H2O keeps
+            kept = self.layer_state[layer][0]
+            idx = torch.cat([kept, torch.full((kept.shape[0], 1), S - 1)], dim=-1)[..., None]  # (KVH, K + 1, 1)
+            ks, vs = k.gather(1, idx.expand(-1, -1, k.shape[2])), v.gather(1, idx.expand(-1, -1, v.shape[2]))
+            return self._h2o_step(layer, q, ks, vs, scale, S)[0]
         self._count("decode", H * S, H * S)
         return ops.dense_decode_attention(q, k, v, scale=scale)
 
@@ -142,27 +157,50 @@ class SparseAttention:
             self.layer_state[layer] = (kmin, kmax)
         return kmin, kmax
 
-    def _h2o_step(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        """Attend kept + the new token, add the probabilities to the scores, evict back to budget."""
-        kept, scores = self.layer_state[layer]
-        H, S = q.shape[0], k.shape[1]
+    # ---- KV-cache eviction (SnapKV, H2O) --------------------------------------------------------
+    @property
+    def evicts(self) -> bool:
+        """Whether the method evicts KV-cache entries (SnapKV, H2O): a runtime holding its own cache
+        may then keep only ``kept_positions`` after prefill and decode with ``decode_evicted``."""
+        return isinstance(self.config, (C.SnapKVConfig, C.H2OConfig))
+
+    def kept_positions(self, layer: int) -> torch.Tensor:
+        """The (KVH, K) positions of ``layer``'s prompt the cache keeps, chosen at its last prefill."""
+        if not self.evicts or layer not in self.layer_state:
+            raise SparselandError(f"layer {layer} has no KV-cache selection: run a prefill with SnapKV or H2O first")
+        return self.layer_state[layer][0]
+
+    def decode_evicted(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode step over a compacted cache: ``k``/``v`` (KVH, n, D) are the kept entries in the
+        order of ``kept_positions`` followed by the tokens decoded since (the new one last), ``length``
+        the number of tokens seen. Dense attention over the entries (keys carry their rotary positions,
+        and attention ignores key order). Returns the output (H, D) and, for H2O once over budget, the
+        (KVH,) slot each KV head evicts; the caller moves its last entry into that slot (``swap_remove``)."""
+        if layer not in self.layer_state:
+            raise SparselandError(f"layer {layer} has no KV-cache selection: run a prefill with SnapKV or H2O first")
+        if isinstance(self.config, C.H2OConfig):
+            return self._h2o_step(layer, q, k, v, scale, length)
+        self._count("decode", q.shape[0] * k.shape[1], q.shape[0] * length)
+        return ops.dense_decode_attention(q, k, v, scale=scale), None
+
+    def _h2o_step(self, layer: int, q, ks, vs, scale: float, S: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend the kept entries + the new token ``ks``/``vs`` (KVH, n + 1, D), add the group's
+        probabilities to their scores, and evict back to budget (the lowest-scored older entry)."""
+        pos, scores = self.layer_state[layer]  # (KVH, n) positions and accumulated scores of the entries
+        (H, Dh), KVH = q.shape, ks.shape[0]
         n_keep = D.budget(self.config.keep, S)  # the cache may hold keep x the current length
-        n_recent = round(self.config.recent * n_keep)
-        if scores.shape[1] < S:
-            scores = F.pad(scores, (0, S - scores.shape[1]))
-        cand = torch.cat([kept, torch.full((H, 1), S - 1)], dim=-1)  # (H, K + 1)
-        kv_head = torch.arange(H) // (H // k.shape[0])
-        ks, vs = k[kv_head[:, None], cand], v[kv_head[:, None], cand]  # (H, K + 1, D)
-        p = torch.softmax(torch.einsum("hd,hkd->hk", q, ks) * scale, dim=-1)
-        self._count("decode", cand.numel(), H * S)
-        scores.scatter_add_(1, cand, p)
-        if cand.shape[1] > n_keep:
-            key = scores.gather(1, cand).masked_fill(cand >= S - n_recent, float("inf"))
-            drop = key.argmin(-1, keepdim=True)  # (H, 1)
-            keep_mask = torch.ones_like(cand, dtype=torch.bool).scatter_(1, drop, False)
-            cand = cand[keep_mask].view(H, -1)
-        self.layer_state[layer] = (cand, scores)
-        return torch.einsum("hk,hkd->hd", p, vs)
+        pos = torch.cat([pos, torch.full((KVH, 1), S - 1)], dim=-1)  # (KVH, n + 1)
+        p = torch.softmax(q.view(KVH, H // KVH, Dh) @ ks.transpose(-1, -2) * scale, dim=-1)  # (KVH, G, n + 1)
+        self._count("decode", H * pos.shape[1], H * S)
+        scores = torch.cat([scores, torch.zeros(KVH, 1)], dim=-1) + p.sum(1)  # group-summed, (KVH, n + 1)
+        drop = None
+        if pos.shape[1] > n_keep:
+            drop = D.h2o_evict(scores, pos, S - round(self.config.recent * n_keep))  # (KVH,)
+            pos, scores = D.swap_remove(pos, drop), D.swap_remove(scores, drop)
+        self.layer_state[layer] = (pos, scores)
+        return (p @ vs).reshape(H, Dh), drop
 
     def _count(self, phase: str, kept: float, total: float) -> None:
         self.stats[phase][0] += float(kept)

@@ -1,5 +1,6 @@
 """A lean greedy decode loop for Llama-style causal LMs (gpt-fast style): prefill, then one token at
-a time through our own forward over the model's modules, with a preallocated KV cache.
+a time through our own forward over the model's modules, with a preallocated KV cache (or, for the
+KV-cache eviction methods SnapKV and H2O, per-layer caches holding only the entries they keep).
 
 No transformers ``generate`` machinery per token: the loop calls the layers' Linear (or
 ``SparseLinear``) modules, RMSNorms and the model's own rotary embedding directly, so its tokens
@@ -42,7 +43,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LeanDecoder:
-    """Holds the KV cache for one sequence and runs the model's blocks step by step."""
+    """Holds the KV cache for one sequence and runs the model's blocks step by step.
+
+    ``pos`` is the rotary position (the tokens seen); ``n_cached[i]`` is the number of entries layer
+    ``i``'s cache holds. They are equal unless the model's attention method evicts (SnapKV, H2O): then
+    each layer keeps only the method's ``kept_positions`` after its prefill, in a cache sized for them
+    plus the tokens still to come, and decodes densely over those entries. Keys are cached after RoPE,
+    so they carry their positions and attention over the compacted cache is exact.
+    """
 
     def __init__(self, model: torch.nn.Module, max_len: int) -> None:
         base = getattr(model, "model", None)
@@ -59,13 +67,80 @@ class LeanDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.max_len = max_len
-        dtype = base.embed_tokens.weight.dtype
-        shape = (len(base.layers), self.n_kv, max_len, self.head_dim)  # (L, KVH, T, D)
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.dtype = base.embed_tokens.weight.dtype
+        L = len(base.layers)
+        self.k_cache: torch.Tensor | None = None  # (L, KVH, max_len, D), the fused step's cache
+        self.v_cache: torch.Tensor | None = None
+        self.k_layers: list[torch.Tensor | None] = [None] * L  # layer i's cache (KVH, capacity, D)
+        self.v_layers: list[torch.Tensor | None] = [None] * L
+        if not getattr(getattr(model, "_sparseland_attention", None), "evicts", False):
+            shape = (L, self.n_kv, max_len, self.head_dim)  # (L, KVH, T, D)
+            self.k_cache = torch.zeros(shape, dtype=self.dtype)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype)
+            self.k_layers, self.v_layers = list(self.k_cache.unbind(0)), list(self.v_cache.unbind(0))
+        # else: per-layer caches, allocated at prefill with only the kept entries (no full-length copy)
+        self.n_cached = [0] * L
+        self.compacted = [False] * L  # layer i holds an evicted (compacted) cache
         self.pos = 0
         # fused C++ step for T == 1 (fastpath.py); None if the model is not eligible
-        self.fast = fastpath.build_fast_step(self) if fastpath.enabled() else None
+        self.fast = fastpath.build_fast_step(self) if self.k_cache is not None and fastpath.enabled() else None
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by the KV caches now (every allocated buffer, counted once)."""
+        held = {}
+        for t in (self.k_cache, self.v_cache, *self.k_layers, *self.v_layers):
+            if t is not None:
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(held.values())
+
+    def _layer_cache(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s full-length cache (KVH, max_len, D), allocated on first use when not shared."""
+        if self.k_cache is not None:
+            self.k_layers[i], self.v_layers[i] = self.k_cache[i], self.v_cache[i]
+        elif self.compacted[i] or self.k_layers[i] is None:
+            shape = (self.n_kv, self.max_len, self.head_dim)
+            self.k_layers[i] = torch.zeros(shape, dtype=self.dtype)
+            self.v_layers[i] = torch.zeros(shape, dtype=self.dtype)
+        self.compacted[i] = False
+        return self.k_layers[i], self.v_layers[i]
+
+    def _compact(self, i: int, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep only the entries ``kept`` (KVH, K) of layer ``i``'s prefill keys/values (KVH, T, D), in a
+        new cache with room for the tokens still to come; the full-length buffers are freed."""
+        KVH, K = kept.shape
+        idx = kept.unsqueeze(-1).expand(-1, -1, self.head_dim)  # (KVH, K, D)
+        capacity = K + self.max_len - k.shape[1]
+        self.k_layers[i] = k.new_empty(KVH, capacity, self.head_dim)
+        self.v_layers[i] = v.new_empty(KVH, capacity, self.head_dim)
+        self.k_layers[i][:, :K] = k.gather(1, idx)
+        self.v_layers[i][:, :K] = v.gather(1, idx)
+        self.n_cached[i], self.compacted[i] = K, True
+        self.fast = None  # the fused step reads the full-length cache, which no longer holds this layer
+        if self.k_cache is not None and all(self.compacted):
+            self.k_cache = self.v_cache = None
+
+    def _decode_evicted(self, i: int, method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+        """One token through layer ``i``'s compacted cache: append after the kept entries, attend them
+        all, and move the last entry into the slot the method evicts (if any). q (H, 1, D), k/v (KVH, 1, D)."""
+        if q.shape[1] != 1:
+            raise SparselandError(
+                f"layer {i}'s KV cache was compacted by KV-cache eviction after the prefill; the lean loop then "
+                f"decodes one token at a time, got {q.shape[1]}: start a new LeanDecoder for a new prompt"
+            )
+        if method is None or not getattr(method, "evicts", False):
+            raise SparselandError(
+                f"layer {i}'s KV cache was compacted by SnapKV/H2O, but the model's attention method is now "
+                f"{type(getattr(method, 'config', None)).__name__}: start a new LeanDecoder after changing it"
+            )
+        n, k_l, v_l = self.n_cached[i], self.k_layers[i], self.v_layers[i]
+        k_l[:, n], v_l[:, n] = k[:, 0], v[:, 0]
+        o, drop = method.decode_evicted(i, q[:, 0], k_l[:, : n + 1], v_l[:, : n + 1], scale, self.pos + 1)
+        if drop is None:
+            self.n_cached[i] = n + 1
+        else:  # swap-remove: the last entry takes the evicted slot (attention ignores key order)
+            rows = torch.arange(self.n_kv)
+            k_l[rows, drop], v_l[rows, drop] = k_l[:, n].clone(), v_l[:, n].clone()
+        return o.unsqueeze(1)  # (H, 1, D)
 
     def _attention(self, i: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         T = h.shape[1]  # h: (1, T, C)
@@ -78,29 +153,38 @@ class LeanDecoder:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         p0, p1 = self.pos, self.pos + T
-        self.k_cache[i, :, p0:p1] = k[0]
-        self.v_cache[i, :, p0:p1] = v[0]
-        keys = self.k_cache[i : i + 1, :, :p1]  # (1, KVH, p1, D)
-        vals = self.v_cache[i : i + 1, :, :p1]
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         method = getattr(attn, "_sparseland_attention", None)  # a sparseland.attention method, if applied
-        if method is not None:  # block mask -> block_sparse_attention / indices -> sparse_decode_attention
-            o = method.attend(i, q[0], keys[0], vals[0], scale)  # (H, T, D)
-            return attn.o_proj(o.transpose(0, 1).reshape(1, T, self.n_heads * self.head_dim))
+        if method is not None and getattr(method, "evicts", False) and p0 == 0 and T > 1:
+            o = method.attend(i, q[0], k[0], v[0], scale)  # (H, T, D): dense prefill, chooses what to keep
+            self._compact(i, k[0], v[0], method.kept_positions(i))
+        elif self.compacted[i] and p0 > 0:
+            o = self._decode_evicted(i, method, q[0], k[0], v[0], scale)  # (H, 1, D)
+        else:
+            k_l, v_l = self._layer_cache(i)
+            k_l[:, p0:p1], v_l[:, p0:p1] = k[0], v[0]
+            keys, vals = k_l[None, :, :p1], v_l[None, :, :p1]  # (1, KVH, p1, D)
+            if method is not None:  # block mask -> block_sparse_attention / indices -> sparse_decode_attention
+                o = method.attend(i, q[0], keys[0], vals[0], scale)  # (H, T, D)
+            else:
+                return attn.o_proj(self._dense_attention(q, keys, vals, scale, p0))
+        return attn.o_proj(o.transpose(0, 1).reshape(1, T, self.n_heads * self.head_dim))
+
+    def _dense_attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: float, p0: int):
+        """The loop's own attention: q (1, H, T, D) over keys/vals (1, KVH, p1, D) -> (1, T, H * D)."""
+        T, p1 = q.shape[2], keys.shape[2]
         if T == 1:  # decode: grouped heads against the cache, no mask needed
             g = self.n_heads // self.n_kv
             qg = q.view(1, self.n_kv, g, self.head_dim)  # (1, KVH, G, D)
             probs = torch.softmax((qg @ keys.transpose(-1, -2)) * scale, dim=-1)  # (1, KVH, G, p1)
-            o = (probs @ vals).reshape(1, 1, self.n_heads * self.head_dim)
-        else:
-            # a fresh prefill is plain causal: is_causal lets SDPA use its fused kernel (~2x faster at 8k
-            # than the same mask passed explicitly); a continuation needs the offset mask
-            mask = None if p0 == 0 else torch.ones(T, p1, dtype=torch.bool).tril(diagonal=p0)
-            o = F.scaled_dot_product_attention(
-                q, keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-            )
-            o = o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim)
-        return attn.o_proj(o)
+            return (probs @ vals).reshape(1, 1, self.n_heads * self.head_dim)
+        # a fresh prefill is plain causal: is_causal lets SDPA use its fused kernel (~2x faster at 8k
+        # than the same mask passed explicitly); a continuation needs the offset mask
+        mask = None if p0 == 0 else torch.ones(T, p1, dtype=torch.bool).tril(diagonal=p0)
+        o = F.scaled_dot_product_attention(
+            q, keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
+        return o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim)
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -112,13 +196,16 @@ class LeanDecoder:
         pos_ids = torch.arange(self.pos, self.pos + T).unsqueeze(0)
         cos, sin = self.base.rotary_emb(h, pos_ids)  # (1, T, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, D)
-        if T == 1 and self.fast is not None and fastpath.enabled():  # all layers in one C++ call
+        # the fused step knows no attention method: a method applied after this decoder was built skips it
+        fused = self.fast is not None and getattr(self.model, "_sparseland_attention", None) is None
+        if T == 1 and fused and fastpath.enabled():  # all layers in one C++ call
             h = self.fast(h, cos, sin, self.pos)
         else:  # the reference path
             for i, layer in enumerate(self.base.layers):
                 h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.pos += T
+        self.n_cached = [n if c else self.pos for n, c in zip(self.n_cached, self.compacted, strict=True)]
         return self.model.lm_head(self.base.norm(h[:, -1:]))[0, -1]
 
 

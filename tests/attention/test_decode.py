@@ -77,10 +77,10 @@ def test_snapkv_keeps_window_and_votes():
     q = torch.randn(H, w, Dh, generator=g)
     k[:, 17] = q[:, :].mean(1).view(KVH, 2, Dh).mean(1) * 20  # a key every window query loves
     kept = D.snapkv_select(q, k, 30, 1, Dh**-0.5)
-    assert kept.shape == (H, 30)
+    assert kept.shape == (KVH, 30)  # one selection per KV head
     assert all(set(range(S - w, S)) <= set(row.tolist()) for row in kept)
     assert (kept == 17).any(-1).all()
-    assert D.snapkv_select(q, k, 5, 7, 1.0).shape == (H, w)  # budget below the window: the window only
+    assert D.snapkv_select(q, k, 5, 7, 1.0).shape == (KVH, w)  # budget below the window: the window only
 
 
 def test_h2o_keep_recent_and_heavy():

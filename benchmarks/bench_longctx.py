@@ -97,7 +97,7 @@ def markdown(out: dict, results: list[LongCtxResult]) -> str:
             fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
             per_task = " | ".join(f"{r.accuracy(task=t):.0f}" for t in tasks)
             lines.append(
-                f"| {i['method']}{_set_suffix(i.get('overrides'))} | {i['sparsity']:g} | "
+                f"| {i['method']}{_set_suffix(i.get('overrides'))} | {fmt_target(i['sparsity'])} | "
                 f"{fmt(i.get('measured_prefill_sparsity'))} | "
                 f"{fmt(i.get('measured_decode_sparsity'))} | {acc:.1f} | {base_acc:.1f} | {acc - base_acc:+.1f} | "
                 f"{per_task} |"
@@ -106,6 +106,10 @@ def markdown(out: dict, results: list[LongCtxResult]) -> str:
         lines += ["", f"Methods run at lengths {lengths}; per-task columns: accuracy (%) of the method."]
     lines.append("")
     return "\n".join(lines)
+
+
+def fmt_target(sparsity: float | None) -> str:
+    return "searched" if sparsity is None else f"{sparsity:g}"
 
 
 def _set_suffix(overrides: dict | None) -> str:
@@ -165,6 +169,14 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="config fields for every --methods config, e.g. share_heads=true kernel=15 (JSON values)",
     )
+    p.add_argument(
+        "--head-patterns",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="per-head patterns saved by `sparseland attention-search` (sparse_attention.json or its "
+        "directory), each run as one more method (MoA-style offline search)",
+    )
     p.add_argument("--method-lengths", type=int, nargs="*", default=None, help="lengths for --methods (default: all)")
     p.add_argument("--name", default="longctx_dense", help="results file stem in benchmarks/results/")
     p.add_argument(
@@ -208,6 +220,9 @@ def main() -> int:
         write_text_atomic(RESULTS / f"{args.name}.md", markdown(out, results))
         print(format_table([res]), flush=True)
 
+    import sparseland.attention as attention
+
+    head_patterns = [(path, attention.load_head_patterns(path)) for path in args.head_patterns]  # fail early
     t0 = time.perf_counter()
     dense = LongCtxResult(label="dense", backend="lean")
     for length in dict.fromkeys(s.length for s in samples):  # one length at a time, saved as it completes
@@ -215,8 +230,7 @@ def main() -> int:
         dense.samples += part.samples
         save(dense)
         print(f"dense through {length}: {time.perf_counter() - t0:.0f} s", flush=True)
-    if args.methods:
-        import sparseland.attention as attention
+    if args.methods or head_patterns:
         from sparseland.api import sparsify_
 
         common = parse_overrides(args.set)
@@ -230,6 +244,14 @@ def main() -> int:
                 res.info = {"method": method, "sparsity": sp, "overrides": overrides, **_measured(attention, model)}
                 attention.remove(model)
                 save(res)
+        for path, cfg in head_patterns:
+            sparsify_(model, cfg)
+            attention.reset_sparsity(model)
+            res = evaluate_longctx(model, tokenizer, judged, label=f"head_patterns@{path}")
+            res.info = {"method": "head_patterns", "sparsity": None, "overrides": {"file": str(path)}}
+            res.info.update(_measured(attention, model))
+            attention.remove(model)
+            save(res)
     print(f"total {time.perf_counter() - t0:.0f} s; wrote {RESULTS / args.name}.{{json,md}}")
     return 0
 

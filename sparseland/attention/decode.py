@@ -95,6 +95,11 @@ def snapkv_votes(q_obs: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     return torch.softmax(s.masked_fill(causal, float("-inf")), dim=-1)[:, :, :prefix].sum(1)  # (H, prefix)
 
 
+def _pool(votes: torch.Tensor, kernel: int) -> torch.Tensor:
+    """SnapKV's clustering: max-pool each row of votes (R, P) over a centred window of ``kernel``."""
+    return F.max_pool1d(votes.unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
+
+
 def snapkv_keep(votes: torch.Tensor, w: int, n_keep: int, kernel: int) -> torch.Tensor:
     """SnapKV's cache from votes (R, S - w) of any rows (query or KV heads): max-pool the votes over
     ``kernel``, keep the top ``n_keep - w`` plus the window: (R, min(max(n_keep, w), S)) sorted positions."""
@@ -104,21 +109,38 @@ def snapkv_keep(votes: torch.Tensor, w: int, n_keep: int, kernel: int) -> torch.
     window = torch.arange(prefix, S).expand(R, -1)
     if n_top == 0:
         return window.clone()
-    pooled = F.max_pool1d(votes.unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
-    top = pooled.topk(n_top, dim=-1).indices
+    top = _pool(votes, kernel).topk(n_top, dim=-1).indices
     return torch.cat([top, window], dim=-1).sort(-1).values
 
 
-def snapkv_select(q_obs: torch.Tensor, k: torch.Tensor, n_keep: int, kernel: int, scale: float) -> torch.Tensor:
+def group_union_top(scores: torch.Tensor, n_kv: int, k: int) -> torch.Tensor:
+    """Per KV head, the union of its G query heads' rankings taken rank by rank (each head's best, then
+    each head's second best, ...) until ``k`` distinct positions: scores (H, S) -> (KVH, k) sorted.
+    Every head of the group gets an equal share of the top ranks, where summing lets the heads with
+    the most peaked attention take them all."""
+    H = scores.shape[0]
+    G = H // n_kv
+    return torch.stack([shared_top_tokens(scores[g * G : (g + 1) * G], k)[0] for g in range(n_kv)])
+
+
+def snapkv_select(
+    q_obs: torch.Tensor, k: torch.Tensor, n_keep: int, kernel: int, scale: float, group: str = "sum"
+) -> torch.Tensor:
     """SnapKV (Li et al. 2024): the observation window's queries ``q_obs`` (H, w, D) vote for prompt
     positions before the window (summed softmax attention, max-pooled over ``kernel``); keep the top
-    ``n_keep - w`` of those plus the window itself. Selection is per KV head (the group's votes summed
-    before pooling): k (KVH, S, D) -> (KVH, min(max(n_keep, w), S)) sorted positions."""
+    ``n_keep - w`` of those plus the window itself. Selection is per KV head: ``group="sum"`` sums the
+    group's votes before pooling (KVPress / AdaKV), ``"union"`` merges the query heads' own rankings
+    (``group_union_top``): k (KVH, S, D) -> (KVH, min(max(n_keep, w), S)) sorted positions."""
+    KVH, S, _ = k.shape
     w = q_obs.shape[1]
-    if min(max(n_keep - w, 0), k.shape[1] - w) == 0:  # the window only: no votes needed
-        return torch.arange(k.shape[1] - w, k.shape[1]).expand(k.shape[0], -1).clone()
-    votes = group_scores(snapkv_votes(q_obs, k, scale), k.shape[0])  # (KVH, S - w)
-    return snapkv_keep(votes, w, n_keep, kernel)
+    n_top = min(max(n_keep - w, 0), S - w)
+    if n_top == 0:  # the window only: no votes needed
+        return torch.arange(S - w, S).expand(KVH, -1).clone()
+    votes = snapkv_votes(q_obs, k, scale)  # (H, S - w)
+    if group == "sum":
+        return snapkv_keep(group_scores(votes, KVH), w, n_keep, kernel)
+    top = group_union_top(_pool(votes, kernel), KVH, n_top)  # (KVH, n_top)
+    return torch.cat([top, torch.arange(S - w, S).expand(KVH, -1)], dim=-1).sort(-1).values
 
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:

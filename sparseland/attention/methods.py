@@ -71,7 +71,7 @@ class SparseAttention:
             self.selected = None
             if isinstance(c, C.SnapKVConfig):
                 w = min(c.window, T)
-                kept = D.snapkv_select(q[:, T - w :], k, D.budget(c.keep, T), c.kernel, scale)  # (KVH, K)
+                kept = D.snapkv_select(q[:, T - w :], k, D.budget(c.keep, T), c.kernel, scale, c.group)  # (KVH, K)
                 self.layer_state[layer] = (kept, T)
             elif isinstance(c, C.H2OConfig):
                 n_keep = D.budget(c.keep, T)

@@ -224,3 +224,42 @@ def test_decode_attends_the_compacted_cache_and_counts_sparsity(model, ids, monk
             dec.step(ids[:, :2])
     finally:
         remove(model)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([(4, 2), (6, 2), (3, 1)]), st.integers(1, 12))
+def test_group_union_gives_every_query_head_its_top_ranks(seed, heads, k):
+    Hq, kvh = heads
+    G, S = Hq // kvh, 40
+    scores = torch.rand(Hq, S, generator=torch.Generator().manual_seed(seed))
+    kept = D.group_union_top(scores, kvh, k)
+    assert kept.shape == (kvh, k)
+    ranks = scores.argsort(-1, descending=True)  # (H, S)
+    for g in range(kvh):
+        row = set(kept[g].tolist())
+        assert len(row) == k
+        r = k // G  # rank by rank: every head of the group has at least its top k // G positions kept
+        for h in range(g * G, (g + 1) * G):
+            assert set(ranks[h, :r].tolist()) <= row
+        # and every kept position ranks (at its best head) no worse than every dropped one
+        best_rank = {p: min(int((ranks[h] == p).nonzero()) for h in range(g * G, (g + 1) * G)) for p in range(S)}
+        assert max(best_rank[p] for p in row) <= min(best_rank[p] for p in set(range(S)) - row)
+
+
+def test_snapkv_union_keeps_each_heads_best_where_sum_drops_one():
+    """Two query heads share a KV head: head 1 splits its attention between positions 5 and 6, head 0
+    puts somewhat less on position 20. With room for two, the summed votes keep 5 and 6 and drop head
+    0's only choice; the union keeps one of head 1's and head 0's."""
+    S, w, D_ = 30, 2, 4
+    k = torch.zeros(1, S, D_)
+    k[0, 5, 0] = k[0, 6, 0] = 10.0  # what head 1 attends, half each
+    k[0, 20, 1] = 3.0  # what head 0 attends (about 0.4 of each query's attention)
+    q = torch.zeros(2, w, D_)
+    q[1, :, 0] = 2.0
+    q[0, :, 1] = 1.0
+    summed = D.snapkv_select(q, k, w + 2, 1, 1.0, group="sum")[0].tolist()
+    union = D.snapkv_select(q, k, w + 2, 1, 1.0, group="union")[0].tolist()
+    assert summed == [5, 6, 28, 29]
+    assert 20 in union and len({5, 6} & set(union)) == 1 and union[-2:] == [28, 29]
+    with pytest.raises(SparselandError, match="group="):
+        SnapKVConfig(group="mean")

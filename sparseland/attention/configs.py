@@ -195,7 +195,8 @@ class SnapKVConfig(DecodeConfig):
     """SnapKV (Li et al. 2024): after prefill keep the prompt tokens most attended by the last ``window``
     queries (scores max-pooled over ``kernel``) plus the window; ``keep`` is the share of the prompt.
     Selection is per KV head (``group``: "sum" the group's votes, or the "union" of its query heads'
-    rankings); the lean loop evicts the rest of the cache."""
+    rankings), or per "query" head (a cache row per query head: G times the memory of the others);
+    the lean loop evicts the rest of the cache."""
 
     kind: ClassVar[str] = "snapkv"
     window: int = 32
@@ -206,8 +207,11 @@ class SnapKVConfig(DecodeConfig):
         super().validate()
         _int("window", self.window, 1)
         _int("kernel", self.kernel, 1)
-        if self.group not in ("sum", "union"):
-            raise SparselandError(f"group={self.group!r} must be 'sum' or 'union' (how a KV head's query heads vote)")
+        if self.group not in ("sum", "union", "query"):
+            raise SparselandError(
+                f"group={self.group!r} must be 'sum', 'union' (how a KV head's query heads vote) or 'query' "
+                "(a cache row per query head)"
+            )
         if self.kernel % 2 == 0:
             raise SparselandError(f"kernel={self.kernel} must be odd (a centred pooling window), e.g. 7")
 

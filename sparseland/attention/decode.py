@@ -130,13 +130,17 @@ def snapkv_select(
     positions before the window (summed softmax attention, max-pooled over ``kernel``); keep the top
     ``n_keep - w`` of those plus the window itself. Selection is per KV head: ``group="sum"`` sums the
     group's votes before pooling (KVPress / AdaKV), ``"union"`` merges the query heads' own rankings
-    (``group_union_top``): k (KVH, S, D) -> (KVH, min(max(n_keep, w), S)) sorted positions."""
+    (``group_union_top``): k (KVH, S, D) -> (KVH, min(max(n_keep, w), S)) sorted positions; or, with
+    ``group="query"``, per query head as in the paper's code: (H, ...) rows, G times the cache."""
     KVH, S, _ = k.shape
     w = q_obs.shape[1]
+    rows = q_obs.shape[0] if group == "query" else KVH
     n_top = min(max(n_keep - w, 0), S - w)
     if n_top == 0:  # the window only: no votes needed
-        return torch.arange(S - w, S).expand(KVH, -1).clone()
+        return torch.arange(S - w, S).expand(rows, -1).clone()
     votes = snapkv_votes(q_obs, k, scale)  # (H, S - w)
+    if group == "query":
+        return snapkv_keep(votes, w, n_keep, kernel)
     if group == "sum":
         return snapkv_keep(group_scores(votes, KVH), w, n_keep, kernel)
     top = group_union_top(_pool(votes, kernel), KVH, n_top)  # (KVH, n_top)

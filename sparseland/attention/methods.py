@@ -134,7 +134,7 @@ class SparseAttention:
         if isinstance(c, C.SnapKVConfig) and layer in self.layer_state:
             kept, T = self.layer_state[layer]  # (KVH, K) prompt positions; new tokens are all attended
             idx = torch.cat([kept, torch.arange(T, S).expand(kept.shape[0], -1)], dim=-1)  # (KVH, K + S - T)
-            return self._sparse(q, k, v, idx.repeat_interleave(H // k.shape[0], 0), scale)
+            return self._sparse(q, k, v, idx.repeat_interleave(H // idx.shape[0], 0), scale)
         if isinstance(c, C.H2OConfig) and layer in self.layer_state:  # gather the entries H2O keeps
             kept = self.layer_state[layer][0]
             idx = torch.cat([kept, torch.full((kept.shape[0], 1), S - 1)], dim=-1)[..., None]  # (KVH, K + 1, 1)
@@ -165,7 +165,8 @@ class SparseAttention:
         return isinstance(self.config, (C.SnapKVConfig, C.H2OConfig))
 
     def kept_positions(self, layer: int) -> torch.Tensor:
-        """The (KVH, K) positions of ``layer``'s prompt the cache keeps, chosen at its last prefill."""
+        """The (KVH, K) positions of ``layer``'s prompt the cache keeps, chosen at its last prefill; (H, K)
+        for SnapKV ``group="query"``, whose cache holds a row per query head."""
         if not self.evicts or layer not in self.layer_state:
             raise SparselandError(f"layer {layer} has no KV-cache selection: run a prefill with SnapKV or H2O first")
         return self.layer_state[layer][0]

@@ -107,7 +107,9 @@ class LeanDecoder:
     def _compact(self, i: int, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor) -> None:
         """Keep only the entries ``kept`` (KVH, K) of layer ``i``'s prefill keys/values (KVH, T, D), in a
         new cache with room for the tokens still to come; the full-length buffers are freed."""
-        KVH, K = kept.shape
+        KVH, K = kept.shape  # KVH rows, or one per query head (SnapKV group="query")
+        if k.shape[0] != KVH:  # each query head keeps its own entries: a cache row per query head
+            k, v = (t.repeat_interleave(KVH // t.shape[0], 0) for t in (k, v))
         idx = kept.unsqueeze(-1).expand(-1, -1, self.head_dim)  # (KVH, K, D)
         capacity = K + self.max_len - k.shape[1]
         self.k_layers[i] = k.new_empty(KVH, capacity, self.head_dim)
@@ -133,13 +135,14 @@ class LeanDecoder:
                 f"{type(getattr(method, 'config', None)).__name__}: start a new LeanDecoder after changing it"
             )
         n, k_l, v_l = self.n_cached[i], self.k_layers[i], self.v_layers[i]
-        k_l[:, n], v_l[:, n] = k[:, 0], v[:, 0]
+        rows = k_l.shape[0]  # KV heads, or query heads for a per-query-head cache
+        k_l[:, n], v_l[:, n] = (t[:, 0].repeat_interleave(rows // t.shape[0], 0) for t in (k, v))
         o, drop = method.decode_evicted(i, q[:, 0], k_l[:, : n + 1], v_l[:, : n + 1], scale, self.pos + 1)
         if drop is None:
             self.n_cached[i] = n + 1
         else:  # swap-remove: the last entry takes the evicted slot (attention ignores key order)
-            rows = torch.arange(self.n_kv)
-            k_l[rows, drop], v_l[rows, drop] = k_l[:, n].clone(), v_l[:, n].clone()
+            r = torch.arange(rows)
+            k_l[r, drop], v_l[r, drop] = k_l[:, n].clone(), v_l[:, n].clone()
         return o.unsqueeze(1)  # (H, 1, D)
 
     def _attention(self, i: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

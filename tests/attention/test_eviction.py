@@ -27,7 +27,15 @@ def ids():
 
 
 def _methods():
-    return [SnapKVConfig(keep=0.25, window=8), H2OConfig(keep=0.25, recent=0.5)]
+    return [
+        SnapKVConfig(keep=0.25, window=8),
+        SnapKVConfig(keep=0.25, window=8, group="union"),
+        SnapKVConfig(keep=0.25, window=8, group="query"),
+        H2OConfig(keep=0.25, recent=0.5),
+    ]
+
+
+METHOD_IDS = ["snapkv", "snapkv-union", "snapkv-query", "h2o"]
 
 
 def _lean(model, ids, n):
@@ -135,7 +143,7 @@ def test_full_budget_evicts_nothing_and_equals_dense(model, ids, cfg):
         remove(model)
 
 
-@pytest.mark.parametrize("cfg", _methods(), ids=["snapkv", "h2o"])
+@pytest.mark.parametrize("cfg", _methods(), ids=METHOD_IDS)
 def test_lean_eviction_matches_transformers_path(model, ids, cfg):
     sparsify_(model, cfg)
     try:
@@ -148,7 +156,7 @@ def test_lean_eviction_matches_transformers_path(model, ids, cfg):
         remove(model)
 
 
-@pytest.mark.parametrize("cfg", _methods(), ids=["snapkv", "h2o"])
+@pytest.mark.parametrize("cfg", _methods(), ids=METHOD_IDS)
 def test_prefill_shrinks_the_cache(model, ids, cfg):
     remove(model)
     n_new = 10
@@ -164,13 +172,16 @@ def test_prefill_shrinks_the_cache(model, ids, cfg):
             K = max(K, cfg.window)
         assert dec.n_cached == [K] * LAYERS and dec.pos == T
         per_entry = 2 * LAYERS * KVH * DH * 4  # k and v, float32
+        rows = H if getattr(cfg, "group", "sum") == "query" else KVH  # a cache row per query head
         assert dense.kv_cache_bytes() == per_entry * (T + n_new)
-        assert dec.kv_cache_bytes() == per_entry * (K + n_new)  # the kept entries + room for the new tokens
+        # the kept entries + room for the new tokens
+        assert dec.kv_cache_bytes() == per_entry * (K + n_new) * rows // KVH
         for i in range(LAYERS):
-            assert attention_method(model).kept_positions(i).shape == (KVH, K)
+            assert attention_method(model).kept_positions(i).shape == (rows, K)
         # layer 0's keys depend only on the tokens: the compacted cache holds the dense keys of the kept positions
         kept = attention_method(model).kept_positions(0)
-        torch.testing.assert_close(dec.k_layers[0][:, :K], dense.k_cache[0][torch.arange(KVH)[:, None], kept])
+        kv_head = torch.arange(rows)[:, None] // (rows // KVH)  # (rows, 1): the KV head each row reads
+        torch.testing.assert_close(dec.k_layers[0][:, :K], dense.k_cache[0][kv_head, kept])
     finally:
         remove(model)
 

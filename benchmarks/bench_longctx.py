@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sparseland.data.longctx import DEFAULT_LENGTHS, TASKS, encode_prompt, generate_samples
+from sparseland.errors import SparselandError
 from sparseland.evaluate.longctx import LongCtxResult, evaluate_longctx, format_table
 from sparseland.io import write_text_atomic
 from sparseland.models import load_model
@@ -222,7 +223,10 @@ def main() -> int:
 
     import sparseland.attention as attention
 
-    head_patterns = [(path, attention.load_head_patterns(path)) for path in args.head_patterns]  # fail early
+    try:  # fail before the dense run, in one line
+        head_patterns = [(path, attention.load_head_patterns(path)) for path in args.head_patterns]
+    except SparselandError as e:
+        raise SystemExit(f"--head-patterns: {e}") from None
     t0 = time.perf_counter()
     dense = LongCtxResult(label="dense", backend="lean")
     for length in dict.fromkeys(s.length for s in samples):  # one length at a time, saved as it completes

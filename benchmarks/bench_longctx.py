@@ -26,7 +26,7 @@ import torch
 
 from sparseland.data.longctx import DEFAULT_LENGTHS, TASKS, encode_prompt, generate_samples
 from sparseland.errors import SparselandError
-from sparseland.evaluate.longctx import LongCtxResult, evaluate_longctx, format_table
+from sparseland.evaluate.longctx import LongCtxResult, SampleResult, evaluate_longctx, format_table
 from sparseland.io import write_text_atomic
 from sparseland.models import load_model
 from sparseland.models.loader import model_context_length
@@ -71,6 +71,7 @@ def markdown(out: dict, results: list[LongCtxResult]) -> str:
         "",
         "## Dense",
         "",
+        *([f"Reused from `{out['dense_from']}.json` (same samples), not re-run.", ""] if out.get("dense_from") else []),
         "```",
         format_table([dense]),
         "```",
@@ -148,6 +149,29 @@ def parse_method(spec: str, common: dict) -> tuple[str, dict]:
     return name, {**common, **own}
 
 
+def load_dense(name: str, out: dict, samples: list) -> LongCtxResult:
+    """The dense result of an earlier run ``benchmarks/results/{name}.json``, if it ran the same samples
+    (lengths, tasks, counts, seed, and per sample the task, length, index, answers and prompt length)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"--dense-from {name}: {path} does not exist (a --name of an earlier run)")
+    old = json.loads(path.read_text())
+    keys = ("lengths", "tasks", "samples_per_cell", "tasks_at", "samples_at", "seed")
+    diff = [k for k in keys if old.get(k) != out[k]]
+    if diff:
+        got = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+        raise SystemExit(f"--dense-from {name}: it ran different samples ({got})")
+    dense = next((r for r in old["results"] if r["label"] == "dense"), None)
+    if dense is None:
+        raise SystemExit(f"--dense-from {name}: {path} has no dense result")
+    rows = [SampleResult(**d) for d in dense["samples"]]
+    ident = [(r.task, r.length, r.index, r.answers, r.prompt_tokens) for r in rows]
+    want = [(s.task, s.length, s.index, s.answers, s.prompt_tokens) for s in samples]
+    if ident != want:
+        raise SystemExit(f"--dense-from {name}: its samples differ from this run's (other tokenizer or generator)")
+    return LongCtxResult(label="dense", backend=dense["backend"], samples=rows, info={"from": str(path.name)})
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="prompt lengths in tokens")
@@ -188,6 +212,12 @@ def main() -> int:
         help="extra length with its own task list and --samples-at samples (e.g. 8192=niah_single)",
     )
     p.add_argument("--samples-at", type=int, default=2, help="samples per task for the --tasks-at lengths")
+    p.add_argument(
+        "--dense-from",
+        metavar="NAME",
+        default=None,
+        help="reuse the dense result of an earlier run (its --name) on the same samples instead of running dense",
+    )
     p.add_argument("--check", type=int, default=2, help="shortest samples checked against model.generate")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -228,12 +258,16 @@ def main() -> int:
     except SparselandError as e:
         raise SystemExit(f"--head-patterns: {e}") from None
     t0 = time.perf_counter()
-    dense = LongCtxResult(label="dense", backend="lean")
-    for length in dict.fromkeys(s.length for s in samples):  # one length at a time, saved as it completes
-        part = evaluate_longctx(model, tokenizer, [s for s in samples if s.length == length], label="dense")
-        dense.samples += part.samples
-        save(dense)
-        print(f"dense through {length}: {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.dense_from:
+        out["dense_from"] = args.dense_from
+        save(load_dense(args.dense_from, out, samples))
+    else:
+        dense = LongCtxResult(label="dense", backend="lean")
+        for length in dict.fromkeys(s.length for s in samples):  # one length at a time, saved as it completes
+            part = evaluate_longctx(model, tokenizer, [s for s in samples if s.length == length], label="dense")
+            dense.samples += part.samples
+            save(dense)
+            print(f"dense through {length}: {time.perf_counter() - t0:.0f} s", flush=True)
     if args.methods or head_patterns:
         from sparseland.api import sparsify_
 

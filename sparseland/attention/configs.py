@@ -143,16 +143,24 @@ class DecodeConfig(AttentionConfig):
 @dataclass
 class QuestConfig(DecodeConfig):
     """Quest: pages of ``page_size`` keys, top pages by the min/max upper bound of q . k; the first
-    ``dense_layers`` layers attend densely (as in the paper)."""
+    ``dense_layers`` layers attend densely (as in the paper).
+
+    ``refine`` > 1 adds a token-level second stage (ours, not the paper's): the top ``refine`` x the
+    page budget pages are candidates, their keys are scored exactly (q . k) and the new token attends
+    the best ``page budget x page_size`` of them, so it attends as many keys as plain Quest but scores
+    ``refine`` times as many. ``refine=1`` is plain Quest."""
 
     kind: ClassVar[str] = "quest"
     page_size: int = 16
     dense_layers: int = 2
+    refine: float = 1.0
 
     def validate(self) -> None:
         super().validate()
         _int("page_size", self.page_size, 1)
         _int("dense_layers", self.dense_layers, 0)
+        if isinstance(self.refine, bool) or not isinstance(self.refine, (int, float)) or self.refine < 1:
+            raise SparselandError(f"refine={self.refine!r} must be a number >= 1 (1: plain Quest; 4: 4x the pages)")
 
 
 @dataclass

@@ -47,6 +47,35 @@ def quest_select(
     return torch.cat([tok, tail], dim=-1)
 
 
+def quest_refine_select(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    S: int,
+    page_size: int,
+    n_pages: int,
+    refine: float,
+) -> torch.Tensor:
+    """Quest with a token-level second stage: the ``ceil(refine * n_pages)`` pages with the largest
+    upper bound are candidates; of their keys, the ``n_pages * page_size`` with the largest exact
+    q . k are kept, plus the partial last page: (H, n_pages * page_size + S % page_size), sorted.
+    The same number of keys as ``quest_select``, drawn from ``refine`` times as many pages."""
+    H, Dh = q.shape
+    P = kmin.shape[1]
+    n_pages = min(n_pages, P)
+    n_cand = min(P, math.ceil(refine * n_pages - 1e-9))
+    top = quest_upper_bound(q, kmin, kmax).topk(n_cand, dim=-1).indices  # (H, c)
+    cand = (top.unsqueeze(-1) * page_size + torch.arange(page_size)).reshape(H, -1)  # (H, c * page)
+    kvh = k_cache.shape[0]
+    # exact scores of each head's candidates, gathered from its KV head: (KVH, G * c * page, D)
+    keys = k_cache.gather(1, cand.view(kvh, -1, 1).expand(-1, -1, Dh)).view(H, -1, Dh)
+    s = (keys @ q.unsqueeze(-1)).squeeze(-1)  # (H, c * page)
+    best = cand.gather(1, s.topk(n_pages * page_size, dim=-1).indices).sort(-1).values
+    tail = torch.arange(P * page_size, S).expand(H, -1)
+    return torch.cat([best, tail], dim=-1)
+
+
 def full_probs(q: torch.Tensor, k_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax attention of one query per head over the whole cache: (H, S)."""
     H, D = q.shape

@@ -117,7 +117,11 @@ class SparseAttention:
         if isinstance(c, C.QuestConfig) and layer >= c.dense_layers:
             kmin, kmax = self._quest_bounds(layer, k, c.page_size)
             n_pages = math.ceil(c.keep * S / c.page_size - 1e-9)
-            return self._sparse(q, k, v, D.quest_select(q, kmin, kmax, S, c.page_size, n_pages), scale)
+            if c.refine > 1:
+                idx = D.quest_refine_select(q, k, kmin, kmax, S, c.page_size, n_pages, c.refine)
+            else:
+                idx = D.quest_select(q, kmin, kmax, S, c.page_size, n_pages)
+            return self._sparse(q, k, v, idx, scale)
         if isinstance(c, C.TidalDecodeConfig) and layer >= c.dense_layers:
             reselect = c.reselect_layer if c.reselect_layer is not None else self.n_layers // 2
             if layer in (c.dense_layers, reselect) or self.selected is None:

@@ -18,9 +18,15 @@ are not computed) and the down projection skips the zeros. The thresholds are co
 is built: re-build it (a new ``LeanDecoder``) after changing the sites. The fused step does not count
 zeros for ``counting_zeros`` (use the Python step, ``SPARSELAND_NO_FASTPATH=1``, to count).
 
+Quest (``sparseland.attention.QuestConfig``, with or without ``refine``) runs inside the step: the
+page bounds are kept by the C++ step, and the method's decode counts are added after each call, the
+same as the Python step counts them. ``LeanDecoder`` runs the fused step only while the model still
+carries the method (and config) the step was built with, and calls ``invalidate(pos)`` whenever the
+Python step writes the cache.
+
 Anything the C++ step would silently skip makes the model ineligible: top-k (``keep``) or R-Sparse
 activation sites, activation-sparse formats without activation sparsity, any other forward hook,
-sparse attention methods, q/k norms, biases, a non-SiLU or non-Llama MLP or norm, a weight format it
+sparse attention methods other than Quest, q/k norms, biases, a non-SiLU or non-Llama MLP or norm, a weight format it
 does not know, a cache that is not float32.
 
 Disabled by ``SPARSELAND_NO_FASTPATH=1`` and inside ``kernels.force_reference()``.
@@ -29,6 +35,8 @@ Disabled by ``SPARSELAND_NO_FASTPATH=1`` and inside ``kernels.force_reference()`
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import os
 from collections.abc import Iterator
 
@@ -100,11 +108,41 @@ def use(enabled: bool = True, mode: str | None = None) -> Iterator[None]:
 
 
 class FastStep:
-    """The packed model; call it with the embedded token, the position's cos/sin and the position."""
+    """The packed model; call it with the embedded token, the position's cos/sin and the position.
+    ``method`` is the model's sparse attention method (Quest) it runs, with ``config`` a copy of its
+    config at build time; None for dense attention."""
 
-    def __init__(self, step: object, mode: str = "region") -> None:
+    def __init__(self, step: object, mode: str = "region", method: object | None = None, heads: int = 0) -> None:
         self._step = step
+        self._heads = heads  # query heads, for the method's counts
         self.mode = mode
+        self.method = method
+        self.config = copy.deepcopy(method.config) if method is not None else None
+        if method is not None:
+            c = method.config
+            step.set_quest(c.page_size, float(c.keep), c.dense_layers, float(c.refine))
+
+    def runs(self, method: object | None) -> bool:
+        """Whether this step runs the attention of ``method`` (the model's current one, or None)."""
+        if method is None or self.method is None:
+            return method is self.method
+        return method is self.method and method.config == self.config
+
+    def invalidate(self, pos: int) -> None:
+        """The cache is being rewritten from ``pos`` on (by the Python step): drop Quest's page bounds there."""
+        if self.method is not None:
+            self._step.invalidate(pos)
+
+    def _count(self, pos: int) -> None:
+        """Add one step's decode counts at position ``pos`` to the method's stats, as the Python step's
+        Quest selection counts them (``SparseAttention._decode``)."""
+        m, c = self.method, self.config
+        H, S = self._heads, pos + 1
+        P, n_layers = S // c.page_size, self._step.num_layers()
+        n_pages = min(math.ceil(c.keep * S / c.page_size - 1e-9), P)
+        sparse = max(0, n_layers - c.dense_layers)
+        kept = (n_layers - sparse) * H * S + sparse * H * (n_pages * c.page_size + S % c.page_size)
+        m._count("decode", kept, n_layers * H * S)
 
     @property
     def mode(self) -> str:
@@ -120,6 +158,8 @@ class FastStep:
         # h (1, 1, C), cos/sin (..., D) for position pos; a copy of h is updated in place and returned
         x = h.reshape(-1).clone()
         x = self._step.step(x, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(), pos, MODES[self._mode])
+        if self.method is not None:
+            self._count(pos)
         return x.view(h.shape)
 
 
@@ -261,6 +301,14 @@ def _share_equal(tensors: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _quest_method(model: torch.nn.Module) -> object | None:
+    """The model's sparse attention method if it is Quest (which the fused step runs), else None."""
+    from sparseland.attention.configs import QuestConfig
+
+    method = getattr(model, "_sparseland_attention", None)
+    return method if isinstance(getattr(method, "config", None), QuestConfig) else None
+
+
 def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | None:
     """Why the fused step cannot run ``model`` (None if it can)."""
     from sparseland.activations.sites import get_state
@@ -277,10 +325,12 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
                 return f"layers.{name} has forward hooks"
     if k_cache.dtype != torch.float32 or base.embed_tokens.weight.dtype != torch.float32:
         return "the model is not float32"
+    method = _quest_method(model)
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "_sparseland_attention", None) is not None:
-            return f"layer {i} has a sparse attention method"
+        if getattr(attn, "_sparseland_attention", None) is not method:
+            kind = type(getattr(getattr(attn, "_sparseland_attention", None), "config", None)).__name__
+            return f"layer {i} has a sparse attention method the fused step does not run ({kind}; Quest only)"
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             return f"layer {i} has q/k norms"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -350,4 +400,5 @@ def build_fast_step(
         if gate is not None:
             tensors.append(gate)
         meta += kinds + flags + [int(gate is not None)]
-    return FastStep(torch.classes.sparseland.DecodeStep(tensors, meta, feps, k_cache, v_cache), mode)
+    step = torch.classes.sparseland.DecodeStep(tensors, meta, feps, k_cache, v_cache)
+    return FastStep(step, mode, _quest_method(model), H)

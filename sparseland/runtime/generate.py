@@ -199,11 +199,14 @@ class LeanDecoder:
         pos_ids = torch.arange(self.pos, self.pos + T).unsqueeze(0)
         cos, sin = self.base.rotary_emb(h, pos_ids)  # (1, T, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, D)
-        # the fused step knows no attention method: a method applied after this decoder was built skips it
-        fused = self.fast is not None and getattr(self.model, "_sparseland_attention", None) is None
+        # the fused step runs the attention method it was built with (none, or Quest): a method applied
+        # or changed after this decoder was built takes the Python step
+        fused = self.fast is not None and self.fast.runs(getattr(self.model, "_sparseland_attention", None))
         if T == 1 and fused and fastpath.enabled():  # all layers in one C++ call
             h = self.fast(h, cos, sin, self.pos)
         else:  # the reference path
+            if self.fast is not None:
+                self.fast.invalidate(self.pos)  # it writes the cache from here on
             for i, layer in enumerate(self.base.layers):
                 h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))

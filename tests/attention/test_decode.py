@@ -34,6 +34,40 @@ def test_quest_select_pages_and_tail():
         assert chosen == set(ub[h].topk(2).indices.tolist())
 
 
+@given(st.integers(0, 10_000), st.sampled_from([2, 4, 8]), st.integers(1, 4))
+def test_quest_refine_one_is_quest_and_all_pages_is_exact_top_k(seed, page, n_pages):
+    g = torch.Generator().manual_seed(seed)
+    H, KVH, Dh = 6, 2, 8
+    S = page * 6 + seed % page
+    k, q = torch.randn(KVH, S, Dh, generator=g), torch.randn(H, Dh, generator=g)
+    kmin, kmax = D.quest_page_bounds(k, page)
+    plain = D.quest_select(q, kmin, kmax, S, page, n_pages)
+    assert torch.equal(D.quest_refine_select(q, k, kmin, kmax, S, page, n_pages, 1.0), plain)
+    # every page a candidate: the exact top keys of the full pages, plus the partial one
+    every = D.quest_refine_select(q, k, kmin, kmax, S, page, n_pages, 100.0)
+    assert every.shape == plain.shape
+    full = 6 * page
+    scores = torch.einsum("hd,hsd->hs", q, k.repeat_interleave(H // KVH, 0))[:, :full]
+    expect = scores.topk(n_pages * page, dim=-1).indices.sort(-1).values
+    assert torch.equal(every[:, : n_pages * page], expect)
+    assert (every[:, n_pages * page :] == torch.arange(full, S)).all()
+
+
+def test_quest_refine_keeps_the_best_keys_of_the_candidate_pages():
+    g = torch.Generator().manual_seed(1)
+    H, KVH, S, Dh, page, n_pages = 4, 2, 64, 8, 4, 2
+    k, q = torch.randn(KVH, S, Dh, generator=g), torch.randn(H, Dh, generator=g)
+    kmin, kmax = D.quest_page_bounds(k, page)
+    idx = D.quest_refine_select(q, k, kmin, kmax, S, page, n_pages, 3.0)
+    ub = D.quest_upper_bound(q, kmin, kmax)
+    scores = torch.einsum("hd,hsd->hs", q, k.repeat_interleave(2, 0))
+    for h in range(H):
+        cand = ub[h].topk(6).indices  # ceil(3 * 2) candidate pages
+        cand_tok = (cand[:, None] * page + torch.arange(page)).reshape(-1)
+        assert set((idx[h] // page).tolist()) <= set(cand.tolist())
+        assert scores[h, idx[h]].min() >= scores[h, cand_tok].topk(n_pages * page).values.min()
+
+
 def test_sparse_decode_with_all_positions_is_dense():
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(6, 8, generator=g), torch.randn(2, 40, 8, generator=g), torch.randn(2, 40, 8, generator=g)

@@ -169,6 +169,18 @@ def test_quest_measured_sparsity(model, ids):
         remove(model)
 
 
+def test_quest_refine_attends_as_many_keys_as_quest(model, ids):
+    measured = []
+    for refine in (1.0, 4.0):
+        sparsify_(model, QuestConfig(keep=0.25, page_size=4, dense_layers=1, refine=refine))
+        try:
+            greedy_generate(model, ids, 3, stop_at_eos=False)
+            measured.append(measured_sparsity(model))
+        finally:
+            remove(model)
+    assert measured[0] == pytest.approx(measured[1]) and measured[0] > 0.3
+
+
 def test_batch_of_two_is_rejected(model, ids):
     sparsify_(model, StreamingConfig(block_size=16))
     try:
@@ -184,6 +196,7 @@ def test_batch_of_two_is_rejected(model, ids):
         (lambda: StreamingConfig(window=0.0), "window"),
         (lambda: BlockSparseConfig(keep=1.5), "keep"),
         (lambda: QuestConfig(page_size=0), "page_size"),
+        (lambda: QuestConfig(refine=0.5), "refine"),
         (lambda: XAttentionConfig(block_size=64, stride=5), "stride"),
         (lambda: SnapKVConfig(kernel=4), "kernel"),
         (lambda: make_config("nope", 0.5), "unknown attention method"),

@@ -146,10 +146,17 @@ def test_switches_disable_the_fast_path(monkeypatch):
     dec = LeanDecoder(model, 8)
     assert dec.fast is not None
 
-    def boom(*args):
-        raise AssertionError("fast step ran while disabled")
+    class Boom:  # a fast step that must not run
+        def runs(self, method):
+            return method is None
 
-    dec.fast = boom
+        def invalidate(self, pos):
+            pass
+
+        def __call__(self, *args):
+            raise AssertionError("fast step ran while disabled")
+
+    dec.fast = Boom()
     dec.step(_prompt(4, 3))
     with force_reference():
         dec.step(torch.tensor([[5]]))  # switched off after the decoder was built

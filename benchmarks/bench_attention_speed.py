@@ -14,8 +14,8 @@ Protocol: SmolLM2-135M float32, batch 1, the first ``--length`` tokens of the em
 * Decode (``--decode-threads``, default 1 and 2): the prompt is prefilled once densely (not timed);
   then dense, Quest and TidalDecode each decode ``--decode-tokens`` tokens from the same cache position,
   interleaved over ``--rounds`` rounds; tokens/s from the median per-token time. Dense and the methods
-  run the same per-layer Python step (the fused C++ step has no sparse attention); dense on the fused
-  step is measured too, as the fastest dense path.
+  run the same per-layer Python step; dense on the fused C++ step is measured too, as the fastest dense
+  path, and so is Quest inside the fused step (``--fused-decode``, with or without ``refine``).
 
 The kernels used (C++ op or PyTorch reference) are recorded: ``ops.KERNELS`` and whether the runtime's
 ``torch.ops.sparseland`` ops are built.
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from sparseland.api import sparsify_
-from sparseland.attention import make_config, measured_sparsity, ops, remove
+from sparseland.attention import attention_method, make_config, measured_sparsity, ops, remove
+from sparseland.attention.configs import parse_method_spec
 from sparseland.data import load_corpus
 from sparseland.io import write_text_atomic
 from sparseland.models import load_model
@@ -43,6 +44,7 @@ from sparseland.runtime.generate import LeanDecoder
 RESULTS = Path(__file__).parent / "results"
 PREFILL = ("streaming", "vertical_slash", "block_sparse", "flexprefill", "xattention")
 DECODE = ("quest", "tidaldecode")
+FUSED_DECODE = ("quest", "quest:page_size=4,refine=4", "quest:page_size=16,refine=4")
 FUSED = "dense (fused step)"
 
 
@@ -100,44 +102,58 @@ def bench_prefill(model, ids: torch.Tensor, methods, sparsity: float, rounds: in
     return rows
 
 
-def bench_decode(model, dec: LeanDecoder, ids: torch.Tensor, methods, sparsity: float, n_tokens: int, rounds: int):
-    """``dec`` holds the densely prefilled prompt ``ids``; every method decodes from that position."""
+def bench_decode(
+    model, dec: LeanDecoder, ids: torch.Tensor, methods, fused_specs, sparsity: float, n_tokens: int, rounds: int
+):
+    """``dec`` holds the densely prefilled prompt ``ids``; every method decodes from that position.
+    ``methods`` run on the Python step, ``fused_specs`` (``"quest:page_size=16,refine=4"``) on the
+    fused C++ step, which is re-built for each with the method applied (it shares ``dec``'s cache)."""
     T = ids.shape[1]
     feed = ids[0, :n_tokens].tolist()
-    # "dense" runs the same Python step as the methods (the fused C++ step knows no attention method);
-    # "dense (fused step)" is the fastest dense path, for reference
-    times: dict[str, list[float]] = {name: [] for name in ("dense", FUSED, *methods)}
+    # "dense" runs the same Python step as the methods; "dense (fused step)" is the fastest dense path
+    runs = {"dense": (None, {}, False), FUSED: (None, {}, True)}
+    runs.update({name: (name, {}, False) for name in methods})
+    runs.update(
+        {f"{spec} (fused step)": (*parse_method_spec(spec, flag="--fused-decode"), True) for spec in fused_specs}
+    )
+    times: dict[str, list[float]] = {label: [] for label in runs}
     sparsity_seen: dict[str, float] = {}
     for _ in range(rounds):
-        for name in times:
+        for label, (name, overrides, fused) in runs.items():
             remove(model)
-            if name not in ("dense", FUSED):
-                sparsify_(model, make_config(name, sparsity))
+            if name is not None:
+                sparsify_(model, make_config(name, sparsity, **overrides))
             dec.pos = T
-            with fastpath.use(name == FUSED):
+            with fastpath.use(fused):
+                if fused:  # packed for this method (Quest) or none; fresh page bounds
+                    dec.fast = fastpath.build_fast_step(dec)
+                    if dec.fast is None or not dec.fast.runs(attention_method(model)):
+                        raise SystemExit(f"{label}: the fused step cannot run it")
                 for i, t in enumerate(feed):
                     t0 = time.perf_counter()
                     dec.step(torch.tensor([[t]]))
                     if i > 0:  # the first step builds Quest's page bounds for the whole prompt
-                        times[name].append(time.perf_counter() - t0)
-            if name not in ("dense", FUSED):
-                sparsity_seen[name] = measured_sparsity(model, "decode")
+                        times[label].append(time.perf_counter() - t0)
+            if name is not None:
+                sparsity_seen[label] = measured_sparsity(model, "decode")
     remove(model)
     dense_med, fused_med = statistics.median(times["dense"]), statistics.median(times[FUSED])
     rows = []
-    for name, ts in times.items():
+    for label, ts in times.items():
         med = statistics.median(ts)
         rows.append(
             {
-                "method": name,
+                "method": label,
                 "ms_per_token": med * 1e3,
                 "tokens_per_s": 1.0 / med,
                 "speedup": dense_med / med,
                 "speedup_vs_fused": fused_med / med,
-                "sparsity": sparsity_seen.get(name, 0.0),
+                "sparsity": sparsity_seen.get(label, 0.0),
             }
         )
-        print(f"decode {name:18s} {1 / med:6.2f} tok/s  x{dense_med / med:.2f}", flush=True)
+        print(
+            f"decode {label:18s} {1 / med:6.2f} tok/s  x{dense_med / med:.2f}  x{fused_med / med:.2f} fused", flush=True
+        )
     return rows
 
 
@@ -191,6 +207,14 @@ def main() -> None:
     ap.add_argument("--prefill-methods", nargs="*", default=list(PREFILL))
     ap.add_argument("--prefill-rounds", type=int, default=3, help="interleaved prefill rounds (default: %(default)s)")
     ap.add_argument("--decode-tokens", type=int, default=12, help="decode steps per round (default: %(default)s)")
+    ap.add_argument(
+        "--fused-decode",
+        nargs="*",
+        default=list(FUSED_DECODE),
+        metavar="SPEC",
+        help="decode methods measured on the fused C++ step (Quest only), each with optional config fields "
+        "(default: %(default)s)",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="interleaved decode rounds (default: %(default)s)")
     ap.add_argument("--out", default="attention_speed", help="results file stem (default: %(default)s)")
     ap.add_argument("--results-dir", default=str(RESULTS), help="where to write (default: benchmarks/results)")
@@ -217,7 +241,9 @@ def main() -> None:
             dec.step(ids)  # one dense prefill shared by every decode measurement
         for n in args.decode_threads:
             torch.set_num_threads(n)
-            rows = bench_decode(model, dec, ids, DECODE, args.sparsity, args.decode_tokens, args.rounds)
+            rows = bench_decode(
+                model, dec, ids, DECODE, args.fused_decode, args.sparsity, args.decode_tokens, args.rounds
+            )
             res["decode"][str(n)] = rows
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sparseland.attention.configs import parse_fields, parse_method_spec
 from sparseland.data.longctx import DEFAULT_LENGTHS, TASKS, encode_prompt, generate_samples
 from sparseland.errors import SparselandError
 from sparseland.evaluate.longctx import LongCtxResult, SampleResult, evaluate_longctx, format_table
@@ -126,27 +127,6 @@ def _measured(attention, model) -> dict:
         except Exception:  # noqa: BLE001 - a method without that phase has no counts
             out[f"measured_{phase}_sparsity"] = None
     return out
-
-
-def parse_overrides(items: list[str], flag: str = "--set") -> dict:
-    """``["share_heads=true", "kernel=15"]`` -> ``{"share_heads": True, "kernel": 15}`` (values as JSON)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"{flag} {item!r}: write KEY=VALUE, e.g. share_heads=true")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def parse_method(spec: str, common: dict) -> tuple[str, dict]:
-    """``"quest:page_size=4,dense_layers=3"`` -> ``("quest", {**common, "page_size": 4, "dense_layers": 3})``."""
-    name, _, fields = spec.partition(":")
-    own = parse_overrides([f for f in fields.split(",") if f], flag=f"--methods {spec!r}:") if fields else {}
-    return name, {**common, **own}
 
 
 def load_dense(name: str, out: dict, samples: list) -> LongCtxResult:
@@ -257,6 +237,12 @@ def main() -> int:
         head_patterns = [(path, attention.load_head_patterns(path)) for path in args.head_patterns]
     except SparselandError as e:
         raise SystemExit(f"--head-patterns: {e}") from None
+    try:
+        specs = [parse_method_spec(spec, parse_fields(args.set)) for spec in args.methods]
+        for method, overrides in specs:  # an unknown method or field fails here, not after the dense run
+            attention.make_config(method, args.sparsities[0], **overrides)
+    except (SparselandError, TypeError) as e:
+        raise SystemExit(f"--methods: {e}") from None
     t0 = time.perf_counter()
     if args.dense_from:
         out["dense_from"] = args.dense_from
@@ -271,10 +257,8 @@ def main() -> int:
     if args.methods or head_patterns:
         from sparseland.api import sparsify_
 
-        common = parse_overrides(args.set)
         judged = [s for s in samples if args.method_lengths is None or s.length in args.method_lengths]
-        for spec in args.methods:
-            method, overrides = parse_method(spec, common)
+        for spec, (method, overrides) in zip(args.methods, specs, strict=True):
             for sp in args.sparsities:
                 sparsify_(model, attention.make_config(method, sp, **overrides))
                 attention.reset_sparsity(model)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -236,3 +237,26 @@ class H2OConfig(DecodeConfig):
     def validate(self) -> None:
         super().validate()
         _fraction("recent", self.recent, zero_ok=True)
+
+
+def parse_fields(items: list[str], flag: str = "--set") -> dict:
+    """``["share_heads=true", "kernel=15"]`` -> ``{"share_heads": True, "kernel": 15}`` (values as JSON,
+    else strings); ``flag`` names the option in the error."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SparselandError(f"{flag} {item!r}: write KEY=VALUE, e.g. share_heads=true")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def parse_method_spec(spec: str, common: dict | None = None, flag: str = "--methods") -> tuple[str, dict]:
+    """``"quest:page_size=4,refine=4"`` -> ``("quest", {**common, "page_size": 4, "refine": 4})``: a method
+    name with its own config fields, for command lines that take several methods."""
+    name, _, fields = spec.partition(":")
+    own = parse_fields([f for f in fields.split(",") if f], flag=f"{flag} {spec!r}:") if fields else {}
+    return name, {**(common or {}), **own}

@@ -2,6 +2,7 @@
 
     sparseland longctx --length 4096 --length 8192                       # the dense model
     sparseland longctx --method vertical_slash --sparsity 0.9 --length 4096 --compare-dense
+    sparseland longctx --method quest:page_size=4,refine=4 --sparsity 0.95 --compare-dense
 
 Registered through ``sparseland.cli.COMMAND_MODULES``.
 """
@@ -43,15 +44,24 @@ def _attention_api():
     return attention
 
 
-def check_method(method: str, sparsity: float | None) -> None:
-    """Reject an unknown method name (listing the known ones) or a missing sparsity, before any loading."""
+def check_method(method: str, sparsity: float | None) -> tuple[str, dict]:
+    """The method's name and config fields (``quest:page_size=4,refine=4``); rejects an unknown method
+    (listing the known ones), an unknown field or a missing sparsity, before any loading."""
     if method == "dense":
-        return
+        return method, {}
     attention = _attention_api()
-    if method not in attention.METHODS:
-        raise SparselandError(f"unknown method {method!r}; choose from dense, {', '.join(attention.METHODS)}")
+    from sparseland.attention.configs import parse_method_spec
+
+    name, fields = parse_method_spec(method, flag="--method")
+    if name not in attention.METHODS:
+        raise SparselandError(f"unknown method {name!r}; choose from dense, {', '.join(attention.METHODS)}")
     if sparsity is None:
         raise SparselandError(f"--method {method} needs --sparsity S (fraction of attention skipped, e.g. 0.9)")
+    try:
+        attention.make_config(name, sparsity, **fields)
+    except TypeError as exc:  # an unknown field
+        raise SparselandError(f"--method {method}: {exc}") from None
+    return name, fields
 
 
 def _measured(attention, model) -> dict:
@@ -72,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     from sparseland.models.loader import model_context_length
 
     tasks = _tasks(args.tasks)
-    check_method(args.method, args.sparsity)
+    name, fields = check_method(args.method, args.sparsity)
     lengths = sorted(set(args.length or [DEFAULT_LENGTH]))
     text = embedded_text() if args.text is None else read_text_file(args.text)
     t0 = time.perf_counter()
@@ -89,13 +99,13 @@ def _run(args: argparse.Namespace) -> int:
         from sparseland.api import sparsify_
 
         attention = _attention_api()
-        config = attention.make_config(args.method, args.sparsity)
+        config = attention.make_config(name, args.sparsity, **fields)
         sparsify_(model, config)
         if hasattr(attention, "reset_sparsity"):
             attention.reset_sparsity(model)
         label = f"{args.method}@{args.sparsity:g}"
         res = evaluate_longctx(model, tokenizer, samples, label=label, **kw)
-        res.info = {"method": args.method, "sparsity": args.sparsity, **_measured(attention, model)}
+        res.info = {"method": name, "sparsity": args.sparsity, "fields": fields, **_measured(attention, model)}
         attention.remove(model)
         results.append(res)
     out = {
@@ -144,7 +154,8 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--method",
         default="dense",
-        help=f"dense, or a sparse attention method: {', '.join(METHODS)} (default: %(default)s)",
+        help=f"dense, or a sparse attention method: {', '.join(METHODS)}, optionally with config fields, "
+        "e.g. quest:page_size=4,refine=4 (default: %(default)s)",
     )
     p.add_argument("--sparsity", type=fraction, default=None, help="attention sparsity of --method, in [0, 1)")
     p.add_argument(

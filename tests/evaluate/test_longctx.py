@@ -136,3 +136,21 @@ def test_cli_sparse_method_beside_dense_on_same_samples(capsys, monkeypatch, tin
     assert [s["prompt_tokens"] for s in dense["samples"]] == [s["prompt_tokens"] for s in sparse["samples"]]
     assert 0.0 < sparse["info"]["measured_prefill_sparsity"] < 1.0
     _one_error_line(capsys, [*argv, "--method", "streaming"], "needs --sparsity")
+
+
+def test_cli_method_with_config_fields(capsys, monkeypatch, tiny):
+    import sparseland.models
+
+    monkeypatch.setattr(sparseland.models, "load_model", lambda name: tiny)
+    argv = ["longctx", "--length", "512", "--tasks", "niah_single", "--samples", "1", "--max-new-tokens", "2"]
+    assert main([*argv, "--method", "quest:page_size=4,refine=4,dense_layers=0", "--sparsity", "0.9", "--json"]) == 0
+    (res,) = json.loads(capsys.readouterr().out)["results"]
+    assert res["info"]["method"] == "quest" and res["info"]["fields"] == {
+        "page_size": 4,
+        "refine": 4,
+        "dense_layers": 0,
+    }
+    assert 0.0 < res["info"]["measured_decode_sparsity"] < 1.0
+    _one_error_line(capsys, [*argv, "--method", "quest:bogus=1", "--sparsity", "0.9"], "bogus")
+    _one_error_line(capsys, [*argv, "--method", "quest:refine", "--sparsity", "0.9"], "KEY=VALUE")
+    _one_error_line(capsys, [*argv, "--method", "quest:refine=0", "--sparsity", "0.9"], "refine=0")

@@ -44,7 +44,7 @@ from sparseland.runtime.generate import LeanDecoder
 RESULTS = Path(__file__).parent / "results"
 PREFILL = ("streaming", "vertical_slash", "block_sparse", "flexprefill", "xattention")
 DECODE = ("quest", "tidaldecode")
-FUSED_DECODE = ("quest", "quest:page_size=4,refine=4", "quest:page_size=16,refine=4")
+FUSED_DECODE = ("quest", "quest:page_size=8,refine=8", "quest:page_size=4,refine=4")
 FUSED = "dense (fused step)"
 
 
@@ -204,7 +204,9 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9, help="target attention sparsity (default: %(default)s)")
     ap.add_argument("--prefill-threads", type=int, nargs="*", default=[2], help="torch threads for prefill")
     ap.add_argument("--decode-threads", type=int, nargs="*", default=[1, 2], help="torch threads for decode")
-    ap.add_argument("--prefill-methods", nargs="*", default=list(PREFILL))
+    ap.add_argument(
+        "--prefill-methods", nargs="*", default=list(PREFILL), help="prefill methods (default: %(default)s)"
+    )
     ap.add_argument("--prefill-rounds", type=int, default=3, help="interleaved prefill rounds (default: %(default)s)")
     ap.add_argument("--decode-tokens", type=int, default=12, help="decode steps per round (default: %(default)s)")
     ap.add_argument(

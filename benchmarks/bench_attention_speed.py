@@ -24,7 +24,6 @@ The kernels used (C++ op or PyTorch reference) are recorded: ``ops.KERNELS`` and
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from sparseland.api import sparsify_
 from sparseland.attention import attention_method, make_config, measured_sparsity, ops, remove
 from sparseland.attention.configs import parse_method_spec
 from sparseland.data import load_corpus
-from sparseland.io import write_text_atomic
+from sparseland.io import write_results
 from sparseland.models import load_model
 from sparseland.runtime import fastpath
 from sparseland.runtime.generate import LeanDecoder
@@ -247,11 +246,9 @@ def main() -> None:
                 model, dec, ids, DECODE, args.fused_decode, args.sparsity, args.decode_tokens, args.rounds
             )
             res["decode"][str(n)] = rows
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{args.out}.json", json.dumps(res, indent=2))
-    write_text_atomic(out / f"{args.out}.md", _markdown(res))
-    print(_markdown(res))
+    markdown = _markdown(res)
+    write_results(args.results_dir, args.out, res, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

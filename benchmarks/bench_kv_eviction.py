@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import statistics
 import sys
@@ -37,7 +36,7 @@ import torch
 from sparseland.api import sparsify_
 from sparseland.attention import H2OConfig, SnapKVConfig, measured_sparsity
 from sparseland.data import load_corpus
-from sparseland.io import write_text_atomic
+from sparseland.io import write_results
 from sparseland.models import load_model
 from sparseland.runtime import fastpath
 from sparseland.runtime.generate import LeanDecoder
@@ -179,11 +178,9 @@ def main() -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rows": _rows(runs),
     }
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{args.out}.json", json.dumps(res, indent=2))
-    write_text_atomic(out / f"{args.out}.md", _markdown(res))
-    print(_markdown(res))
+    markdown = _markdown(res)
+    write_results(args.results_dir, args.out, res, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,3 +24,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_results(directory: str | Path, stem: str, data: dict, markdown: str) -> None:
+    """A benchmark's results: ``{stem}.json`` (``data``, indented) and ``{stem}.md`` in ``directory``,
+    each written atomically."""
+    directory = Path(directory)
+    write_text_atomic(directory / f"{stem}.json", json.dumps(data, indent=2))
+    write_text_atomic(directory / f"{stem}.md", markdown)

@@ -25,6 +25,12 @@ def quest_page_bounds(k_cache: torch.Tensor, page_size: int) -> tuple[torch.Tens
     return pages.amin(2), pages.amax(2)
 
 
+def quest_pages(keep: float, S: int, page_size: int) -> int:
+    """Quest's page budget at ``S`` cached keys: ceil(keep * S / page_size), at most the S // page_size
+    full pages (the partial last page is attended besides)."""
+    return min(math.ceil(keep * S / page_size - 1e-9), S // page_size)
+
+
 def quest_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest (Tang et al. 2024): an upper bound of q . k over each page, sum_d max(q_d m_d, q_d M_d),
     from the page's element-wise min m / max M: (H, D) x (KVH, P, D) -> (H, P)."""

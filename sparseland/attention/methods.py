@@ -116,7 +116,7 @@ class SparseAttention:
         c, H, S = self.config, q.shape[0], k.shape[1]
         if isinstance(c, C.QuestConfig) and layer >= c.dense_layers:
             kmin, kmax = self._quest_bounds(layer, k, c.page_size)
-            n_pages = math.ceil(c.keep * S / c.page_size - 1e-9)
+            n_pages = D.quest_pages(c.keep, S, c.page_size)
             if c.refine > 1:
                 idx = D.quest_refine_select(q, k, kmin, kmax, S, c.page_size, n_pages, c.refine)
             else:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 from collections.abc import Iterator
 
@@ -117,9 +116,9 @@ class FastStep:
         self._heads = heads  # query heads, for the method's counts
         self.mode = mode
         self.method = method
-        self.config = copy.deepcopy(method.config) if method is not None else None
+        self.config = None
         if method is not None:
-            c = method.config
+            c = self.config = copy.deepcopy(method.config)
             step.set_quest(c.page_size, float(c.keep), c.dense_layers, float(c.refine))
 
     def runs(self, method: object | None) -> bool:
@@ -136,10 +135,12 @@ class FastStep:
     def _count(self, pos: int) -> None:
         """Add one step's decode counts at position ``pos`` to the method's stats, as the Python step's
         Quest selection counts them (``SparseAttention._decode``)."""
+        from sparseland.attention.decode import quest_pages
+
         m, c = self.method, self.config
         H, S = self._heads, pos + 1
-        P, n_layers = S // c.page_size, self._step.num_layers()
-        n_pages = min(math.ceil(c.keep * S / c.page_size - 1e-9), P)
+        n_layers = self._step.num_layers()
+        n_pages = quest_pages(c.keep, S, c.page_size)
         sparse = max(0, n_layers - c.dense_layers)
         kept = (n_layers - sparse) * H * S + sparse * H * (n_pages * c.page_size + S % c.page_size)
         m._count("decode", kept, n_layers * H * S)
@@ -328,8 +329,9 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
     method = _quest_method(model)
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "_sparseland_attention", None) is not method:
-            kind = type(getattr(getattr(attn, "_sparseland_attention", None), "config", None)).__name__
+        own = getattr(attn, "_sparseland_attention", None)
+        if own is not method:
+            kind = type(getattr(own, "config", None)).__name__
             return f"layer {i} has a sparse attention method the fused step does not run ({kind}; Quest only)"
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             return f"layer {i} has q/k norms"

@@ -139,10 +139,7 @@ def dequantize(
     out, inp = codes.shape
     g = scheme.group_size(inp)
     d = scale.float().repeat_interleave(g, dim=1)  # (out, in)
-    if offset is None:
-        m = d * -float(1 << (scheme.bits - 1))
-    else:
-        m = offset.float().repeat_interleave(g, dim=1)
+    m = d * -float(1 << (scheme.bits - 1)) if offset is None else offset.float().repeat_interleave(g, dim=1)
     w = d * codes.float() + m  # two roundings, as every reader of the format computes it
     if mask is not None:
         w = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
@@ -189,8 +186,8 @@ def quantize_codes(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, scheme: Qu
 
 def quantize_rtn(w: torch.Tensor, scheme: QuantScheme | str, mask: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of ``w`` (out, in), group by group. If ``mask`` (out, in) bool is
-    given (or ``w`` has zeros and ``mask`` is True...), pruned entries keep code 0 and are ignored when
-    choosing scales. Rebuilding a Q4_1-dequantized weight with ``int4-g32`` gives back its exact values."""
+    given, pruned entries (False) keep code 0, dequantize to +0.0 and are ignored when choosing scales.
+    Rebuilding a Q4_1-dequantized weight with ``int4-g32`` gives back its exact values."""
     scheme = QuantScheme.parse(scheme)
     w = w.detach().float()
     out, inp = w.shape

@@ -19,6 +19,7 @@ from sparseland.data import load_corpus
 from sparseland.errors import SparselandError
 from sparseland.evaluate import evaluate_longctx, perplexity
 from sparseland.models import load_model
+from sparseland.quant import QuantConfig, QuantScheme
 from sparseland.runtime import (
     greedy_generate,
     load_sparse_checkpoint,
@@ -51,6 +52,8 @@ __all__ = [
     "FlexPrefillConfig",
     "H2OConfig",
     "QuestConfig",
+    "QuantConfig",
+    "QuantScheme",
     "SnapKVConfig",
     "StreamingConfig",
     "TidalDecodeConfig",

@@ -25,7 +25,16 @@ Per-tensor encodings (``W`` is a Linear weight of shape (out, in), flattened row
   as an ``index_bits``-bit field (ceil(log2 C(M, N)): 3 for 2:4, 7 for 4:8), LSB first.
   Bytes: out*in*N/M * itemsize + out*in/M * index_bits/8 (2:4 fp32: 2.094 B/weight, 0.52x).
 
-For each Linear weight the writer picks the smallest of dense, bitmask and nm (M in 4, 8, 16).
+- ``quant``:   a quantized weight (``sparseland.quant``; record: ``scheme`` such as ``int4-g32``,
+  ``sparse``, ``nnz``). ``name.codes`` uint8: the codes of the kept entries in row-major order, two
+  4-bit codes per byte (low nibble first) or one 8-bit code per byte; ``name.scale`` float16 (out, G);
+  ``name.offset`` float16 (out, G) for an asymmetric scheme; ``name.mask`` (if ``sparse``) packed bits as
+  in ``bitmask``. The float weight is rebuilt as ``scale * code + offset`` (``QuantizedWeight.dequantize``)
+  and the module gets its ``QuantizedWeight`` back, so the runtime can use the quantized kernels.
+  Bytes: kept * bits/8 + scales (+ out*in/8 if sparse): int4-g32 is 0.625 B/weight (5 bits, Q4_1's size).
+
+For each Linear weight the writer picks the smallest of dense, bitmask and nm (M in 4, 8, 16); a
+quantized weight (embeddings included) is always written as ``quant``.
 Tied tensors (lm_head tied to the embeddings) are stored once; ``aliases`` maps the others to it.
 """
 
@@ -100,11 +109,75 @@ def encode_tensor(name: str, w: torch.Tensor, compress: bool) -> tuple[dict[str,
     return best[1], best[2]
 
 
+def encode_quant(name: str, qw: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``quant`` record and tensors of a ``QuantizedWeight``."""
+    from sparseland.runtime.packing import pack_fields
+
+    kept = qw.codes if qw.mask is None else qw.codes[qw.mask]
+    codes = pack_fields(kept, 4) if qw.scheme.bits == 4 else kept.reshape(-1).to(torch.uint8)
+    rec = {
+        "format": "quant",
+        "shape": list(qw.shape),
+        "dtype": "float32",
+        "scheme": qw.scheme.name,
+        "sparse": qw.mask is not None,
+        "nnz": int(kept.numel()),
+    }
+    tensors = {f"{name}.codes": codes.contiguous(), f"{name}.scale": qw.scale.contiguous()}
+    if qw.offset is not None:
+        tensors[f"{name}.offset"] = qw.offset.contiguous()
+    if qw.mask is not None:
+        tensors[f"{name}.mask"] = pack_bits(qw.mask)
+    return rec, tensors
+
+
+def _need(store: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    t = store.get(key)
+    if t is None or t.dtype != dtype or t.numel() != numel:
+        got = "missing" if t is None else f"{t.dtype} with {t.numel()} elements"
+        raise SparselandError(f"checkpoint tensor {key!r} is {got}, expected {dtype} with {numel}; the file is damaged")
+    return t
+
+
+def decode_quant(name: str, rec: dict[str, Any], store: dict[str, torch.Tensor]) -> Any:
+    """The ``QuantizedWeight`` of a ``quant`` record, every stored tensor checked against the record."""
+    from sparseland.quant.scheme import QuantizedWeight, QuantScheme
+    from sparseland.runtime.packing import unpack_fields
+
+    scheme = QuantScheme.parse(rec["scheme"])
+    out, inp = (int(v) for v in rec["shape"])
+    G = inp // scheme.group_size(inp)
+    mask = None
+    kept = out * inp
+    if rec.get("sparse"):
+        mask = unpack_bits(_need(store, f"{name}.mask", torch.uint8, (out * inp + 7) // 8), out * inp).view(out, inp)
+        kept = int(mask.sum())
+        if kept != rec.get("nnz"):
+            raise SparselandError(
+                f"checkpoint tensor {name!r}: the mask keeps {kept} entries, the record says {rec.get('nnz')}"
+            )
+    nbytes = (kept + 1) // 2 if scheme.bits == 4 else kept
+    packed = _need(store, f"{name}.codes", torch.uint8, nbytes)
+    flat = unpack_fields(packed, 4, kept).to(torch.uint8) if scheme.bits == 4 else packed.reshape(-1)
+    if mask is None:
+        codes = flat.view(out, inp).clone()
+    else:
+        codes = torch.zeros(out, inp, dtype=torch.uint8)
+        codes[mask] = flat
+    scale = _need(store, f"{name}.scale", torch.float16, out * G).view(out, G)
+    offset = None
+    if not scheme.symmetric:
+        offset = _need(store, f"{name}.offset", torch.float16, out * G).view(out, G)
+    return QuantizedWeight(scheme, codes, scale, offset, mask)
+
+
 def decode_tensor(name: str, rec: dict[str, Any], store: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rebuild the dense tensor described by ``rec`` from the stored tensors."""
     fmt, shape = rec["format"], rec["shape"]
     if fmt == "dense":
         return store[name]
+    if fmt == "quant":
+        return decode_quant(name, rec, store).dequantize()
     numel = 1
     for s in shape:
         numel *= s
@@ -130,9 +203,16 @@ def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists():
         raise SparselandError(f"{out_dir} already exists; choose a new output directory or delete it first")
+    from sparseland.quant.apply import quant_state
+
     linear_weights = {
         f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
+    quantized = {}
+    for n, m in model.named_modules():
+        qw = quant_state(m)
+        if qw is not None:
+            quantized[f"{n}.weight" if n else "weight"] = qw
     state = model.state_dict()
     seen: dict[tuple[int, tuple[int, ...]], str] = {}
     aliases: dict[str, str] = {}
@@ -146,7 +226,10 @@ def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str 
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        records[name], stored = encode_tensor(name, t, compress=name in linear_weights)
+        if name in quantized:
+            records[name], stored = encode_quant(name, quantized[name])
+        else:
+            records[name], stored = encode_tensor(name, t, compress=name in linear_weights)
         tensors.update(stored)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -203,8 +286,16 @@ def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from sparseland.quant.apply import attach
+
     store = load_file(str(path / WEIGHTS_FILE))
-    state = {name: decode_tensor(name, rec, store) for name, rec in manifest["tensors"].items()}
+    quantized = {
+        name: decode_quant(name, rec, store) for name, rec in manifest["tensors"].items() if rec["format"] == "quant"
+    }
+    state = {
+        name: quantized[name].dequantize() if name in quantized else decode_tensor(name, rec, store)
+        for name, rec in manifest["tensors"].items()
+    }
     for alias, src in manifest["aliases"].items():
         state[alias] = state[src]
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -212,6 +303,8 @@ def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
     if missing or unexpected:
         raise SparselandError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    for name, qw in quantized.items():  # the modules get their QuantizedWeight back
+        attach(model.get_submodule(name.removesuffix(".weight").removesuffix("weight").rstrip(".")), qw)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

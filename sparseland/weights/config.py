@@ -49,6 +49,7 @@ class PruningConfig(SparsityConfig):
     seed: int = 0
     owl_m: float = 5.0  # OWL: a score is an outlier when it is > owl_m * the layer mean
     owl_lambda: float = 0.08  # OWL: per-layer sparsities stay within target +- owl_lambda
+    quant: str | None = None  # quantize the kept weights too (e.g. "int4-g64"): jointly for SparseGPT
     needs_calibration: ClassVar[bool] = False
     needs_hessian: ClassVar[bool] = False
 
@@ -75,6 +76,10 @@ class PruningConfig(SparsityConfig):
         if not self.owl_m > 0:
             raise SparselandError(f"owl_m={self.owl_m!r} must be positive (the paper uses 5)")
         check_fraction("owl_lambda", self.owl_lambda)
+        if self.quant is not None:
+            from sparseland.quant.scheme import QuantScheme
+
+            self.quant = QuantScheme.parse(self.quant).name
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -229,6 +229,32 @@ def prune_weight(
     return torch.where(make_mask(scores, sparsity, nm, name), W, torch.zeros((), dtype=W.dtype))
 
 
+def quantize_pruned_(
+    mod: torch.nn.Linear, config: PruningConfig, sparsity: float, stats: InputStats | None, name: str, index: int
+) -> None:
+    """Prune and quantize one Linear in place (``config.quant``): SparseGPT quantizes the kept weights
+    inside its OBS loop (joint, as in the SparseGPT paper's 50% + 4-bit results); the other methods
+    prune, then round the kept weights to nearest with the pruned ones as a mask."""
+    from sparseland.quant.apply import attach
+    from sparseland.quant.scheme import QuantScheme, quantize_rtn
+
+    scheme = QuantScheme.parse(config.quant)
+    W = mod.weight.data
+    scheme.group_size(W.shape[1])
+    if isinstance(config, SparseGPTConfig):
+        from sparseland.weights.sparsegpt import sparsegpt_prune_quantize
+
+        n, m = config.nm if config.nm is not None else (0, 0)
+        with num_threads(1):
+            qw = sparsegpt_prune_quantize(
+                W, stats.gram, sparsity, scheme, n, m, blocksize=config.blocksize, percdamp=config.percdamp
+            )
+    else:
+        pruned = prune_weight(W, config, sparsity, stats, name, index)
+        qw = quantize_rtn(pruned, scheme, mask=pruned != 0)
+    attach(mod, qw)
+
+
 def _check_calibration(calibration, config: PruningConfig) -> torch.Tensor:
     if calibration is None:
         raise SparselandError(
@@ -337,7 +363,10 @@ def prune_model(
         def prune(name, mod, stats, sparsity=block_sparsity[i], position=position):
             nonlocal zeros, total
             W = mod.weight.data
-            W.copy_(prune_weight(W, config, sparsity, stats, name, position[name]))
+            if config.quant is not None:
+                quantize_pruned_(mod, config, sparsity, stats, name, position[name])
+            else:
+                W.copy_(prune_weight(W, config, sparsity, stats, name, position[name]))
             z = int((W == 0).sum())
             report.layer_sparsity[name] = z / W.numel()
             zeros += z

@@ -18,6 +18,7 @@ from sparseland.errors import SparselandError
 COMMAND_MODULES: list[str] = [
     "sparseland.bench.cli",
     "sparseland.weights.cli",
+    "sparseland.quant.cli",
     "sparseland.runtime.cli",
     "sparseland.activations.cli",
     "sparseland.attention.cli",

@@ -2,8 +2,13 @@
 
     report = to_sparse_runtime_(model, format="auto", value_dtype="float32")
 
-Decode (a few rows) runs the C++ kernels; long prefills (more than ``DENSE_ROWS`` rows) rebuild the
-dense weight for the call and use torch's GEMM, which is compute-bound and faster there.
+Decode (a few rows) runs the C++ kernels. Long prefills (more than ``DENSE_ROWS`` rows) of the float
+formats rebuild the dense weight for the call and use torch's GEMM, which is compute-bound and faster
+there; the quantized formats (``runtime/quantized.py``) run their own several-row kernels, which read
+each weight row once for many input rows.
+
+A Linear quantized with ``sparseland.quant`` (it carries a ``QuantizedWeight``) becomes a quantized
+format under ``format="auto"``: 4-bit dense, 8-bit dense, or 4-bit values of a 2:4 / unstructured mask.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseland.quant.apply import quant_state
 from sparseland.runtime.formats import DenseFormat, WeightFormat, make_act_format, make_format, value_dtype_of
+from sparseland.runtime.quantized import QUANT_FORMATS, make_quant_format
 
 DENSE_ROWS = 32
 
@@ -41,7 +48,7 @@ class SparseLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
-        if x2.shape[0] > DENSE_ROWS:
+        if x2.shape[0] > DENSE_ROWS and not getattr(self.weight_format, "multi_row_kernel", False):
             y = torch.nn.functional.linear(x2.float(), self.weight_format.to_dense().float())
         else:
             y = self.weight_format.matmul(x2)  # (rows, out) float32
@@ -104,7 +111,9 @@ def to_sparse_runtime_(
     """Replace Linear layers (default: all but lm_head) by ``SparseLinear`` in place.
 
     ``format``: auto (N:M if exact, else bitmask if smaller, else dense), dense, bitmask, 2:4, 4:8,
-    actsparse, actsparse_bitmask. ``lm_head_dtype`` (float32/bfloat16): also run lm_head on the dense
+    actsparse, actsparse_bitmask; for a quantized Linear, auto picks its quantized format (q4, q8, q4_nm,
+    q4_bitmask). A quantized lm_head (or one tied to quantized embeddings) runs its quantized format
+    unless ``lm_head_dtype`` names a float dtype. ``lm_head_dtype`` (float32/bfloat16): also run lm_head on the dense
     kernel in that dtype (a bfloat16 copy unties it from the embeddings; float32 shares their storage).
     ``activation_sparse``: if the model carries activation sparsity (``sparsify_`` with a TEAL, CATS,
     CHESS or WINA config), the layers whose inputs it zeroes get an activation-sparse format (skipping
@@ -128,22 +137,38 @@ def to_sparse_runtime_(
     formats: dict[str, int] = {}
     dense_bytes = runtime_bytes = 0
     for name, lin in targets:
+        qw = quant_state(lin)
         if name in act_layers and format not in ("actsparse", "actsparse_bitmask"):
             new = SparseLinear(make_act_format(lin.weight.data, vdt), lin.bias)
+        elif qw is not None and format in ("auto", *QUANT_FORMATS):
+            new = SparseLinear(make_quant_format(qw, format), lin.bias)
         else:
             new = SparseLinear.from_linear(lin, format, vdt)
         _set_module(model, name, new)
         formats[new.weight_format.name] = formats.get(new.weight_format.name, 0) + 1
         dense_bytes += lin.weight.numel() * lin.weight.element_size()
         runtime_bytes += new.nbytes()
-    if lm_head_dtype is not None:
-        head = model.get_output_embeddings()
-        if isinstance(head, torch.nn.Linear):
-            dt = value_dtype_of(lm_head_dtype)
-            model.set_output_embeddings(SparseLinear(DenseFormat.from_dense(head.weight.data, dt), head.bias))
+    head = model.get_output_embeddings()
+    head_q = output_quant_state(model)
+    if head_q is not None and lm_head_dtype in (None, "auto", "quant") and isinstance(head, torch.nn.Linear):
+        model.set_output_embeddings(SparseLinear(make_quant_format(head_q), head.bias))
+    elif lm_head_dtype not in (None, "auto", "quant") and isinstance(head, torch.nn.Linear):
+        dt = value_dtype_of(lm_head_dtype)
+        model.set_output_embeddings(SparseLinear(DenseFormat.from_dense(head.weight.data, dt), head.bias))
     if state is not None:
         install(model, state.config, state.sites)
     return RuntimeReport(len(targets), formats, dense_bytes, runtime_bytes)
+
+
+def output_quant_state(model: torch.nn.Module):
+    """The ``QuantizedWeight`` of the lm_head: its own, or that of the embeddings it is tied to."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    qw = quant_state(head)
+    if qw is None and emb is not None and head.weight is emb.weight:
+        qw = quant_state(emb)
+    return qw
 
 
 def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:

@@ -23,7 +23,9 @@ def _fraction(text: str) -> float:
 def build_config(args: argparse.Namespace):
     from sparseland.weights import DSnoTConfig, MagnitudeConfig, RandomConfig, SparseGPTConfig, WandaConfig
 
-    common = dict(sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation, seed=args.seed)
+    common = dict(
+        sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation, seed=args.seed, quant=args.quant
+    )
     if args.refine == "dsnot":
         return DSnoTConfig(init=args.method, **common)
     cls = {
@@ -37,6 +39,10 @@ def build_config(args: argparse.Namespace):
 
 def _prune_command(args: argparse.Namespace) -> int:
     config = build_config(args)  # validate before the slow model load
+    if args.quant_embeddings:
+        from sparseland.quant import QuantScheme
+
+        QuantScheme.parse(args.quant_embeddings)
     if Path(args.out).expanduser().exists():
         raise SparselandError(f"--out {args.out} already exists; choose a new directory or delete it first")
     from sparseland import sparsify_
@@ -49,11 +55,17 @@ def _prune_command(args: argparse.Namespace) -> int:
     corpus = load_corpus(tokenizer, args.text)
     calib = corpus.calibration(args.calib_samples, args.seq_len, args.seed) if config.uses_calibration else None
     report = sparsify_(model, config, calibration=calib)
+    if args.quant_embeddings:
+        from sparseland.quant import quantize_embeddings_
+
+        quantize_embeddings_(model, args.quant_embeddings)
     print(f"pruned      {config.kind} {config.pattern} target {config.sparsity:.4g} ({config.allocation})")
     print(
         f"sparsity    {report.overall_sparsity:.4f} of the decoder-block Linear weights "
         "(lm_head and embeddings stay dense)"
     )
+    if config.quant:
+        print(f"quantized   the kept weights to {config.quant}" + (" (jointly)" if config.kind == "sparsegpt" else ""))
     print(f"time        load {load_s:.1f} s, prune {report.seconds:.1f} s")
     if args.eval:
         from sparseland.evaluate import perplexity
@@ -99,6 +111,15 @@ def add_commands(subparsers) -> None:
         help="calibration windows of --seq-len tokens (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random pruning")
+    p.add_argument(
+        "--quant",
+        default=None,
+        help="also quantize the kept weights, e.g. int4-g64 (jointly inside SparseGPT's OBS loop; after pruning, "
+        "round to nearest, for the other methods)",
+    )
+    p.add_argument(
+        "--quant-embeddings", default=None, help="quantize the embeddings (and the tied lm_head) too, e.g. int8"
+    )
     p.add_argument("--eval", action="store_true", help="print the perplexity after pruning")
     p.add_argument("--out", required=True, help="output directory of the sparse checkpoint")
     p.set_defaults(func=_prune_command)

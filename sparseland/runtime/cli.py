@@ -10,7 +10,10 @@ import torch
 from sparseland.cli import add_model_args, positive_int
 from sparseland.errors import SparselandError
 
-FORMAT_HELP = "runtime weight format: auto (N:M if exact, else bitmask), bitmask, 2:4, 4:8, dense (default: auto)"
+FORMAT_HELP = (
+    "runtime weight format: auto (quantized formats for quantized layers; else N:M if exact, else bitmask), "
+    "bitmask, 2:4, 4:8, dense, q4, q8, q4_nm, q4_bitmask (default: auto)"
+)
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -59,6 +62,21 @@ def _is_sparse(model: torch.nn.Module) -> bool:
     return zeros / max(1, sum(w.numel() for w in ws)) > 0.2
 
 
+def _is_quantized(model: torch.nn.Module) -> bool:
+    from sparseland.quant import quant_state
+
+    return any(quant_state(m) is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _checkpoint_mb(spec: str) -> float | None:
+    """Size of the weights file of a checkpoint directory or a .gguf file, else None."""
+    from pathlib import Path
+
+    p = Path(spec).expanduser()
+    f = p / "model.safetensors" if p.is_dir() else p
+    return f.stat().st_size / 1e6 if f.is_file() else None
+
+
 def _bench_command(args: argparse.Namespace) -> int:
     from sparseland.models import load_model
     from sparseland.runtime.bench import (
@@ -73,32 +91,38 @@ def _bench_command(args: argparse.Namespace) -> int:
 
     _threads(args)
     model, tok = load_model(args.model)
+    quantized = _is_quantized(model)
     sparse = model
     if args.prune_sparsity is not None or args.pattern:
         import copy
 
         sparse = copy.deepcopy(model)
         magnitude_prune_(sparse, args.prune_sparsity or 0.5, args.pattern)
-    elif not _is_sparse(model):
+    elif not _is_sparse(model) and not quantized:
         raise SparselandError(
             f"{args.model} is dense; pass --prune-sparsity 0.5 (and optionally --pattern 2:4) to bench a "
-            "magnitude-pruned variant, or a checkpoint written by `sparseland prune`"
+            "magnitude-pruned variant, or a checkpoint written by `sparseland prune` or `sparseland quantize`"
         )
     fmt = args.pattern or args.format
     vocab = model.config.vocab_size
     prompt = torch.randint(3, min(1000, vocab), (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     bw = read_bandwidth_gbs()
     dt = args.value_dtype
-    dense_v = Variant("dense", value_dtype=dt, lm_head_dtype=dt)
-    sparse_v = Variant("sparse", format=fmt, value_dtype=dt, lm_head_dtype=dt)
+    # the model's own float weights, dense, in fp32 and bf16; then the model in its runtime formats
+    # (quantized formats for quantized layers; a quantized lm_head stays quantized)
+    f32 = Variant("dense", format="dense", value_dtype="float32", lm_head_dtype="float32")
+    bf16 = Variant("dense_bf16", format="dense", value_dtype="bfloat16", lm_head_dtype="bfloat16")
+    ours = Variant("model", format=fmt, value_dtype=dt, lm_head_dtype=None if quantized else dt)
     models = {
-        "dense": build_variant(model, dense_v),
-        "sparse": build_variant(sparse, sparse_v, already_sparse=True),
+        "dense": build_variant(model, f32),
+        "dense_bf16": build_variant(model, bf16),
+        "model": build_variant(sparse, ours, already_sparse=True),
     }
     rows = time_decode(models, prompt, args.new_tokens, args.rounds, base="dense")
     kern = [] if args.skip_kernels else kernel_ratios(rounds=args.rounds * 2)
     out = {
         "model": args.model,
+        "checkpoint_mb": _checkpoint_mb(args.model),
         "threads": torch.get_num_threads(),
         "read_bandwidth_gbs": bw,
         "peak_rss_mb": rss_mb(),
@@ -108,19 +132,21 @@ def _bench_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    size = f", checkpoint {out['checkpoint_mb']:.1f} MB" if out["checkpoint_mb"] else ""
     print(
-        f"model {args.model}, {out['threads']} threads, read bandwidth {bw:.1f} GB/s, RSS {out['peak_rss_mb']:.0f} MB"
+        f"model {args.model}{size}, {out['threads']} threads, read bandwidth {bw:.1f} GB/s, "
+        f"RSS {out['peak_rss_mb']:.0f} MB"
     )
     print(
         f"{'variant':10} {'decode tok/s':>12} {'speedup':>8} {'prefill tok/s':>13} {'GB/s':>6} "
-        f"{'of bw %':>7} {'model MB':>9}"
+        f"{'of bw %':>7} {'read MB/tok':>11} {'model MB':>9}"
     )
     for r in rows:
         bound = r["achieved_gbs"] / bw * 100
         print(
             f"{r['variant']:10} {r['decode_tokens_per_s']:12.1f} {r['speedup']:8.2f} "
             f"{r['prefill_tokens_per_s']:13.1f} {r['achieved_gbs']:6.1f} {bound:7.0f} "
-            f"{r['model_bytes'] / 1e6:9.0f}"
+            f"{r['weight_bytes_per_token'] / 1e6:11.1f} {r['model_bytes'] / 1e6:9.0f}"
         )
     if kern:
         keys = [k for k in kern[0] if k.endswith("_speedup")]
@@ -143,7 +169,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_generate_command)
 
-    p = sub.add_parser("bench", help="dense vs sparse decode speed, bandwidth and size, side by side in one run")
+    p = sub.add_parser(
+        "bench",
+        help="a sparse or quantized model's decode/prefill speed, bytes and size next to dense fp32 and bf16, "
+        "side by side in one run",
+    )
     add_model_args(p)
     p.add_argument("--prune-sparsity", type=float, default=None, help="magnitude-prune a copy to this sparsity")
     p.add_argument("--pattern", default=None, help="N:M pattern for the pruned copy, e.g. 2:4")

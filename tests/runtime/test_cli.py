@@ -26,8 +26,9 @@ def test_bench_command(tmp_path, tiny_llama, capsys):
     args = ["bench", "--model", str(ck), "--skip-kernels", "--new-tokens", "3", "--rounds", "1", "--json"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["variant"] for r in out["decode"]] == ["dense", "sparse"]
-    assert out["decode"][1]["model_bytes"] < out["decode"][0]["model_bytes"]
+    assert [r["variant"] for r in out["decode"]] == ["dense", "dense_bf16", "model"]
+    assert out["decode"][2]["model_bytes"] < out["decode"][0]["model_bytes"]
+    assert out["checkpoint_mb"] > 0
     assert main(["bench", "--model", str(ck), "--skip-kernels", "--new-tokens", "2", "--rounds", "1"]) == 0
     assert "decode tok/s" in capsys.readouterr().out
 

@@ -1,8 +1,9 @@
 """CLI commands of the frontier: ``sparseland frontier``, ``sparseland report DIR`` and ``sparseland demo``.
 
 ``demo`` is the main job on the embedded defaults: dense, random, magnitude, Wanda and SparseGPT at
-50% unstructured and 2:4, TEAL activation sparsity and StreamingLLM attention at 50%, and Wanda + TEAL
-combined at 50%, with long-context needle accuracy on dense and the attention cell, about 12 minutes on
+50% unstructured and 2:4, TEAL activation sparsity and StreamingLLM attention at 50%, Wanda + TEAL
+combined at 50%, 4-bit weights (int4-g32) and SparseGPT 50% with its kept weights quantized to 4 bits,
+with long-context needle accuracy on dense and the attention cell, about 12 minutes on
 2 cores (``--quick``: dense, random, magnitude and Wanda, about 2 minutes).
 """
 
@@ -17,7 +18,7 @@ from sparseland.bench.store import open_store
 from sparseland.cli import add_model_args, positive_int
 from sparseland.errors import SparselandError
 
-DEFAULT_METHODS = "magnitude,random,wanda,sparsegpt,teal,streaming,wanda+teal"
+DEFAULT_METHODS = "magnitude,random,wanda,sparsegpt,teal,streaming,wanda+teal,int4,sparsegpt+int4"
 QUICK_METHODS = "magnitude,random,wanda"
 # (eval windows, calibration windows, speed tokens, long-context length): full and --quick
 FULL_SIZES, QUICK_SIZES = (16, 16, 32, 1024), (4, 8, 16, 0)
@@ -154,7 +155,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--methods",
         default=None,
         help=f"comma-separated, of: {', '.join(RUNNERS)}, or combinations of different families joined by '+' "
-        f"(weights+activations+attention, e.g. wanda+teal); dense, random and magnitude are always added "
+        f"(weights+quant+activations+attention, e.g. wanda+teal, sparsegpt+int4: SparseGPT quantizing the
+        kept weights jointly); quantization alone (int4, int4-g64, int4-sym, int8, gptq4-g64) is one cell; dense, random and magnitude are always added "
         f"(default: {DEFAULT_METHODS})",
     )
     p.add_argument(

@@ -76,8 +76,8 @@ class Cell:
 
     @property
     def label(self) -> str:
-        if self.method == "dense":
-            return "dense"
+        if self.pattern == "dense":
+            return self.method
         opts = "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.method} {self.sparsity:.0%} {self.pattern}{opts}"
 
@@ -158,6 +158,8 @@ class Runner:
     family: str = "weights"
     nm_patterns: bool = True  # False: the grid gives this method unstructured cells only
     parts: tuple[str, ...] = ()  # the families a combined runner applies, in order
+    quant_scheme: str | None = None  # quant runners: the scheme (a weights+quant combination prunes and quantizes)
+    sparsity_free: bool = False  # the grid gives this method one cell, whatever the sparsities
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -185,7 +187,7 @@ def get_runner(method: str) -> Runner:
     return RUNNERS[method]
 
 
-FAMILY_ORDER = ("weights", "activations", "attention")  # a combination applies its parts in this order
+FAMILY_ORDER = ("weights", "quant", "activations", "attention")  # a combination applies its parts in this order
 
 
 def _combined_runner(method: str) -> Runner:
@@ -202,18 +204,25 @@ def _combined_runner(method: str) -> Runner:
             "a combination takes at most one method per family (weights, activations, attention), e.g. wanda+teal"
         )
     order = sorted(names, key=lambda n: FAMILY_ORDER.index(runners[n].family))
+    version = "+".join(f"{n}:{runners[n].version}" for n in order)
+    quant = next((runners[n] for n in order if runners[n].family == "quant"), None)
+    joint = quant is not None and "weights" in families  # prune + quantize in one pass (SparseGPT: jointly)
+    if joint:
+        order = [n for n in order if runners[n].family != "quant"]
 
     def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
         reports = {}
         for n in order:
             part = cell if runners[n].family == "weights" else dataclasses.replace(cell, pattern="unstructured")
+            if joint and runners[n].family == "weights":
+                part = dataclasses.replace(part, options={**part.options, "quant": quant.quant_scheme})
             reports[n] = _jsonable(runners[n].apply(model, dataclasses.replace(part, method=n), workload))
         return reports
 
     weights = [runners[n] for n in order if runners[n].family == "weights"]
     return Runner(
         apply=apply,
-        version="+".join(f"{n}:{runners[n].version}" for n in order),
+        version=version,
         family="combined",
         nm_patterns=bool(weights) and weights[0].nm_patterns,
         parts=tuple(runners[n].family for n in order),
@@ -273,6 +282,32 @@ for _name in ("teal", "cats", "chess", "wina"):
     register_runner(_name, _activation_runner(_name))
 
 
+def _quant_runner(scheme: str, method: str = "rtn") -> Runner:
+    """A runner for weight quantization (``sparseland.quant``): one cell (no sparsity of its own); in a
+    combination with a weights method (``sparsegpt+int4``) the pruning config quantizes the kept
+    weights (SparseGPT: jointly in its OBS loop)."""
+
+    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
+        from sparseland.api import sparsify_
+        from sparseland.quant import QuantConfig
+
+        config = QuantConfig(scheme=scheme, method=method, **cell.options)
+        return sparsify_(model, config, calibration=workload.calibration() if config.needs_calibration else None)
+
+    return Runner(apply=apply, version="1", family="quant", nm_patterns=False, quant_scheme=scheme, sparsity_free=True)
+
+
+QUANT_RUNNERS = {
+    "int4": ("int4-g32", "rtn"),
+    "int4-g64": ("int4-g64", "rtn"),
+    "int4-sym": ("int4-g32-sym", "rtn"),
+    "int8": ("int8", "rtn"),
+    "gptq4-g64": ("int4-g64", "gptq"),
+}
+for _name, (_scheme, _method) in QUANT_RUNNERS.items():
+    register_runner(_name, _quant_runner(_scheme, _method))
+
+
 def _attention_runner(method: str) -> Runner:
     """A runner for a sparse-attention method (``sparseland.attention.METHODS``); the sparsity is the
     fraction of attention it is asked to skip (perplexity windows are short: long-context accuracy is
@@ -327,10 +362,13 @@ def build_grid(methods: Sequence[str], sparsities: Sequence[float], patterns: Se
     if not sparsities and None in nms:
         raise SparselandError("the unstructured pattern needs sparsities; pass e.g. --sparsities 0.5")
     cells, seen = [Cell("dense", 0.0, "dense")], set()
+    for m in methods:  # quantization alone: one cell
+        if get_runner(m).sparsity_free:
+            cells.append(Cell(m, 0.0, "dense"))
     for pattern, nm in zip(patterns, nms, strict=False):
         for s in [1 - nm[0] / nm[1]] if nm else sparsities:
             for m in dict.fromkeys([*BASELINES[1:], *methods]):
-                if nm and not get_runner(m).nm_patterns:
+                if (nm and not get_runner(m).nm_patterns) or get_runner(m).sparsity_free:
                     continue
                 if m != "dense" and (m, round(s, 6), pattern) not in seen:
                     seen.add((m, round(s, 6), pattern))

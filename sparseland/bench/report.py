@@ -64,6 +64,7 @@ FAMILY_NAMES = {
     "activations": "Activation sparsity",
     "attention": "Attention sparsity",
     "combined": "Combined sparsity",
+    "quant": "Quantization",
 }
 
 
@@ -129,10 +130,40 @@ def summary(results: list[Result], n_expected: int | None = None) -> list[str]:
             )
     elif results:
         lines.append("Decode speed was not measured (--no-speed).")
+    lines += fastest_by_quality(results)
     if n_expected is not None and len(results) < n_expected:
         lines.append(
             f"{n_expected - len(results)} of {n_expected} cells have not finished; rerun the same "
             "`sparseland frontier` command to complete them (finished cells are kept)."
+        )
+    return lines
+
+
+QUALITY_LEVELS = (1.01, 1.05, 1.1, 1.25, 1.5, 2.0)  # perplexity over dense
+
+
+def fastest_by_quality(results: list[Result]) -> list[str]:
+    """The plain answer: for each quality level (perplexity at most L x dense), the configuration with the
+    fastest measured decode, and how much faster than dense it is; levels that add no new answer are
+    skipped."""
+    dense = _dense(results)
+    if not dense or not _tps(dense):
+        return []
+    timed = [(r["perplexity"] / dense["perplexity"], _tps(r), r) for r in results if _tps(r)]
+    lines, last = [], None
+    for level in QUALITY_LEVELS:
+        ok = [t for t in timed if t[0] <= level]
+        if not ok:
+            continue
+        ratio, tps, best = max(ok, key=lambda t: t[1])
+        if best is last:
+            continue
+        last = best
+        up = speedup(best, dense)
+        vs = f", {up:.2f}x dense" if up and best is not dense else ""
+        lines.append(
+            f"Fastest within {level:g}x dense perplexity: {best['label']} ({tps:.0f} tokens/s{vs}; "
+            f"perplexity {ratio:.3f}x dense, {best['model_bytes'] / 1e6:.0f} MB)."
         )
     return lines
 

@@ -155,8 +155,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--methods",
         default=None,
         help=f"comma-separated, of: {', '.join(RUNNERS)}, or combinations of different families joined by '+' "
-        f"(weights+quant+activations+attention, e.g. wanda+teal, sparsegpt+int4: SparseGPT quantizing the
-        kept weights jointly); quantization alone (int4, int4-g64, int4-sym, int8, gptq4-g64) is one cell; dense, random and magnitude are always added "
+        "(weights+quant+activations+attention, e.g. wanda+teal, or sparsegpt+int4: SparseGPT quantizing the "
+        "kept weights jointly); quantization alone (int4, int4-g64, int4-sym, int8, gptq4-g64) is one cell; "
+        "dense, random and magnitude are always added "
         f"(default: {DEFAULT_METHODS})",
     )
     p.add_argument(

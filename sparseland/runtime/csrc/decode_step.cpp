@@ -36,11 +36,12 @@
 #include "actsparse_mv.h"
 #include "common.h"
 #include "matvec.h"
+#include "qmatvec.h"
 
 namespace sparseland {
 namespace {
 
-enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2, kAct = 3, kActBitmask = 4 };
+enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2, kAct = 3, kActBitmask = 4, kQ4 = 5, kQ8 = 6 };
 
 inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
 // A split boundary for the activation-sparse kernels: a multiple of 16, or the end. Every thread maps
@@ -61,8 +62,12 @@ struct Lin {
   const uint8_t* mask = nullptr;
   const int64_t* row_ptr = nullptr;
   const float* thr = nullptr;  // (in,) input-site threshold (activation-sparse kinds), or none
+  // quantized kinds (qmatvec.h): float16 scales / offsets (offset null: symmetric), columns per scale
+  const at::Half* scale = nullptr;
+  const at::Half* offset = nullptr;
+  int64_t group = 0;
 
-  bool act() const { return kind >= kAct; }
+  bool act() const { return kind == kAct || kind == kActBitmask; }
 
   // rows [r0, r1) of a row-major kind (dense, bitmask, N:M) from the full input x
   void run(const float* x, float* y, int64_t r0, int64_t r1) const {
@@ -70,6 +75,10 @@ struct Lin {
     if (kind == kDense) {
       if (bf16) dense_mv(static_cast<const at::BFloat16*>(w), x, y, in, r0, r1);
       else dense_mv(static_cast<const float*>(w), x, y, in, r0, r1);
+    } else if (kind == kQ4) {
+      q4_mv(static_cast<const uint8_t*>(w), scale, offset, in, group, x, y, r0, r1);
+    } else if (kind == kQ8) {
+      q8_mv(static_cast<const int8_t*>(w), scale, in, x, y, r0, r1);
     } else if (kind == kBitmask) {
       if (bf16) bitmask_mv(mask, row_ptr, static_cast<const at::BFloat16*>(w), x, y, in8, r0, r1);
       else bitmask_mv(mask, row_ptr, static_cast<const float*>(w), x, y, in8, r0, r1);
@@ -197,7 +206,8 @@ class DecodeStep : public torch::CustomClassHolder {
   //   by its input threshold (in,) float32; then, if the layer's gate flag is set, the gate_act
   //   threshold (I,) float32.
   // meta: L, C, I, H, KVH, D, then per layer 7 kinds (0 dense, 1 bitmask, 2 nm, 3 actsparse,
-  //   4 actsparse_bitmask), 7 input-threshold flags (activation-sparse kinds only) and 1 gate flag.
+  //   4 actsparse_bitmask, 5 q4: codes, scale, offset (empty if symmetric), 6 q8: codes, scale), 7
+//   input-threshold flags (activation-sparse kinds only) and 1 gate flag.
   // feps: scale, then (eps1, eps2) per layer. k_cache / v_cache: (L, KVH, T_max, D) float32, written
   // at each position.
   DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, std::vector<double> feps, at::Tensor k_cache,
@@ -297,6 +307,11 @@ class DecodeStep : public torch::CustomClassHolder {
           TORCH_CHECK(v.dim() == 1 && v.numel() >= rp[lin.in].item<int64_t>() + 8,
                       "DecodeStep: values need 8 zeros of padding");
           set_values(lin, v);
+        } else if (lin.kind == kQ4 || lin.kind == kQ8) {
+          const at::Tensor& codes = next();  // one at a time: argument evaluation order is unspecified
+          const at::Tensor& scale = next();
+          const at::Tensor* offset = lin.kind == kQ4 ? &next() : nullptr;
+          set_quant(lin, codes, scale, offset, l, j);
         } else {
           TORCH_CHECK(false, "DecodeStep: unknown weight kind ", lin.kind);
         }
@@ -442,6 +457,30 @@ class DecodeStep : public torch::CustomClassHolder {
   // The active inputs of lin from x (its input site's rule), into list j of sc.
   static ActIn gather(const Lin& lin, const float* x, ActScratch& sc, int j) {
     return ActIn{sc.act[j].data(), sc.xa[j].data(), act_gather(x, lin.thr, lin.in, sc.act[j].data(), sc.xa[j].data())};
+  }
+
+  // A quantized kind's codes, scales and (q4) offsets, checked against the layer's shape (qmatvec.h).
+  static void set_quant(Lin& lin, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor* offset, int64_t l,
+                        int j) {
+    const bool q4 = lin.kind == kQ4;
+    TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 2 &&
+                    scale.size(0) == lin.out && scale.size(1) > 0 && lin.in % scale.size(1) == 0,
+                "DecodeStep: layer ", l, " linear ", j, ": scale must be contiguous float16 (out, in / group)");
+    lin.group = lin.in / scale.size(1);
+    TORCH_CHECK(!q4 || (lin.group % 32 == 0 && lin.group <= 128), "DecodeStep: q4 group must be 32, 64 or 128");
+    TORCH_CHECK(q4 || scale.size(1) == 1, "DecodeStep: q8 needs one scale per row");
+    TORCH_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.size(0) == lin.out &&
+                    codes.size(1) == (q4 ? lin.in / 2 : lin.in) &&
+                    codes.scalar_type() == (q4 ? at::kByte : at::kChar),
+                "DecodeStep: layer ", l, " linear ", j, ": codes must be contiguous ", q4 ? "uint8 (out, in/2)" :
+                "int8 (out, in)");
+    lin.w = codes.data_ptr();
+    lin.scale = scale.data_ptr<at::Half>();
+    if (offset != nullptr && offset->numel() > 0) {
+      TORCH_CHECK(offset->scalar_type() == at::kHalf && offset->is_contiguous() && offset->sizes() == scale.sizes(),
+                  "DecodeStep: layer ", l, " linear ", j, ": offset must be float16 shaped like scale");
+      lin.offset = offset->data_ptr<at::Half>();
+    }
   }
 
   static void set_values(Lin& lin, const at::Tensor& v) {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sparseland.errors import SparselandError
+from sparseland.quant.scheme import QuantizedWeight, QuantScheme, group_params, quantize_codes
 from sparseland.weights.masks import check_nm_shape
 
 
@@ -35,22 +36,18 @@ def _hinv_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sparsegpt_prune(
+def _sparsegpt(
     W: torch.Tensor,
     H: torch.Tensor,
     sparsity: float,
-    n: int = 0,
-    m: int = 0,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    name: str = "layer",
-) -> torch.Tensor:
-    """Pruned (and compensated) copy of ``W`` (out, in) given ``H`` (in, in) = sum of x x^T.
-
-    Unstructured when ``n == 0``: in each block of ``blocksize`` columns, the ``sparsity`` fraction of
-    entries with the lowest saliency are dropped (chosen jointly over the block's rows and columns).
-    N:M when ``n > 0``: every M consecutive columns keep the N most salient weights of each row.
-    """
+    n: int,
+    m: int,
+    blocksize: int,
+    percdamp: float,
+    name: str,
+    quant: QuantScheme | None,
+) -> tuple[torch.Tensor, QuantizedWeight | None]:
+    """The SparseGPT loop: the pruned (and, with ``quant``, quantized) weight, and the QuantizedWeight."""
     out_f, in_f = W.shape
     if H.shape != (in_f, in_f):
         raise SparselandError(f"H has shape {tuple(H.shape)}, expected ({in_f}, {in_f}) for {name}")
@@ -58,6 +55,20 @@ def sparsegpt_prune(
         check_nm_shape(in_f, m, name)
         if blocksize % m:
             raise SparselandError(f"blocksize={blocksize} must be a multiple of M={m}")
+    if quant is not None:
+        g = quant.group_size(in_f)
+        if blocksize % g and in_f > blocksize:
+            raise SparselandError(
+                f"{name}: joint prune + {quant.name} needs the group size {g} to divide blocksize={blocksize} "
+                "(a group's kept entries must be known when the loop reaches it); use a smaller group or a "
+                "larger blocksize"
+            )
+        if n and g % m:
+            raise SparselandError(f"{name}: joint {n}:{m} + {quant.name} needs M={m} to divide the group size {g}")
+        scale = torch.zeros(out_f, in_f // g, dtype=torch.float16)
+        offset = None if quant.symmetric else torch.zeros(out_f, in_f // g, dtype=torch.float16)
+        codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+        pruned = torch.zeros(out_f, in_f, dtype=torch.bool)
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
@@ -85,19 +96,88 @@ def sparsegpt_prune(
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(count):
             w = W1[:, i]
+            if quant is not None and (i1 + i) % g == 0:
+                # Joint quantization: the group's grid from its current weights over its kept entries. N:M
+                # masks are still chosen lazily, M columns at a time, as without quantization (choosing them
+                # all now, from not yet compensated weights, measured 1.2-1.9x the output error); the grid
+                # uses the kept entries they would get if chosen now.
+                e = min(i + g, count)
+                kept = ~mask1[:, i:e]
+                for c0 in range(i, e, m) if n else ():
+                    sal = W1[:, c0 : c0 + m] ** 2 / d[c0 : c0 + m].reshape(1, -1) ** 2
+                    drop = torch.topk(sal, m - n, dim=1, largest=False).indices
+                    kept.scatter_(1, c0 - i + drop, False)
+                ds, ms = group_params(W1[:, i:e], quant, kept)
+                scale[:, (i1 + i) // g] = ds
+                if offset is not None:
+                    offset[:, (i1 + i) // g] = ms
+                gd = ds.float()
+                gm = gd * -float(1 << (quant.bits - 1)) if ms is None else ms.float()
             if n and i % m == 0:
                 # N:M: in this group of M columns prune the M - N least salient weights of each row.
                 sal = W1[:, i : i + m] ** 2 / d[i : i + m].reshape(1, -1) ** 2  # (out, M)
                 drop = torch.topk(sal, m - n, dim=1, largest=False).indices
                 mask1.scatter_(1, i + drop, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
+            if quant is None:
+                q = w.clone()
+                q[mask1[:, i]] = 0
+            else:
+                # Quantize the kept weights of column i to their group's grid; pruned ones are 0 (code 0).
+                c = quantize_codes(w.unsqueeze(1), gd, gm, quant).squeeze(1)
+                c = torch.where(mask1[:, i], torch.zeros_like(c), c)
+                q = torch.where(mask1[:, i], torch.zeros_like(w), gd * c.float() + gm)
+                codes[:, i1 + i] = c
             Q1[:, i] = q
             err = (w - q) / Hinv1[i, i]  # (out,)
             # Step 3: compensate the columns of this block after column i.
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
+        if quant is not None:
+            pruned[:, i1:i2] = mask1
         # Lazy batch update of the columns after this block.
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+    if quant is None:
+        return W, None
+    return W + 0.0, QuantizedWeight(quant, codes, scale, offset, ~pruned)
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str = "layer",
+    quant: QuantScheme | str | None = None,
+) -> torch.Tensor:
+    """Pruned (and compensated) copy of ``W`` (out, in) given ``H`` (in, in) = sum of x x^T.
+
+    Unstructured when ``n == 0``: in each block of ``blocksize`` columns, the ``sparsity`` fraction of
+    entries with the lowest saliency are dropped (chosen jointly over the block's rows and columns).
+    N:M when ``n > 0``: every M consecutive columns keep the N most salient weights of each row.
+    With ``quant`` (a scheme), the kept weights are also quantized inside the loop (the paper's joint
+    sparsification + quantization) and the dequantized weight is returned; see ``sparsegpt_prune_quantize``.
+    """
+    quant = None if quant is None else QuantScheme.parse(quant)
+    return _sparsegpt(W, H, sparsity, n, m, blocksize, percdamp, name, quant)[0]
+
+
+def sparsegpt_prune_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    scheme: QuantScheme | str,
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str = "layer",
+) -> QuantizedWeight:
+    """Joint SparseGPT pruning + quantization of ``W`` (out, in): the mask (same rules as ``sparsegpt_prune``)
+    and the codes. In the OBS loop each kept weight of column i is rounded to its group's grid (chosen when
+    the loop reaches the group's first column, from the current weights of the group's kept entries) and
+    its quantization error is compensated like a pruning error. The group size must divide ``blocksize``."""
+    return _sparsegpt(W, H, sparsity, n, m, blocksize, percdamp, name, QuantScheme.parse(scheme))[1]

@@ -245,3 +245,26 @@ def test_attention_runner_cell_on_tiny_llama(tmp_path, method):
     assert all(
         c.pattern == "unstructured" for c in build_grid([method], [0.5], ["unstructured", "2:4"]) if c.method == method
     )
+
+
+def test_quantization_cells_and_joint_combinations():
+    cells = build_grid(["int4", "sparsegpt+int4"], [0.5, 0.7], ["unstructured"])
+    labels = [c.label for c in cells]
+    assert labels.count("int4") == 1  # quantization alone: one cell, whatever the sparsities
+    assert "sparsegpt+int4 50% unstructured" in labels and "sparsegpt+int4 70% unstructured" in labels
+
+
+def test_sparsegpt_int4_cell_prunes_and_quantizes_jointly():
+    from sparseland.bench.frontier import Workload, get_runner
+    from sparseland.quant import quant_state
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    workload = Workload(model=model, eval_windows=calib, calibration=lambda: calib)
+    get_runner("sparsegpt+int4").apply(model, Cell("sparsegpt+int4", 0.5, "unstructured"), workload)
+    qw = quant_state(model.model.layers[0].mlp.down_proj)
+    assert qw is not None and qw.scheme.name == "int4-g32" and qw.mask is not None
+    assert float(qw.mask.float().mean()) == pytest.approx(0.5, abs=0.02)
+    get_runner("int4").apply(m2 := make_tiny_llama(), Cell("int4", 0.0, "dense"), workload)
+    assert quant_state(m2.model.layers[1].self_attn.q_proj).mask is None

@@ -94,3 +94,23 @@ def test_speedup_prefers_the_side_by_side_dense_measurement():
     r = {**RESULTS[3], "speed": {"tokens_per_s": 15.0}, "dense_speed": {"tokens_per_s": 10.0}}
     assert speedup(r, RESULTS[0]) == 1.5
     assert speedup({**r, "dense_speed": None}, RESULTS[0]) == 15.0 / 13.0
+
+
+def test_fastest_configuration_at_each_quality_level():
+    from sparseland.bench.report import fastest_by_quality
+
+    results = [
+        _r("dense", 0.0, "dense", 12.0, 13.0),
+        {**_r("int4", 0.0, "dense", 12.0, 40.0), "label": "int4"},
+        _r("sparsegpt+int4", 0.5, "unstructured", 18.0, 50.0),
+        _r("wanda", 0.5, "2:4", 40.0, 70.0),
+        _r("magnitude", 0.5, "unstructured", 13.0, 12.0),  # close to dense but slower than int4
+    ]
+    lines = fastest_by_quality(results)
+    assert lines[0].startswith("Fastest within 1.01x dense perplexity: int4 (40 tokens/s")
+    assert any(
+        line.startswith("Fastest within 1.5x dense perplexity: sparsegpt+int4 50% unstructured") for line in lines
+    )
+    assert any("within 2x" not in line and "wanda" in line for line in lines) is False  # 40/12 = 3.3x: never listed
+    assert len(lines) == 2  # levels with the same answer are not repeated
+    assert fastest_by_quality([_r("wanda", 0.5, "2:4", 40.0, 70.0)]) == []  # no dense: no answer

@@ -95,12 +95,14 @@ def test_gptq_on_a_pruned_weight(n, m, scheme):
 
 
 def test_gptq_mask_diagonal_hessian_is_masked_rtn():
-    # Pruned entries take no part in their group's scale: equal to the masked round-to-nearest.
+    # Pruned entries take no part in their group's scale: equal to the masked round-to-nearest. A random mask
+    # prunes some group extremes, so counting them would change the scales.
     W, X = layer(8)
-    mask = unstructured_mask(magnitude_scores(W), 0.5)
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(0)) > 0.5
     qw = gptq_quantize(W, torch.diag(X.pow(2).sum(0)), "int4-g32", mask=mask)
     rtn = quantize_rtn(W, "int4-g32", mask)
     assert torch.equal(qw.codes, rtn.codes) and torch.equal(qw.scale, rtn.scale) and torch.equal(qw.offset, rtn.offset)
+    assert not torch.equal(rtn.scale, quantize_rtn(W, "int4-g32").scale)
 
 
 @settings(max_examples=20, deadline=None)
@@ -190,9 +192,7 @@ def test_joint_format_contract(seed, scheme, nm):
     assert abs(qw.density() - 0.5) < 1e-9
 
 
-def test_joint_diagonal_hessian_is_masked_rtn():
-    # Equal uncorrelated inputs: the mask is magnitude per block and nothing is compensated, so the grid of
-    # each group comes from its kept entries alone -- the masked round-to-nearest.
+def test_joint_diagonal_hessian_equal_inputs_prunes_by_magnitude_per_block():
     W, X = layer(10)
     qw = sparsegpt_prune_quantize(W, torch.eye(128) * 7.0, 0.5, "int4-g32", blocksize=64)
     for i in range(0, 128, 64):
@@ -200,8 +200,17 @@ def test_joint_diagonal_hessian_is_masked_rtn():
         keep = torch.ones_like(blk, dtype=torch.bool)
         keep[torch.sort(blk, stable=True).indices[: blk.numel() // 2]] = False
         assert torch.equal(qw.mask[:, i : i + 64], keep.reshape(-1, 64))
+
+
+@pytest.mark.parametrize(("n", "m"), [(0, 0), (2, 4)])
+def test_joint_diagonal_hessian_is_masked_rtn(n, m):
+    # Uncorrelated inputs: nothing is compensated, so each group's grid comes from its kept entries alone --
+    # the masked round-to-nearest. Unequal input scales make the mask prune some group extremes.
+    W, X = layer(10)
+    qw = sparsegpt_prune_quantize(W, torch.diag(X.pow(2).sum(0)), 0.5, "int4-g32", n, m, blocksize=64)
     rtn = quantize_rtn(W, "int4-g32", qw.mask)
     assert torch.equal(qw.codes, rtn.codes) and torch.equal(qw.scale, rtn.scale) and torch.equal(qw.offset, rtn.offset)
+    assert not torch.equal(rtn.scale, quantize_rtn(W, "int4-g32").scale)
 
 
 def test_joint_needs_groups_inside_blocks():

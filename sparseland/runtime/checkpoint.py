@@ -312,6 +312,21 @@ def _build_config(path: Path, manifest: dict[str, Any]):
     return config, {k: tuple(v.shape) for k, v in meta.state_dict().items()}
 
 
+def _smoke_forward(path: Path, model: torch.nn.Module) -> None:
+    """One token through the model: a config value that builds but breaks the forward (a hand-edited
+    ``output_hidden_states``, say) is an error here, at load time, not deep inside the first real call."""
+    if not getattr(model.config, "vocab_size", 1):
+        return
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long))
+    except Exception as exc:  # any failure of the forward means the same: the config does not run
+        msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise SparselandError(
+            f"{path}/sparseland.json: the model its config builds does not run ({type(exc).__name__}: {msg}); {RESAVE}"
+        ) from exc
+
+
 def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     """Rebuild ``(model, tokenizer)`` from a sparse checkpoint; weights bit-exact (in their saved dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -345,6 +360,7 @@ def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
     model.tie_weights()
     for name, qw in quantized.items():  # the modules get their QuantizedWeight back
         attach(model.get_submodule(name.removesuffix(".weight").removesuffix("weight").rstrip(".")), qw)
+    _smoke_forward(path, model.eval())
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         try:

@@ -27,6 +27,16 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with sparseland's error style: one line ``sparseland: error: ...`` on stderr, exit 2
+    (the usage text is one ``--help`` away instead of printed above the error)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sub = self.prog.removeprefix("sparseland").strip()
+        where = f"{sub}: " if sub else ""
+        self.exit(2, f"sparseland: error: {where}{message} (see `{self.prog} --help`)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -93,7 +103,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sparseland",
         description="Make transformer models sparse and measure what it costs and buys, on CPU.",
     )

@@ -62,6 +62,15 @@ from sparseland.runtime.packing import (
     unpack_stream,
     unrank_combinations,
 )
+from sparseland.runtime.validate import (
+    RESAVE,
+    need,
+    read_store,
+    validate_aliases,
+    validate_manifest,
+    validate_record,
+    validate_shapes,
+)
 
 FORMAT_NAME = "sparseland-sparse-checkpoint"
 FORMAT_VERSION = 1
@@ -131,12 +140,7 @@ def encode_quant(name: str, qw: Any) -> tuple[dict[str, Any], dict[str, torch.Te
     return rec, tensors
 
 
-def _need(store: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    t = store.get(key)
-    if t is None or t.dtype != dtype or t.numel() != numel:
-        got = "missing" if t is None else f"{t.dtype} with {t.numel()} elements"
-        raise SparselandError(f"checkpoint tensor {key!r} is {got}, expected {dtype} with {numel}; the file is damaged")
-    return t
+_need = need  # the stored tensor, checked to have the dtype and element count the record implies
 
 
 def decode_quant(name: str, rec: dict[str, Any], store: dict[str, torch.Tensor]) -> Any:
@@ -262,33 +266,84 @@ def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str 
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The parsed ``sparseland.json`` of a checkpoint directory, its keys and types checked."""
     path = Path(path)
-    manifest = json.loads((path / "sparseland.json").read_text())
-    if manifest.get("format") != FORMAT_NAME:
+    file = path / "sparseland.json"
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SparselandError(f"{file} does not exist; pass a checkpoint written by `sparseland prune`") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SparselandError(f"{file} is not readable JSON ({exc}); {RESAVE}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise SparselandError(f"{path}/sparseland.json is not a sparseland sparse checkpoint")
-    if manifest.get("version", 0) > FORMAT_VERSION:
+    version = manifest.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SparselandError(f"{file}: 'version' is {version!r}, not an integer; {RESAVE}")
+    if version > FORMAT_VERSION:
         raise SparselandError(
             f"{path} uses checkpoint format {manifest['version']}, newer than this sparseland "
             f"({FORMAT_VERSION}); upgrade sparseland"
         )
+    validate_manifest(manifest, str(file))
     return manifest
+
+
+def _build_config(path: Path, manifest: dict[str, Any]):
+    """The HF config of the manifest and the tensor shapes the model it builds expects (no allocation)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(manifest["config"])
+    layers = cfg.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > len(manifest["tensors"]):  # every layer stores tensors
+        raise SparselandError(
+            f"{path}/sparseland.json: the config has {layers} layers but only {len(manifest['tensors'])} tensors "
+            f"are stored; {RESAVE}"
+        )
+    try:
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # transformers raises many types for a bad config; all mean the same here
+        msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise SparselandError(
+            f"{path}/sparseland.json: its config does not build a model ({type(exc).__name__}: {msg}); {RESAVE}"
+        ) from exc
+    return config, {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+
+
+def _smoke_forward(path: Path, model: torch.nn.Module) -> None:
+    """One token through the model: a config value that builds but breaks the forward (a hand-edited
+    ``output_hidden_states``, say) is an error here, at load time, not deep inside the first real call."""
+    if not getattr(model.config, "vocab_size", 1):
+        return
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long))
+    except Exception as exc:  # any failure of the forward means the same: the config does not run
+        msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise SparselandError(
+            f"{path}/sparseland.json: the model its config builds does not run ({type(exc).__name__}: {msg}); {RESAVE}"
+        ) from exc
 
 
 def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     """Rebuild ``(model, tokenizer)`` from a sparse checkpoint; weights bit-exact (in their saved dtype)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     path = Path(path).expanduser()
     manifest = read_manifest(path)
-    cfg = dict(manifest["config"])
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config, expected = _build_config(path, manifest)
+    store = read_store(path / WEIGHTS_FILE)
+    for name, rec in manifest["tensors"].items():
+        validate_record(name, rec, store)
+    validate_aliases(manifest["aliases"], manifest["tensors"], str(path))
+    validate_shapes(manifest["tensors"], manifest["aliases"], expected, str(path))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     from sparseland.quant.apply import attach
 
-    store = load_file(str(path / WEIGHTS_FILE))
     quantized = {
         name: decode_quant(name, rec, store) for name, rec in manifest["tensors"].items() if rec["format"] == "quant"
     }
@@ -305,9 +360,16 @@ def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
     model.tie_weights()
     for name, qw in quantized.items():  # the modules get their QuantizedWeight back
         attach(model.get_submodule(name.removesuffix(".weight").removesuffix("weight").rstrip(".")), qw)
+    _smoke_forward(path, model.eval())
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise SparselandError(
+                f"{path}: the tokenizer files do not load ({type(exc).__name__}); save the tokenizer again "
+                "(tokenizer.save_pretrained(DIR))"
+            ) from exc
     return model.eval(), tokenizer
 
 

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from sparseland.cli import add_model_args, positive_int
+from sparseland.cli import add_model_args, fraction, positive_int
 from sparseland.errors import SparselandError
 
 FORMAT_HELP = (
@@ -26,6 +26,8 @@ def _generate_command(args: argparse.Namespace) -> int:
     from sparseland.runtime.generate import greedy_generate
     from sparseland.runtime.modules import to_sparse_runtime_
 
+    if not args.prompt.strip():
+        raise SparselandError("--prompt is empty; pass some text to continue, e.g. --prompt 'Once upon a time'")
     _threads(args)
     model, tok = load_model(args.model)
     if tok is None:
@@ -34,6 +36,8 @@ def _generate_command(args: argparse.Namespace) -> int:
     if args.sparse_runtime:
         report = to_sparse_runtime_(model, format=args.format, value_dtype=args.value_dtype, lm_head_dtype="float32")
     ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise SparselandError(f"--prompt {args.prompt!r} gives no tokens with this tokenizer; pass some words")
     res = greedy_generate(model, ids, args.max_new_tokens)
     text = tok.decode(res.tokens, skip_special_tokens=True)
     out = {
@@ -77,6 +81,22 @@ def _checkpoint_mb(spec: str) -> float | None:
     return f.stat().st_size / 1e6 if f.is_file() else None
 
 
+def _bench_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """``--pattern`` parsed as (N, M), None for none/unstructured; a bad value is a ``SparselandError``."""
+    from sparseland.weights.config import parse_pattern
+
+    return None if pattern is None else parse_pattern(pattern)
+
+
+def _check_pattern_fits(model: torch.nn.Module, pattern: str, m: int) -> None:
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head") and mod.in_features % m:
+            raise SparselandError(
+                f"--pattern {pattern}: {name} has {mod.in_features} input features, not a multiple of M={m}; "
+                "use an M that divides them (e.g. 2:4) or omit --pattern"
+            )
+
+
 def _bench_command(args: argparse.Namespace) -> int:
     from sparseland.models import load_model
     from sparseland.runtime.bench import (
@@ -89,8 +109,12 @@ def _bench_command(args: argparse.Namespace) -> int:
         time_decode,
     )
 
+    pattern = _bench_pattern(args.pattern)
     _threads(args)
     model, tok = load_model(args.model)
+    if pattern:
+        _check_pattern_fits(model, args.pattern, pattern[1])
+    args.pattern = args.pattern if pattern else None
     quantized = _is_quantized(model)
     sparse = model
     if args.prune_sparsity is not None or args.pattern:
@@ -175,7 +199,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "side by side in one run",
     )
     add_model_args(p)
-    p.add_argument("--prune-sparsity", type=float, default=None, help="magnitude-prune a copy to this sparsity")
+    p.add_argument("--prune-sparsity", type=fraction, default=None, help="magnitude-prune a copy to this sparsity")
     p.add_argument("--pattern", default=None, help="N:M pattern for the pruned copy, e.g. 2:4")
     p.add_argument("--format", default="auto", help=FORMAT_HELP)
     p.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"], help="values (both sides)")

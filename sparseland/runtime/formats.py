@@ -59,6 +59,57 @@ def _pad_values(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v.reshape(-1), v.new_zeros(PAD)])
 
 
+def _popcounts(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, bytes) uint8 -> (rows, bytes) int64 set bits per byte."""
+    return ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).sum(-1)
+
+
+def _check_row_mask(kind: str, mask: torch.Tensor, cols: int, values: torch.Tensor) -> None:
+    """Shared checks: a (rows, ceil(cols/8)) uint8 mask and a 1-D fp32/bf16 values tensor."""
+    if not isinstance(cols, int) or cols <= 0:
+        raise SparselandError(f"{kind}: {cols!r} columns; rebuild the format with from_dense")
+    if mask.dtype != torch.uint8 or mask.dim() != 2 or mask.shape[1] != (cols + 7) // 8:
+        raise SparselandError(
+            f"{kind}: mask is {mask.dtype} {tuple(mask.shape)}, expected uint8 (rows, {(cols + 7) // 8}); "
+            "rebuild the format with from_dense"
+        )
+    if values.dim() != 1 or values.dtype not in VALUE_DTYPES.values():
+        raise SparselandError(
+            f"{kind}: values are {values.dtype} {tuple(values.shape)}, expected 1-D float32 or bfloat16; "
+            "rebuild the format with from_dense"
+        )
+
+
+def _check_bitmask(kind: str, mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, cols: int) -> None:
+    """The bitmask layout's invariants (``BitmaskFormat`` and ``ActSparseBitmaskFormat``)."""
+    _check_row_mask(kind, mask, cols, values)
+    rows = mask.shape[0]
+    if cols % 8 and bool((mask[:, -1] >> (cols % 8)).any()):
+        raise SparselandError(f"{kind}: mask bits are set past column {cols}; rebuild the format with from_dense")
+    if row_ptr.dtype != torch.int64 or tuple(row_ptr.shape) != (rows + 1,):
+        raise SparselandError(
+            f"{kind}: row_ptr is {row_ptr.dtype} {tuple(row_ptr.shape)}, expected int64 ({rows + 1},); "
+            "rebuild the format with from_dense"
+        )
+    if int(row_ptr[0]) != 0:
+        raise SparselandError(f"{kind}: row_ptr starts at {int(row_ptr[0])}, not 0; rebuild the format with from_dense")
+    span = row_ptr[1:] - row_ptr[:-1]
+    counts = _popcounts(mask).sum(-1)
+    if bool((span != counts).any()):
+        r = int((span != counts).nonzero()[0])
+        raise SparselandError(
+            f"{kind}: row {r} spans {int(span[r])} values in row_ptr but its mask has {int(counts[r])} bits set"
+            + (" (row_ptr is not monotone)" if int(span[r]) < 0 else "")
+            + "; rebuild the format with from_dense"
+        )
+    nnz = int(row_ptr[-1])
+    if values.numel() < nnz + PAD:
+        raise SparselandError(
+            f"{kind}: {values.numel()} values, but row_ptr ends at nnz={nnz} and the kernels need nnz + {PAD} "
+            "(padding); rebuild the format with from_dense"
+        )
+
+
 @dataclass
 class DenseFormat:
     weight: torch.Tensor  # (out, in)
@@ -100,6 +151,13 @@ class BitmaskFormat:
         row_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
         row_ptr[1:] = nz.sum(1).cumsum(0)
         return cls(_pack_row_bits(nz), row_ptr, _pad_values(w[nz]), w.shape[1])
+
+    def validate(self) -> BitmaskFormat:
+        """Check the tensors before a kernel indexes with them (for a format built from stored tensors,
+        not ``from_dense``): row_ptr starts at 0, is monotone, each row spans its mask's popcount, ends at
+        nnz; no mask bits past ``in_features``; values hold nnz + 8 padding entries. Returns self."""
+        _check_bitmask("bitmask format", self.mask, self.row_ptr, self.values, self.in_features)
+        return self
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -143,6 +201,31 @@ class NMFormat:
         bits = torch.zeros(out, wp.shape[1] // m, m, dtype=torch.bool)
         bits.scatter_(-1, idx, True)
         return cls(_pack_row_bits(bits.view(out, -1)), _pad_values(vals), cols, n, m)
+
+    def validate(self) -> NMFormat:
+        """Check the tensors before the kernel indexes with them: N:M with 2N = M dividing 8, every mask
+        byte has exactly 4 bits set (N per group of M), values hold rows*bytes*4 + 8 entries. Returns self."""
+        kind = f"{self.n}:{self.m} format"
+        if (
+            not (isinstance(self.n, int) and isinstance(self.m, int) and self.m > 0 and 2 * self.n == self.m)
+            or 8 % self.m
+        ):
+            raise SparselandError(f"N:M runtime format supports 1:2, 2:4 and 4:8, not {self.n}:{self.m}; use 'bitmask'")
+        _check_row_mask(kind, self.mask, self.in_features, self.values)
+        bits = kernels._unpack_rows(self.mask).view(self.mask.shape[0], -1, self.m).sum(-1)
+        if bool((bits != self.n).any()):
+            r, g = (int(v) for v in (bits != self.n).nonzero()[0])
+            raise SparselandError(
+                f"{kind}: mask row {r} group {g} has {int(bits[r, g])} bits set, not {self.n} "
+                "(every mask byte must have exactly 4); rebuild the format with from_dense"
+            )
+        need = self.mask.numel() * 4 + PAD
+        if self.values.numel() < need:
+            raise SparselandError(
+                f"{kind}: {self.values.numel()} values, the mask needs {need} (incl. {PAD} padding); "
+                "rebuild the format with from_dense"
+            )
+        return self
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -223,6 +306,11 @@ class ActSparseBitmaskFormat:
         nnz = int((_canonical(w, value_dtype) != 0).sum())
         s = torch.empty((), dtype=value_dtype).element_size()
         return inp * ((out + 7) // 8) + 8 * (inp + 1) + (nnz + PAD) * s
+
+    def validate(self) -> ActSparseBitmaskFormat:
+        """The ``BitmaskFormat.validate`` checks on W^T (rows = input channels). Returns self."""
+        _check_bitmask("actsparse_bitmask format", self.mask, self.row_ptr, self.values, self.out_features)
+        return self
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -16,12 +16,56 @@ from collections.abc import Iterator
 
 import torch
 
-_state: dict[str, bool | None] = {"loaded": None, "forced": False, "warned": False}
+_state: dict[str, bool | None] = {"loaded": None, "forced": False, "warned": False, "cpu_warned": False}
+
+
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")  # the kernels are compiled for these (-mavx2 -mfma -mf16c)
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU feature flags listed in ``/proc/cpuinfo``, or None when unknown (not Linux, unreadable)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
+
+
+def missing_cpu_features(flags: set[str] | None) -> list[str]:
+    """Required features absent from ``flags`` (None = unknown: assume present, so nothing is missing)."""
+    if flags is None:
+        return []
+    return [f for f in REQUIRED_CPU_FLAGS if f not in flags]
+
+
+def cpu_supports_kernels(flags: set[str] | None = None, *, warn: bool = True) -> bool:
+    """Whether this CPU can run the compiled kernels (else they would die with SIGILL); warns once if not."""
+    import platform
+
+    if flags is None and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        flags = cpu_flags()
+    missing = missing_cpu_features(flags)
+    if missing and warn and not _state["cpu_warned"]:
+        _state["cpu_warned"] = True
+        warnings.warn(
+            f"this CPU lacks {'/'.join(f.upper() for f in missing)}: sparseland uses its PyTorch references, "
+            "slower but correct",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return not missing
 
 
 def extension_available() -> bool:
-    """True if the compiled kernels import (tried once)."""
+    """True if the compiled kernels import (tried once) and the CPU has the features they use."""
     if _state["loaded"] is None:
+        if not cpu_supports_kernels():
+            _state["loaded"] = False
+            _state["warned"] = True  # the CPU warning said why; no second "not built" warning
+            return False
         try:
             import sparseland.runtime._C  # noqa: F401  (registers torch.ops.sparseland.*)
 

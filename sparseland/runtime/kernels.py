@@ -19,7 +19,7 @@ import torch
 _state: dict[str, bool | None] = {"loaded": None, "forced": False, "warned": False, "cpu_warned": False}
 
 
-REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")  # the kernels are compiled for these (-mavx2 -mfma -mf16c)
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "bmi1", "bmi2")  # -march=haswell: the compiler may emit any of these
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:

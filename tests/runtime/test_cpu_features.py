@@ -25,16 +25,16 @@ def test_flags_parsed_from_cpuinfo(tmp_path):
 
 
 def test_missing_features():
-    assert kernels.missing_cpu_features({"avx2", "fma", "f16c", "sse4_2"}) == []
-    assert kernels.missing_cpu_features({"avx", "sse4_2"}) == ["avx2", "fma", "f16c"]
-    assert kernels.missing_cpu_features({"avx2", "f16c"}) == ["fma"]
+    assert kernels.missing_cpu_features({"avx2", "fma", "f16c", "bmi1", "bmi2", "sse4_2"}) == []
+    assert kernels.missing_cpu_features({"avx", "sse4_2"}) == ["avx2", "fma", "f16c", "bmi1", "bmi2"]
+    assert kernels.missing_cpu_features({"avx2", "f16c", "bmi1", "bmi2"}) == ["fma"]
     assert kernels.missing_cpu_features(None) == []  # unknown: allow
 
 
 def test_old_cpu_warns_once_and_disables_the_extension(fresh_state, monkeypatch):
     monkeypatch.setattr(kernels, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": {"sse2", "avx"})
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    with pytest.warns(RuntimeWarning, match="lacks AVX2/FMA/F16C: sparseland uses its PyTorch references"):
+    with pytest.warns(RuntimeWarning, match="lacks AVX2/FMA/F16C/BMI1/BMI2: sparseland uses its PyTorch references"):
         assert kernels.extension_available() is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning, neither the CPU one nor "not built"

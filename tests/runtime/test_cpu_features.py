@@ -46,7 +46,7 @@ def test_old_cpu_warns_once_and_disables_the_extension(fresh_state, monkeypatch)
 def test_capable_or_unknown_cpu_allows(fresh_state, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert kernels.cpu_supports_kernels({"avx2", "fma", "f16c"})
+        assert kernels.cpu_supports_kernels({"avx2", "fma", "f16c", "bmi1", "bmi2"})
     monkeypatch.setattr(kernels, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": None)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     with warnings.catch_warnings():

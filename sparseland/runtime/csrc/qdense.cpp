@@ -482,6 +482,14 @@ at::Tensor q4_mm(at::Tensor codes, at::Tensor scale, std::optional<at::Tensor> o
   const int64_t B = x.size(0);
   auto y = at::empty({B, out}, x.options());
   if (B == 0 || out == 0) return y;
+  if (B == 1) {  // decode: the fused step's entry point, each thread quantizing x into its own buffer
+    const auto* Sh = scale.data_ptr<at::Half>();
+    const at::Half* Oh = asym ? offset->data_ptr<at::Half>() : nullptr;
+    parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
+      q4_mv(codes.data_ptr<uint8_t>(), Sh, Oh, in, group, x.data_ptr<float>(), y.data_ptr<float>(), r0, r1);
+    });
+    return y;
+  }
   const QXSize s = q4_size(in, group);
   QXBuf buf;
   buf.fit(s, B);
@@ -526,6 +534,12 @@ at::Tensor q8_mm(at::Tensor codes, at::Tensor scale, at::Tensor x) {
   const int64_t B = x.size(0);
   auto y = at::empty({B, out}, x.options());
   if (B == 0 || out == 0) return y;
+  if (B == 1) {
+    parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
+      q8_mv(codes.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), in, x.data_ptr<float>(), y.data_ptr<float>(), r0, r1);
+    });
+    return y;
+  }
   const QXSize s = q8_size(in);
   QXBuf buf;
   buf.fit(s, B);

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "matvec.h"
 #include "qmatvec.h"
 
 namespace sparseland {
@@ -158,10 +159,9 @@ inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 // nt < 4: a row's last, partial quad (only nt blocks exist; the rest get 0 and are never read).
 template <int BPG>
 inline __m128 quad_scales(const uint16_t* sc, int64_t q, int nt) {
-  if (nt < 4) {
-    alignas(16) float d[4] = {0, 0, 0, 0};
-    for (int i = 0; i < nt; ++i) d[i] = h2f(sc[(4 * q + i) / BPG]);
-    return _mm_load_ps(d);
+  if (nt < 4) {  // built in registers (a stack array read back as a vector stalls store forwarding)
+    auto d = [&](int i) { return i < nt ? h2f(sc[(4 * q + i) / BPG]) : 0.0f; };
+    return _mm_setr_ps(d(0), d(1), d(2), d(3));
   }
   if constexpr (BPG == 1) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 4 * q)));
   if constexpr (BPG == 2) {
@@ -181,16 +181,19 @@ void q4_rows_avx2(const uint8_t* codes, const uint16_t* scale, const uint16_t* o
   const int64_t nblk = in / 32, nqf = nblk / 4, nt = nblk % 4, G = nblk / BPG;
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i lo_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), hi_idx = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-  alignas(64) uint8_t tail[64];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* w = codes + r * (in / 2);
     const uint16_t* sc = scale + r * G;
     __m256 acc[U][NB];
     for (int u = 0; u < U; ++u)
       for (int b = 0; b < NB; ++b) acc[u][b] = _mm256_setzero_ps();
-    auto quad = [&](const uint8_t* wq, __m128 d4, int64_t q, __m256* a) {
-      for (int p = 0; p < 2; ++p) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p));
+    // blocks [4q + 2p, 4q + 2p + nb) of the row, nb = 2 (one 32-byte load) or 1 (a 16-byte load)
+    auto quad = [&](const uint8_t* wq, __m128 d4, int64_t q, __m256* a, int nblocks = 4) {
+      for (int p = 0; 2 * p < nblocks; ++p) {
+        const __m256i v =
+            2 * p + 1 < nblocks
+                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p))
+                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + 32 * p)));
         const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         const __m256 d8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d4), p ? hi_idx : lo_idx);
         for (int b = 0; b < NB; ++b) {
@@ -208,11 +211,7 @@ void q4_rows_avx2(const uint8_t* codes, const uint16_t* scale, const uint16_t* o
     for (; q + U <= nqf; q += U)
       for (int u = 0; u < U; ++u) quad(w + 64 * (q + u), quad_scales<BPG>(sc, q + u, 4), q + u, acc[u]);
     for (; q < nqf; ++q) quad(w + 64 * q, quad_scales<BPG>(sc, q, 4), q, acc[0]);
-    if (nt) {
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, w + 64 * nqf, 16 * nt);
-      quad(tail, quad_scales<BPG>(sc, nqf, int(nt)), nqf, acc[0]);
-    }
+    if (nt) quad(w + 64 * nqf, quad_scales<BPG>(sc, nqf, int(nt)), nqf, acc[0], int(nt));
     // offset term: sum_g m_g * S_g
     const uint16_t* mo = ASYM ? offset + r * G : sc;
     const __m256 mmul = _mm256_set1_ps(ASYM ? 1.0f : -8.0f);
@@ -278,16 +277,12 @@ void q8_rows_avx2(const int8_t* codes, const uint16_t* scale, int64_t in, const 
 
 template <int BPG>
 QS_AVX512 inline __m128 quad_scales512(const uint16_t* sc, int64_t q, int nt) {
-  if (nt < 4) {
-    alignas(16) float d[4] = {0, 0, 0, 0};
-    for (int i = 0; i < nt; ++i) d[i] = _cvtsh_ss(sc[(4 * q + i) / BPG]);
-    return _mm_load_ps(d);
-  }
-  if constexpr (BPG == 1) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 4 * q)));
+  // nt < 4 (a row's last quad; BPG 1 or 2, as in % group == 0): masked loads of the scales present
+  if constexpr (BPG == 1)
+    return _mm_cvtph_ps(nt < 4 ? _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << nt) - 1), sc + 4 * q)
+                               : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 4 * q)));
   if constexpr (BPG == 2) {
-    uint32_t u;
-    std::memcpy(&u, sc + 2 * q, 4);
-    const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128(int(u)));
+    const __m128 d = _mm_cvtph_ps(_mm_maskz_loadu_epi16(nt < 4 ? 1 : 3, sc + 2 * q));  // [d0, d1, 0, 0]
     return _mm_unpacklo_ps(d, d);
   }
   return _mm_set1_ps(_cvtsh_ss(sc[q]));
@@ -295,10 +290,9 @@ QS_AVX512 inline __m128 quad_scales512(const uint16_t* sc, int64_t q, int nt) {
 
 // One quad (128 columns) of one Q4 row against NB vectors: a[b] += (d * dx) * I per int32 lane.
 template <int NB>
-QS_AVX512 inline void q4_quad512(const uint8_t* wq, __m128 d4, int64_t q, const QX* xs, __m512* a) {
+QS_AVX512 inline void q4_quad512(__m512i v, __m128 d4, int64_t q, const QX* xs, __m512* a) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i didx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __m512i v = _mm512_loadu_si512(wq);
   const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
   const __m512 d16 = _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(d4));
   for (int b = 0; b < NB; ++b) {
@@ -315,7 +309,6 @@ QS_AVX512 void q4_rows512(const uint8_t* codes, const uint16_t* scale, const uin
                           const QX* xs, float* y, int64_t ys, int64_t r0, int64_t r1) {
   constexpr int U = NB <= 2 ? 2 : 1;
   const int64_t nblk = in / 32, nqf = nblk / 4, nt = nblk % 4, G = nblk / BPG;
-  alignas(64) uint8_t tail[64];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* w = codes + r * (in / 2);
     const uint16_t* sc = scale + r * G;
@@ -324,12 +317,12 @@ QS_AVX512 void q4_rows512(const uint8_t* codes, const uint16_t* scale, const uin
       for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
     int64_t q = 0;
     for (; q + U <= nqf; q += U)
-      for (int u = 0; u < U; ++u) q4_quad512<NB>(w + 64 * (q + u), quad_scales512<BPG>(sc, q + u, 4), q + u, xs, acc[u]);
-    for (; q < nqf; ++q) q4_quad512<NB>(w + 64 * q, quad_scales512<BPG>(sc, q, 4), q, xs, acc[0]);
-    if (nt) {
-      _mm512_store_si512(tail, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, 16 * nt), w + 64 * nqf));
-      q4_quad512<NB>(tail, quad_scales512<BPG>(sc, nqf, int(nt)), nqf, xs, acc[0]);
-    }
+      for (int u = 0; u < U; ++u)
+        q4_quad512<NB>(_mm512_loadu_si512(w + 64 * (q + u)), quad_scales512<BPG>(sc, q + u, 4), q + u, xs, acc[u]);
+    for (; q < nqf; ++q) q4_quad512<NB>(_mm512_loadu_si512(w + 64 * q), quad_scales512<BPG>(sc, q, 4), q, xs, acc[0]);
+    if (nt)  // the row's last nt < 4 blocks: masked load, zeros past the row
+      q4_quad512<NB>(_mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, 16 * nt), w + 64 * nqf),
+                     quad_scales512<BPG>(sc, nqf, int(nt)), nqf, xs, acc[0]);
     const uint16_t* mo = ASYM ? offset + r * G : sc;
     const __m512 mmul = _mm512_set1_ps(ASYM ? 1.0f : -8.0f);
     __m512 o[NB];
@@ -348,8 +341,8 @@ QS_AVX512 void q4_rows512(const uint8_t* codes, const uint16_t* scale, const uin
 }
 
 template <int NB>
-QS_AVX512 inline void q8_pair512(const int8_t* wp, int64_t p, const QX* xs, __m512* a) {
-  const __m512i u8 = _mm512_xor_si512(_mm512_loadu_si512(wp), _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128
+QS_AVX512 inline void q8_pair512(__m512i w, int64_t p, const QX* xs, __m512* a) {
+  const __m512i u8 = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128
   for (int b = 0; b < NB; ++b) {
     const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u8, _mm512_loadu_si512(xs[b].xq + 64 * p));
     a[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_loadu_ps(xs[b].dxe + 16 * p), a[b]);
@@ -361,7 +354,6 @@ QS_AVX512 void q8_rows512(const int8_t* codes, const uint16_t* scale, int64_t in
                           int64_t r0, int64_t r1) {
   constexpr int U = NB <= 2 ? 2 : 1;
   const int64_t npf = in / 64, rem = in % 64;
-  alignas(64) int8_t tail[64];
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* w = codes + r * in;
     __m512 acc[U][NB];
@@ -369,13 +361,10 @@ QS_AVX512 void q8_rows512(const int8_t* codes, const uint16_t* scale, int64_t in
       for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
     int64_t p = 0;
     for (; p + U <= npf; p += U)
-      for (int u = 0; u < U; ++u) q8_pair512<NB>(w + 64 * (p + u), p + u, xs, acc[u]);
-    for (; p < npf; ++p) q8_pair512<NB>(w + 64 * p, p, xs, acc[0]);
-    if (rem) {
-      // padded columns: w = 0 (u8 128) meets xq = 0
-      _mm512_store_si512(tail, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, unsigned(rem)), w + 64 * npf));
-      q8_pair512<NB>(tail, npf, xs, acc[0]);
-    }
+      for (int u = 0; u < U; ++u) q8_pair512<NB>(_mm512_loadu_si512(w + 64 * (p + u)), p + u, xs, acc[u]);
+    for (; p < npf; ++p) q8_pair512<NB>(_mm512_loadu_si512(w + 64 * p), p, xs, acc[0]);
+    if (rem)  // padded columns: w = 0 (u8 128) meets xq = 0
+      q8_pair512<NB>(_mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, unsigned(rem)), w + 64 * npf), npf, xs, acc[0]);
     const float d = _cvtsh_ss(scale[r]);
     for (int b = 0; b < NB; ++b) {
       __m512 s = acc[0][b];
@@ -572,10 +561,47 @@ at::Tensor q8_mm(at::Tensor codes, at::Tensor scale, at::Tensor x) {
 
 std::string quant_isa_op() { return quant_isa_name(); }
 
+// Benchmark helper: one single-vector pass over a chain of weights, as a model's decode step runs them
+// (each matvec's rows split over torch's threads with parallel_rows), without Python in between.
+// weights[i]: uint8 (Q4 codes, scales[i], offsets[i] if `offsets` is not empty), int8 (Q8 codes,
+// scales[i]), float32 or bfloat16 (dense, dense_mv). xs: float32 vectors; weight i uses the first
+// one whose length is its in_features. Returns the last output.
+at::Tensor qmv_chain(std::vector<at::Tensor> weights, std::vector<at::Tensor> scales, std::vector<at::Tensor> offsets,
+                     int64_t group, std::vector<at::Tensor> xs) {
+  at::Tensor y;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "qmv_chain: weights must be contiguous 2-d tensors");
+    const bool q4 = w.scalar_type() == at::kByte, q8 = w.scalar_type() == at::kChar;
+    const int64_t out = w.size(0), in = q4 ? 2 * w.size(1) : w.size(1);
+    const float* x = nullptr;
+    for (const auto& v : xs)
+      if (v.numel() == in && v.scalar_type() == at::kFloat && v.is_contiguous()) x = v.data_ptr<float>();
+    TORCH_CHECK(x != nullptr, "qmv_chain: no float32 x of length ", in);
+    if (q4 || q8) TORCH_CHECK(i < scales.size() && scales[i].scalar_type() == at::kHalf, "qmv_chain: scales");
+    y = at::empty({out}, at::kFloat);
+    float* Y = y.data_ptr<float>();
+    parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
+      if (q4)
+        q4_mv(w.data_ptr<uint8_t>(), scales[i].data_ptr<at::Half>(),
+              offsets.empty() ? nullptr : offsets[i].data_ptr<at::Half>(), in, group, x, Y, r0, r1);
+      else if (q8)
+        q8_mv(w.data_ptr<int8_t>(), scales[i].data_ptr<at::Half>(), in, x, Y, r0, r1);
+      else if (w.scalar_type() == at::kFloat)
+        dense_mv(w.data_ptr<float>(), x, Y, in, r0, r1);
+      else
+        dense_mv(w.data_ptr<at::BFloat16>(), x, Y, in, r0, r1);
+    });
+  }
+  return y;
+}
+
 }  // namespace sparseland
 
 TORCH_LIBRARY_FRAGMENT(sparseland, m) {
   m.def("q4_mm(Tensor codes, Tensor scale, Tensor? offset, int group, Tensor x) -> Tensor", &sparseland::q4_mm);
   m.def("q8_mm(Tensor codes, Tensor scale, Tensor x) -> Tensor", &sparseland::q8_mm);
   m.def("quant_isa() -> str", &sparseland::quant_isa_op);
+  m.def("qmv_chain(Tensor[] weights, Tensor[] scales, Tensor[] offsets, int group, Tensor[] xs) -> Tensor",
+        &sparseland::qmv_chain);
 }

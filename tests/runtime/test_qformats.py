@@ -130,11 +130,12 @@ def test_to_dense_is_dequantize_bit_for_bit(scheme):
 
 
 def test_q4_byte_order_is_llama_cpp_block_order():
-    codes = torch.arange(64, dtype=torch.uint8).remainder(16).reshape(1, 64)
+    codes = (torch.arange(64, dtype=torch.uint8) // 4).reshape(1, 64)  # column j -> j // 4: lo != hi nibble
     packed = Q.pack_q4(codes)
     assert packed.shape == (1, 32)
     assert int(packed[0, 0]) == (codes[0, 0] | (codes[0, 16] << 4))
-    assert int(packed[0, 17]) == (codes[0, 33] | (codes[0, 49] << 4))
+    assert int(packed[0, 17]) == (codes[0, 33] | (codes[0, 49] << 4)) == 8 | (12 << 4)
+    assert int(packed[0, 0]) == 0 | (4 << 4)
 
 
 @pytest.mark.parametrize(

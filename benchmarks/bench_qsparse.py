@@ -21,9 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
+import sparseland.runtime._C  # noqa: F401
 import torch
 
-import sparseland.runtime._C  # noqa: F401
 from sparseland.io import write_results
 from sparseland.quant.scheme import QuantScheme, quantize_rtn
 from sparseland.runtime.qsparse import Q4BitmaskFormat, Q4NMFormat
@@ -71,16 +71,29 @@ def build_variants() -> dict[str, dict]:
         "dense bf16": ("dense", lambda w: [w.to(torch.bfloat16).contiguous()]),
         "q4 dense-mask g32 asym (int4 stand-in)": (
             "q4bitmask",
-            lambda w: _tensors(Q4BitmaskFormat.from_quantized(quantize_rtn(w, "int4-g32", mask=torch.ones_like(w, dtype=torch.bool)))),
+            lambda w: _tensors(
+                Q4BitmaskFormat.from_quantized(quantize_rtn(w, "int4-g32", mask=torch.ones_like(w, dtype=torch.bool)))
+            ),
         ),
         "q4 dense-mask g64 asym": (
             "q4bitmask",
-            lambda w: _tensors(Q4BitmaskFormat.from_quantized(quantize_rtn(w, "int4-g64", mask=torch.ones_like(w, dtype=torch.bool)))),
+            lambda w: _tensors(
+                Q4BitmaskFormat.from_quantized(quantize_rtn(w, "int4-g64", mask=torch.ones_like(w, dtype=torch.bool)))
+            ),
         ),
-        "q4_bitmask 50% sparse g64 asym": ("q4bitmask", lambda w: _tensors(Q4BitmaskFormat.from_dense(_bitmask_weight(w, 0.5), "int4-g64"))),
-        "q4_bitmask 70% sparse g64 asym": ("q4bitmask", lambda w: _tensors(Q4BitmaskFormat.from_dense(_bitmask_weight(w, 0.3), "int4-g64"))),
+        "q4_bitmask 50% sparse g64 asym": (
+            "q4bitmask",
+            lambda w: _tensors(Q4BitmaskFormat.from_dense(_bitmask_weight(w, 0.5), "int4-g64")),
+        ),
+        "q4_bitmask 70% sparse g64 asym": (
+            "q4bitmask",
+            lambda w: _tensors(Q4BitmaskFormat.from_dense(_bitmask_weight(w, 0.3), "int4-g64")),
+        ),
         "q4_nm 2:4 g64 asym": ("q4nm", lambda w: _tensors(Q4NMFormat.from_dense(_nm_weight(w), "int4-g64"))),
-        "q4_nm 2:4 g64 sym": ("q4nm", lambda w: _tensors(Q4NMFormat.from_dense(_nm_weight(w), QuantScheme(4, 64, True)))),
+        "q4_nm 2:4 g64 sym": (
+            "q4nm",
+            lambda w: _tensors(Q4NMFormat.from_dense(_nm_weight(w), QuantScheme(4, 64, True))),
+        ),
     }
     variants = {}
     for name, (kind, make) in specs.items():

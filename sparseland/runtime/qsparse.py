@@ -151,7 +151,7 @@ def ref_q4nm_mm(mask, codes, scale, offset, x) -> torch.Tensor:
 
 
 def ref_q4bitmask_mm(mask, row_ptr, codes, scale, offset, x) -> torch.Tensor:
-    out, n = mask.shape[0], mask.shape[1] * 8
+    n = mask.shape[1] * 8
     keep = _unpack_mask(mask)
     q = _dense_codes(mask, unpack_codes(codes, keep.sum(1)), n)
     return x.float() @ _weight(q, keep, scale, offset, n, n // scale.shape[1]).T
@@ -245,7 +245,9 @@ class Q4NMFormat:
     def to_dense(self) -> torch.Tensor:
         out = self.mask.shape[0]
         keep = _unpack_mask(self.mask)
-        q = _dense_codes(self.mask, unpack_codes(self.codes, torch.full((out,), self.in_features // 2)), self.in_features)
+        q = _dense_codes(
+            self.mask, unpack_codes(self.codes, torch.full((out,), self.in_features // 2)), self.in_features
+        )
         return _weight(q, keep, self.scale, self.offset, self.in_features, self.group)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)

@@ -71,8 +71,17 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-// x (in,) fp32 -> xq (in,) int8 and xs (in / 32,) fp32 block scales; in % 32 == 0.
+// Floats of one quantized x's scale area (xs_len): the in/32 block scales s_b, 16 zeros, then the
+// per-lane scales of the AVX-512 steps, so the kernels load them instead of permuting:
+//   lanes64(xs, in)  + 16 t: 64-column step t, lanes 0-7 = s_{2t}, 8-15 = s_{2t+1}   (q4bitmask)
+//   lanes128(xs, in) + 16 t: 128-column step t, lanes 4j..4j+3 = s_{4t+j}            (q4nm)
+inline int64_t xs_len(int64_t in) { return in / XB + 16 + (in / 64 + 1) * 16 + (in / 128 + 1) * 16 + XPAD; }
+inline const float* lanes64(const float* xs, int64_t in) { return xs + in / XB + 16; }
+inline const float* lanes128(const float* xs, int64_t in) { return lanes64(xs, in) + (in / 64 + 1) * 16; }
+
+// x (in,) fp32 -> xq (in,) int8 and xs (xs_len(in),) fp32 block scales and lane scales; in % 32 == 0.
 void quantize_x(const float* x, int64_t in, int8_t* xq, float* xs) {
+  const int64_t nb = in / XB;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < in / XB; ++b) {
@@ -91,6 +100,13 @@ void quantize_x(const float* x, int64_t in, int8_t* xq, float* xs) {
     q = _mm256_max_epi8(q, _mm256_set1_epi8(-127));  // NaN/inf inputs saturate; keep the +-127 grid
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * XB), _mm256_permutevar8x32_epi32(q, perm));
   }
+  for (int64_t b = nb; b < nb + 16; ++b) xs[b] = 0.0f;
+  float* l64 = xs + nb + 16;
+  for (int64_t t = 0; t <= in / 64; ++t)
+    for (int l = 0; l < 16; ++l) l64[16 * t + l] = xs[2 * t + l / 8];
+  float* l128 = l64 + (in / 64 + 1) * 16;
+  for (int64_t t = 0; t <= in / 128; ++t)
+    for (int l = 0; l < 16; ++l) l128[16 * t + l] = xs[4 * t + l / 4];
 }
 
 // ---- per-row preparation ----------------------------------------------------------------------------
@@ -155,7 +171,7 @@ struct Scratch {
     codes.assign(in + XPAD, 0);
     d.assign(in / XB + XPAD, 0.0f);
     m.assign(in / XB + XPAD, 0.0f);
-    xs.assign(in / XB + XPAD, 0.0f);
+    xs.assign(xs_len(in), 0.0f);
     xq.assign(in + XPAD, 0);
   }
 };
@@ -239,17 +255,19 @@ inline uint64_t mask64(const uint8_t* mrow, int64_t c, int64_t in) {
 
 // One 64-column step by expansion: codes[pos..] (count popcount(k)) to their columns, dot with xq[c..].
 // Returns the step's lanes (d Q + m S) * s; lanes 0-7 are x block c/32, lanes 8-15 block c/32 + 1.
+// G32: group of 32 columns (lanes 0-7 and 8-15 have their own d, m), else one d, m broadcast.
+template <bool G32>
 SPARSELAND_Q512 inline __m512 step64_expand(uint64_t k, const uint8_t* cu, const float* d, const float* m,
-                                            __m512i gidx, const int8_t* xq, const float* xs, int64_t c, int gshift) {
+                                            const int8_t* xq, const float* l64, int64_t c, int gshift) {
   const __m512i zero = _mm512_setzero_si512();
-  const __m512i blk = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m512i cv = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(cu));
   const __m512i xv = _mm512_loadu_si512(xq + c);
   const __m512i q = _mm512_dpbusd_epi32(zero, cv, xv);
   const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)), xv);
-  const __m512 dl = _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(d + (c >> gshift)));
-  const __m512 ml = _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(m + (c >> gshift)));
-  const __m512 sl = _mm512_permutexvar_ps(blk, _mm512_loadu_ps(xs + c / XB));
+  const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
+  const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
+  const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
   return _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl);
 }
 
@@ -258,10 +276,10 @@ SPARSELAND_Q512 inline __m512i lane_groups(__m512i col_off, int gshift) {
   return _mm512_srlv_epi32(col_off, _mm512_set1_epi32(gshift));
 }
 
+template <bool G32>
 SPARSELAND_Q512 float row_dot_bitmask512(const uint8_t* mrow, const uint8_t* cu, const float* d, const float* m,
                                          int gshift, const int8_t* xq, const float* xs, int64_t in) {
-  const __m512i gidx =
-      lane_groups(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 32, 32, 32, 32, 32, 32, 32, 32), gshift);
+  const float* l64 = lanes64(xs, in);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t pos = 0, c = 0;
   for (; c + 128 <= in; c += 128) {  // two independent steps per iteration
@@ -269,23 +287,26 @@ SPARSELAND_Q512 float row_dot_bitmask512(const uint8_t* mrow, const uint8_t* cu,
     std::memcpy(&k0, mrow + c / 8, 8);
     std::memcpy(&k1, mrow + c / 8 + 8, 8);
     const int64_t p1 = pos + _mm_popcnt_u64(k0);
-    acc0 = _mm512_add_ps(acc0, step64_expand(k0, cu + pos, d, m, gidx, xq, xs, c, gshift));
-    acc1 = _mm512_add_ps(acc1, step64_expand(k1, cu + p1, d, m, gidx, xq, xs, c + 64, gshift));
+    acc0 = _mm512_add_ps(acc0, step64_expand<G32>(k0, cu + pos, d, m, xq, l64, c, gshift));
+    acc1 = _mm512_add_ps(acc1, step64_expand<G32>(k1, cu + p1, d, m, xq, l64, c + 64, gshift));
     pos = p1 + _mm_popcnt_u64(k1);
   }
   for (; c < in; c += 64) {
     const uint64_t k = mask64(mrow, c, in);
-    acc0 = _mm512_add_ps(acc0, step64_expand(k, cu + pos, d, m, gidx, xq, xs, c, gshift));
+    acc0 = _mm512_add_ps(acc0, step64_expand<G32>(k, cu + pos, d, m, xq, l64, c, gshift));
     pos += _mm_popcnt_u64(k);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* cu, const float* d, const float* m, int gshift,
-                                    const int8_t* xq, const float* xs, int64_t in) {
+// prow: the row's packed codes (full 64-code chunks are unpacked here, in registers); cu: unpacked codes,
+// only the last partial chunk (codes from (in / 128) * 64 on) is read from it.
+SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* prow, const uint8_t* cu, const float* d,
+                                    const float* m, int gshift, const int8_t* xq, const float* xs, int64_t in) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
   const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
   const __m512i col8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
-  const __m512i blk4 = _mm512_srli_epi32(col8, 5);  // lane l -> x block l / 4
+  const float* l128 = lanes128(xs, in);
   const __m512i gidx4 = lane_groups(col8, gshift);  // lane l -> group (8 l) >> gshift
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t c = 0;
@@ -293,7 +314,9 @@ SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* cu, cons
     uint64_t k0, k1;
     std::memcpy(&k0, mrow + c / 8, 8);
     std::memcpy(&k1, mrow + c / 8 + 8, 8);
-    const __m512i cv = _mm512_loadu_si512(cu + c / 2);  // 64 kept codes of columns [c, c + 128)
+    const __m256i pv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(prow + c / 4));  // a full chunk
+    const __m512i cv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(pv, lo4)),  // 64 kept codes
+                                          _mm256_and_si256(_mm256_srli_epi16(pv, 4), lo4), 1);
     const __m256i xa = _mm512_castsi512_si256(_mm512_maskz_compress_epi8(k0, _mm512_loadu_si512(xq + c)));
     const __m256i xb = _mm512_castsi512_si256(_mm512_maskz_compress_epi8(k1, _mm512_loadu_si512(xq + c + 64)));
     const __m512i xc = _mm512_inserti64x4(_mm512_castsi256_si512(xa), xb, 1);
@@ -301,17 +324,16 @@ SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* cu, cons
     const __m512i s = _mm512_dpbusd_epi32(zero, ones, xc);
     const __m512 dl = _mm512_permutexvar_ps(gidx4, _mm512_loadu_ps(d + (c >> gshift)));
     const __m512 ml = _mm512_permutexvar_ps(gidx4, _mm512_loadu_ps(m + (c >> gshift)));
-    const __m512 sl = _mm512_permutexvar_ps(blk4, _mm512_loadu_ps(xs + c / XB));
+    const __m512 sl = _mm512_loadu_ps(l128 + 16 * (c / 128));
     const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml));
     if ((c / 128) & 1) acc1 = _mm512_fmadd_ps(t, sl, acc1);
     else acc0 = _mm512_fmadd_ps(t, sl, acc0);
   }
-  if (c < in) {  // the last 32, 64 or 96 columns: expansion steps (4 kept per mask byte: pos = c / 2)
-    const __m512i gidx =
-        lane_groups(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 32, 32, 32, 32, 32, 32, 32, 32), gshift);
-    for (; c < in; c += 64)
-      acc0 = _mm512_add_ps(acc0, step64_expand(mask64(mrow, c, in), cu + c / 2, d, m, gidx, xq, xs, c, gshift));
-  }
+  // the last 32, 64 or 96 columns: expansion steps (4 kept per mask byte: codes from c / 2)
+  const float* l64 = lanes64(xs, in);
+  for (; c < in; c += 64)
+    acc0 = _mm512_add_ps(acc0, gshift == 5 ? step64_expand<true>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, 5)
+                                           : step64_expand<false>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, gshift));
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
@@ -340,8 +362,12 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
   bool ok = true;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* mrow = mask + r * in8;
-    if (nm) {
-      unpack_codes(codes + r * (in / 4), in / 2, S.codes.data());
+    const uint8_t* prow = nm ? codes + r * (in / 4) : nullptr;
+    if (nm && isa == kAvx512) {  // full chunks are unpacked in registers; only the partial last one here
+      const int64_t full = in / 128;
+      unpack_codes(prow + 32 * full, (in % 128) / 2, S.codes.data() + 64 * full);
+    } else if (nm) {
+      unpack_codes(prow, in / 2, S.codes.data());
     } else {
       const int64_t n = popcount_row(mrow, in8);
       if (row_ptr[r + 1] - row_ptr[r] != (n + 1) / 2) {
@@ -357,8 +383,9 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
       const float* xs = X.s + b * X.s_stride;
       float v;
       if (isa == kAvx512)
-        v = nm ? row_dot_nm512(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
-               : row_dot_bitmask512(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in);
+        v = nm ? row_dot_nm512(mrow, prow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
+               : (gs == 5 ? row_dot_bitmask512<true>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
+                          : row_dot_bitmask512<false>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in));
       else
         v = row_dot_avx2(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in);
       y[b * y_stride + r] = v;
@@ -406,7 +433,7 @@ struct XBuf {
   std::vector<float> s;
   XQ view;
   XBuf(const at::Tensor& x, int64_t in) {
-    const int64_t B = x.size(0), qs = in + XPAD, ss = in / XB + XPAD;
+    const int64_t B = x.size(0), qs = in + XPAD, ss = xs_len(in);
     q.assign(B * qs + XPAD, 0);
     s.assign(B * ss + XPAD, 0.0f);
     const float* X = x.data_ptr<float>();

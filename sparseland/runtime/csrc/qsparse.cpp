@@ -254,11 +254,11 @@ inline uint64_t mask64(const uint8_t* mrow, int64_t c, int64_t in) {
 }
 
 // One 64-column step by expansion: codes[pos..] (count popcount(k)) to their columns, dot with xq[c..].
-// Returns the step's lanes (d Q + m S) * s; lanes 0-7 are x block c/32, lanes 8-15 block c/32 + 1.
+// Returns acc + the step's lanes (d Q + m S) * s; lanes 0-7 are x block c/32, lanes 8-15 block c/32 + 1.
 // G32: group of 32 columns (lanes 0-7 and 8-15 have their own d, m), else one d, m broadcast.
 template <bool G32>
 SPARSELAND_Q512 inline __m512 step64_expand(uint64_t k, const uint8_t* cu, const float* d, const float* m,
-                                            const int8_t* xq, const float* l64, int64_t c, int gshift) {
+                                            const int8_t* xq, const float* l64, int64_t c, int gshift, __m512 acc) {
   const __m512i zero = _mm512_setzero_si512();
   const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m512i cv = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(cu));
@@ -268,7 +268,7 @@ SPARSELAND_Q512 inline __m512 step64_expand(uint64_t k, const uint8_t* cu, const
   const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
   const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
   const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
-  return _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl);
+  return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl, acc);
 }
 
 // Lane -> group index relative to the step's first group, for lanes covering columns off(l).
@@ -287,13 +287,13 @@ SPARSELAND_Q512 float row_dot_bitmask512(const uint8_t* mrow, const uint8_t* cu,
     std::memcpy(&k0, mrow + c / 8, 8);
     std::memcpy(&k1, mrow + c / 8 + 8, 8);
     const int64_t p1 = pos + _mm_popcnt_u64(k0);
-    acc0 = _mm512_add_ps(acc0, step64_expand<G32>(k0, cu + pos, d, m, xq, l64, c, gshift));
-    acc1 = _mm512_add_ps(acc1, step64_expand<G32>(k1, cu + p1, d, m, xq, l64, c + 64, gshift));
+    acc0 = step64_expand<G32>(k0, cu + pos, d, m, xq, l64, c, gshift, acc0);
+    acc1 = step64_expand<G32>(k1, cu + p1, d, m, xq, l64, c + 64, gshift, acc1);
     pos = p1 + _mm_popcnt_u64(k1);
   }
   for (; c < in; c += 64) {
     const uint64_t k = mask64(mrow, c, in);
-    acc0 = _mm512_add_ps(acc0, step64_expand<G32>(k, cu + pos, d, m, xq, l64, c, gshift));
+    acc0 = step64_expand<G32>(k, cu + pos, d, m, xq, l64, c, gshift, acc0);
     pos += _mm_popcnt_u64(k);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
@@ -332,8 +332,8 @@ SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* prow, co
   // the last 32, 64 or 96 columns: expansion steps (4 kept per mask byte: codes from c / 2)
   const float* l64 = lanes64(xs, in);
   for (; c < in; c += 64)
-    acc0 = _mm512_add_ps(acc0, gshift == 5 ? step64_expand<true>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, 5)
-                                           : step64_expand<false>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, gshift));
+    acc0 = gshift == 5 ? step64_expand<true>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, 5, acc0)
+                       : step64_expand<false>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, gshift, acc0);
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 

@@ -337,19 +337,7 @@ SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* prow, co
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-// The same as unpack_codes / convert_scales with masked loads instead of memcpy / scalar tails.
-SPARSELAND_Q512 void unpack_codes512(const uint8_t* src, int64_t n, uint8_t* dst) {
-  const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  for (int64_t i = 0; i < n; i += 64) {
-    const int64_t cnt = std::min<int64_t>(64, n - i), h = (cnt + 1) / 2;
-    const __m256i v = _mm256_maskz_loadu_epi8(static_cast<__mmask32>(_bzhi_u64(~0ull, h)), src);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(v, lo4));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + h), _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4));
-    src += h;
-    dst += cnt;
-  }
-}
-
+// convert_scales with masked loads instead of a scalar tail.
 SPARSELAND_Q512 void convert_scales512(const at::Half* scale, const at::Half* offset, int64_t G, float* d, float* m) {
   for (int64_t g = 0; g < G; g += 16) {
     const __mmask16 k = static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<unsigned>(std::min<int64_t>(16, G - g))));
@@ -388,7 +376,7 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
     const uint8_t* prow = nm ? codes + r * (in / 4) : nullptr;
     if (nm && isa == kAvx512) {  // full chunks are unpacked in registers; only the partial last one here
       const int64_t full = in / 128;
-      unpack_codes512(prow + 32 * full, (in % 128) / 2, S.codes.data() + 64 * full);
+      unpack_codes(prow + 32 * full, (in % 128) / 2, S.codes.data() + 64 * full);
     } else if (nm) {
       unpack_codes(prow, in / 2, S.codes.data());
     } else {

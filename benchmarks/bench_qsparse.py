@@ -18,6 +18,7 @@ rounds of the same-round ratio to the stand-in.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -120,6 +121,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.time()
+    load_before = os.getloadavg()[0]
     variants = build_variants()
     print(f"built {len(variants)} variants in {time.time() - t0:.0f}s; ISA {torch.ops.sparseland.qsparse_isa()}")
     weights_per_pass = REPEAT * sum(o * i for o, i in SHAPES)
@@ -154,6 +156,7 @@ def main() -> None:
             }
         results[f"{threads}t"] = rows
 
+    load_after = os.getloadavg()[0]
     lines = [
         "# Sparse + 4-bit single-vector kernels (bench_qsparse.py)",
         "",
@@ -163,6 +166,10 @@ def main() -> None:
         "",
         "Dense int4 reference point: the llama.cpp-style q4_mm (qdense.cpp) is not in this worktree, so the "
         "stand-in is our q4_bitmask kernel on a 100% dense mask with g32 asym (Q4_1's grid + a 1-bit mask).",
+        "",
+        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after ({os.cpu_count()} CPUs): other jobs "
+        "share the cores, so single rounds vary by up to 3x; the same-round ratio (median over rounds) is the "
+        "steadiest column, and 2-thread timings are the least reliable (one thread waits for the other).",
         "",
     ]
     for key, rows in results.items():
@@ -183,7 +190,14 @@ def main() -> None:
         lines.append("")
     md = "\n".join(lines)
     print(md)
-    data = {"shapes": SHAPES, "repeat": REPEAT, "rounds": args.rounds, "reps": args.reps, "results": results}
+    data = {
+        "load_avg": [load_before, load_after],
+        "shapes": SHAPES,
+        "repeat": REPEAT,
+        "rounds": args.rounds,
+        "reps": args.reps,
+        "results": results,
+    }
     write_results(args.out, "qsparse", data, md)
 
 

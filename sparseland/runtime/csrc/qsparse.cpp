@@ -8,10 +8,12 @@
 //   q4nm, 128 columns per step: the 64 kept codes are contiguous; vpcompressb squeezes x's 2 x 64
 //     columns to the 2 x 32 kept ones (mask bytes drive it), one vpdpbusd (codes u8 x xq s8) gives
 //     16 int32 lanes, lane l = kept 4l..4l+3 = columns 8l..8l+7, so lanes 4b..4b+3 are x block b.
-//     Work per column is independent of the codes: the integer work is per kept value.
+//     The integer dot work is per kept value (64 per vpdpbusd); masks, x loads and compresses are per column.
 //   q4bitmask, 64 columns per step: vpexpandb scatters the step's kept codes (a variable count,
 //     popcount of the 64 mask bits) to their columns (zeros elsewhere) and vpdpbusd multiplies with x
-//     as is: lanes 0-7 are x block 0, 8-15 block 1.
+//     as is: lanes 0-7 are x block 0, 8-15 block 1. Here all vector work is per column (64 per step at any
+//     density), so higher sparsity saves only bytes and code unpacking: the kernel is compute-bound on
+//     Zen 4 and 50% vs 70% sparsity differ little (benchmarks/results/qsparse.md).
 //   Both: a second vpdpbusd (ones at kept columns) gives sum_kept xq for the offset term, then
 //     acc += (d * Q + m * S) * s per lane (d, m, s permuted to the lanes' group / block).
 // AVX2 (+FMA, F16C), both formats, 32 columns (one x block) per step: vpshufb expands the kept codes

@@ -1,0 +1,555 @@
+// Sparse + 4-bit weight matmuls (layout, math and the single-vector contract: qsparse.h).
+//
+// Per row the kernels first unpack the row's kept codes into one byte each (thread_local scratch,
+// L1-resident) and convert its fp16 scales / offsets to fp32; with B > 1 vectors this is done once per
+// row and the row is then dotted with every quantized x (the weight row is read from memory once).
+//
+// AVX-512 (VNNI + VBMI2, chosen at run time; the build stays -march=haswell):
+//   q4nm, 128 columns per step: the 64 kept codes are contiguous; vpcompressb squeezes x's 2 x 64
+//     columns to the 2 x 32 kept ones (mask bytes drive it), one vpdpbusd (codes u8 x xq s8) gives
+//     16 int32 lanes, lane l = kept 4l..4l+3 = columns 8l..8l+7, so lanes 4b..4b+3 are x block b.
+//     The integer dot work is per kept value (64 per vpdpbusd); masks, x loads and compresses are per column.
+//   q4bitmask, 64 columns per step: vpexpandb scatters the step's kept codes (a variable count,
+//     popcount of the 64 mask bits) to their columns (zeros elsewhere) and vpdpbusd multiplies with x
+//     as is: lanes 0-7 are x block 0, 8-15 block 1. Here all vector work is per column (64 per step at any
+//     density), so higher sparsity saves only bytes and code unpacking: the kernel is compute-bound on
+//     Zen 4 and 50% vs 70% sparsity differ little (benchmarks/results/qsparse.md).
+//   Both: a second vpdpbusd (ones at kept columns) gives sum_kept xq for the offset term, then
+//     acc += (d * Q + m * S) * s per lane (d, m, s permuted to the lanes' group / block).
+// AVX2 (+FMA, F16C), both formats, 32 columns (one x block) per step: vpshufb expands the kept codes
+//   to their columns from a 256-entry table of 8 byte indices per mask byte, vpmaddubsw + vpmaddwd
+//   with xq, the same for sum_kept xq, then acc += Q * (d s) + S * (m s).
+#include "qsparse.h"
+
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+
+#include "common.h"
+
+namespace sparseland {
+namespace {
+
+constexpr int64_t XB = 32;    // columns per x quantization block
+constexpr int64_t XPAD = 128;  // zero bytes / floats after quantized x, codes and scales (full-vector reads)
+
+// ---- ISA choice ------------------------------------------------------------------------------------
+
+enum Isa : int { kAvx2 = 0, kAvx512 = 1 };
+
+bool cpu_has_avx512() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
+  }();
+  return ok;
+}
+
+std::atomic<int> g_isa{-1};  // -1: not chosen yet
+
+int quant_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v >= 0) return v;
+  const char* env = std::getenv("SPARSELAND_QUANT_ISA");
+  v = (env != nullptr && std::strcmp(env, "avx2") == 0) || !cpu_has_avx512() ? kAvx2 : kAvx512;
+  g_isa.store(v, std::memory_order_relaxed);
+  return v;
+}
+
+// ---- x quantization (AVX2; identical results on both paths) -----------------------------------------
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// Floats of one quantized x's scale area (xs_len): the in/32 block scales s_b, 16 zeros, then the
+// per-lane scales of the AVX-512 steps, so the kernels load them instead of permuting:
+//   lanes64(xs, in)  + 16 t: 64-column step t, lanes 0-7 = s_{2t}, 8-15 = s_{2t+1}   (q4bitmask)
+//   lanes128(xs, in) + 16 t: 128-column step t, lanes 4j..4j+3 = s_{4t+j}            (q4nm)
+inline int64_t xs_len(int64_t in) { return in / XB + 16 + (in / 64 + 1) * 16 + (in / 128 + 1) * 16 + XPAD; }
+inline const float* lanes64(const float* xs, int64_t in) { return xs + in / XB + 16; }
+inline const float* lanes128(const float* xs, int64_t in) { return lanes64(xs, in) + (in / 64 + 1) * 16; }
+
+// x (in,) fp32 -> xq (in,) int8 and xs (xs_len(in),) fp32 block scales and lane scales; in % 32 == 0.
+void quantize_x(const float* x, int64_t in, int8_t* xq, float* xs) {
+  const int64_t nb = in / XB;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < in / XB; ++b) {
+    const float* p = x + b * XB;
+    __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8), v2 = _mm256_loadu_ps(p + 16),
+           v3 = _mm256_loadu_ps(p + 24);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
+                              _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
+    const float amax = hmax(mx);
+    xs[b] = amax / 127.0f;
+    const __m256 is = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    // round half to even (default MXCSR), then pack 4 x 8 int32 -> 32 int8 in order
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, is)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, is));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, is)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, is));
+    __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    q = _mm256_max_epi8(q, _mm256_set1_epi8(-127));  // NaN/inf inputs saturate; keep the +-127 grid
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * XB), _mm256_permutevar8x32_epi32(q, perm));
+  }
+  for (int64_t b = nb; b < nb + 16; ++b) xs[b] = 0.0f;
+  float* l64 = xs + nb + 16;
+  for (int64_t t = 0; t <= in / 64; ++t)
+    for (int l = 0; l < 16; ++l) l64[16 * t + l] = xs[2 * t + l / 8];
+  float* l128 = l64 + (in / 64 + 1) * 16;
+  for (int64_t t = 0; t <= in / 128; ++t)
+    for (int l = 0; l < 16; ++l) l128[16 * t + l] = xs[4 * t + l / 4];
+}
+
+// ---- per-row preparation ----------------------------------------------------------------------------
+
+// The kept codes of one row (n codes in the chunked-nibble layout at src) -> dst[0, n) one per byte.
+// Reads exactly ceil(n / 2) bytes of src; writes up to dst[n + 32).
+void unpack_codes(const uint8_t* src, int64_t n, uint8_t* dst) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  for (int64_t i = 0; i < n; i += 64) {
+    const int64_t cnt = std::min<int64_t>(64, n - i), h = (cnt + 1) / 2;
+    __m256i v;
+    if (h == 32) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    } else {
+      alignas(32) uint8_t tmp[32] = {0};
+      std::memcpy(tmp, src, h);
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(v, lo4));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + h), _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4));
+    src += h;
+    dst += cnt;
+  }
+}
+
+// G fp16 scales (and offsets, or -8 d if symmetric) -> fp32 d[0, G), m[0, G).
+void convert_scales(const at::Half* scale, const at::Half* offset, int64_t G, float* d, float* m) {
+  const uint16_t* s16 = reinterpret_cast<const uint16_t*>(scale);
+  const uint16_t* o16 = reinterpret_cast<const uint16_t*>(offset);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g)));
+    _mm256_storeu_ps(d + g, dv);
+    _mm256_storeu_ps(m + g, offset ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o16 + g)))
+                                   : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f)));
+  }
+  for (; g < G; ++g) {
+    d[g] = _cvtsh_ss(s16[g]);
+    m[g] = offset ? _cvtsh_ss(o16[g]) : d[g] * -8.0f;
+  }
+}
+
+inline int64_t popcount_row(const uint8_t* mrow, int64_t in8) {
+  int64_t n = 0, k = 0;
+  for (; k + 8 <= in8; k += 8) {
+    uint64_t w;
+    std::memcpy(&w, mrow + k, 8);
+    n += _mm_popcnt_u64(w);
+  }
+  for (; k < in8; ++k) n += _mm_popcnt_u32(mrow[k]);
+  return n;
+}
+
+// Per-thread scratch: unpacked codes of the current row, its fp32 scales, and (single-vector entry
+// points) the quantized x. Grown, never shrunk; no allocation once large enough.
+struct Scratch {
+  std::vector<uint8_t> codes;
+  std::vector<float> d, m, xs;
+  std::vector<int8_t> xq;
+  void fit(int64_t in) {
+    if ((int64_t)codes.size() >= in + XPAD) return;
+    codes.assign(in + XPAD, 0);
+    d.assign(in / XB + XPAD, 0.0f);
+    m.assign(in / XB + XPAD, 0.0f);
+    xs.assign(xs_len(in), 0.0f);
+    xq.assign(in + XPAD, 0);
+  }
+};
+Scratch& scratch(int64_t in) {
+  thread_local Scratch s;
+  s.fit(in);
+  return s;
+}
+
+// ---- AVX2 row dot (both formats) --------------------------------------------------------------------
+
+// Byte j of entry k: rank of bit j among the set bits of k if set, else 0x80 (vpshufb writes 0).
+struct ShufLUT {
+  uint64_t idx[256];
+  ShufLUT() {
+    for (int k = 0; k < 256; ++k) {
+      uint64_t v = 0;
+      int r = 0;
+      for (int j = 0; j < 8; ++j) {
+        uint64_t b = ((k >> j) & 1) ? static_cast<uint64_t>(r++) : 0x80u;
+        v |= b << (8 * j);
+      }
+      idx[k] = v;
+    }
+  }
+};
+const ShufLUT& shuf_lut() {
+  static const ShufLUT lut;
+  return lut;
+}
+
+// sum_c W[r, c] x[c] for one row: mask row mrow, unpacked codes cu, fp32 d/m per group (1 << gshift
+// columns), quantized x (xq, xs).
+float row_dot_avx2(const uint8_t* mrow, const uint8_t* cu, const float* d, const float* m, int gshift, const int8_t* xq,
+                   const float* xs, int64_t in) {
+  const uint64_t* E = shuf_lut().idx;
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), neg1 = _mm256_set1_epi8(-1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t pos = 0;
+  for (int64_t c = 0; c < in; c += XB) {
+    uint32_t k;
+    std::memcpy(&k, mrow + c / 8, 4);
+    const unsigned m0 = k & 0xFF, m1 = (k >> 8) & 0xFF, m2 = (k >> 16) & 0xFF, m3 = k >> 24;
+    const unsigned c0 = _mm_popcnt_u32(m0), c01 = _mm_popcnt_u32(k & 0xFFFF), c2 = _mm_popcnt_u32(m2);
+    // low 128-bit lane: columns 0..15 from codes[pos..], high lane: columns 16..31 from codes[pos + c01..]
+    const __m128i ilo = _mm_set_epi64x(static_cast<int64_t>(E[m1] + c0 * kOnes), static_cast<int64_t>(E[m0]));
+    const __m128i ihi = _mm_set_epi64x(static_cast<int64_t>(E[m3] + c2 * kOnes), static_cast<int64_t>(E[m2]));
+    const __m256i idx = _mm256_set_m128i(ihi, ilo);
+    const __m256i cv = _mm256_shuffle_epi8(
+        _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(cu + pos + c01), reinterpret_cast<const __m128i*>(cu + pos)),
+        idx);
+    pos += _mm_popcnt_u32(k);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c));
+    const __m256i q = _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones16);  // codes <= 15: no saturation
+    const __m256i kept = _mm256_and_si256(_mm256_cmpgt_epi8(idx, neg1), ones8);
+    const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(kept, xv), ones16);
+    const float sb = xs[c / XB];
+    const int64_t G = c >> gshift;
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d[G] * sb), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(m[G] * sb), acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// ---- AVX-512 row dots ---------------------------------------------------------------------------------
+
+#define SPARSELAND_Q512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi2,popcnt,bmi2")))
+
+// 64 mask bits of columns [c, c + 64) (only 32 if the row ends at c + 32).
+inline uint64_t mask64(const uint8_t* mrow, int64_t c, int64_t in) {
+  if (in - c >= 64) {
+    uint64_t k;
+    std::memcpy(&k, mrow + c / 8, 8);
+    return k;
+  }
+  uint32_t k;
+  std::memcpy(&k, mrow + c / 8, 4);
+  return k;
+}
+
+// One 64-column step by expansion: codes[pos..] (count popcount(k)) to their columns, dot with xq[c..].
+// Returns acc + the step's lanes (d Q + m S) * s; lanes 0-7 are x block c/32, lanes 8-15 block c/32 + 1.
+// G32: group of 32 columns (lanes 0-7 and 8-15 have their own d, m), else one d, m broadcast.
+template <bool G32>
+SPARSELAND_Q512 inline __m512 step64_expand(uint64_t k, const uint8_t* cu, const float* d, const float* m,
+                                            const int8_t* xq, const float* l64, int64_t c, int gshift, __m512 acc) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i cv = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(cu));
+  const __m512i xv = _mm512_loadu_si512(xq + c);
+  const __m512i q = _mm512_dpbusd_epi32(zero, cv, xv);
+  const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)), xv);
+  const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
+  const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
+  const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
+  return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl, acc);
+}
+
+// Lane -> group index relative to the step's first group, for lanes covering columns off(l).
+SPARSELAND_Q512 inline __m512i lane_groups(__m512i col_off, int gshift) {
+  return _mm512_srlv_epi32(col_off, _mm512_set1_epi32(gshift));
+}
+
+template <bool G32>
+SPARSELAND_Q512 float row_dot_bitmask512(const uint8_t* mrow, const uint8_t* cu, const float* d, const float* m,
+                                         int gshift, const int8_t* xq, const float* xs, int64_t in) {
+  const float* l64 = lanes64(xs, in);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t pos = 0, c = 0;
+  for (; c + 128 <= in; c += 128) {  // two independent steps per iteration
+    uint64_t k0, k1;
+    std::memcpy(&k0, mrow + c / 8, 8);
+    std::memcpy(&k1, mrow + c / 8 + 8, 8);
+    const int64_t p1 = pos + _mm_popcnt_u64(k0);
+    acc0 = step64_expand<G32>(k0, cu + pos, d, m, xq, l64, c, gshift, acc0);
+    acc1 = step64_expand<G32>(k1, cu + p1, d, m, xq, l64, c + 64, gshift, acc1);
+    pos = p1 + _mm_popcnt_u64(k1);
+  }
+  for (; c < in; c += 64) {
+    const uint64_t k = mask64(mrow, c, in);
+    acc0 = step64_expand<G32>(k, cu + pos, d, m, xq, l64, c, gshift, acc0);
+    pos += _mm_popcnt_u64(k);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// prow: the row's packed codes (full 64-code chunks are unpacked here, in registers); cu: unpacked codes,
+// only the last partial chunk (codes from (in / 128) * 64 on) is read from it.
+SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* prow, const uint8_t* cu, const float* d,
+                                    const float* m, int gshift, const int8_t* xq, const float* xs, int64_t in) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
+  const __m512i col8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+  const float* l128 = lanes128(xs, in);
+  const __m512i gidx4 = lane_groups(col8, gshift);  // lane l -> group (8 l) >> gshift
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 128 <= in; c += 128) {
+    uint64_t k0, k1;
+    std::memcpy(&k0, mrow + c / 8, 8);
+    std::memcpy(&k1, mrow + c / 8 + 8, 8);
+    const __m256i pv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(prow + c / 4));  // a full chunk
+    const __m512i cv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(pv, lo4)),  // 64 kept codes
+                                          _mm256_and_si256(_mm256_srli_epi16(pv, 4), lo4), 1);
+    const __m256i xa = _mm512_castsi512_si256(_mm512_maskz_compress_epi8(k0, _mm512_loadu_si512(xq + c)));
+    const __m256i xb = _mm512_castsi512_si256(_mm512_maskz_compress_epi8(k1, _mm512_loadu_si512(xq + c + 64)));
+    const __m512i xc = _mm512_inserti64x4(_mm512_castsi256_si512(xa), xb, 1);
+    const __m512i q = _mm512_dpbusd_epi32(zero, cv, xc);
+    const __m512i s = _mm512_dpbusd_epi32(zero, ones, xc);
+    const __m512 dl = _mm512_permutexvar_ps(gidx4, _mm512_loadu_ps(d + (c >> gshift)));
+    const __m512 ml = _mm512_permutexvar_ps(gidx4, _mm512_loadu_ps(m + (c >> gshift)));
+    const __m512 sl = _mm512_loadu_ps(l128 + 16 * (c / 128));
+    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml));
+    if ((c / 128) & 1) acc1 = _mm512_fmadd_ps(t, sl, acc1);
+    else acc0 = _mm512_fmadd_ps(t, sl, acc0);
+  }
+  // the last 32, 64 or 96 columns: expansion steps (4 kept per mask byte: codes from c / 2)
+  const float* l64 = lanes64(xs, in);
+  for (; c < in; c += 64)
+    acc0 = gshift == 5 ? step64_expand<true>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, 5, acc0)
+                       : step64_expand<false>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, gshift, acc0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// convert_scales with masked loads instead of a scalar tail.
+SPARSELAND_Q512 void convert_scales512(const at::Half* scale, const at::Half* offset, int64_t G, float* d, float* m) {
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 k = static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<unsigned>(std::min<int64_t>(16, G - g))));
+    const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, scale + g));
+    _mm512_storeu_ps(d + g, dv);
+    _mm512_storeu_ps(m + g, offset ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, offset + g))
+                                   : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f)));
+  }
+}
+
+// ---- row loops ----------------------------------------------------------------------------------------
+
+inline int group_shift(int64_t group) { return group == 32 ? 5 : (group == 64 ? 6 : 7); }
+
+// Quantized x vectors: xq (B, xq_stride) int8 and xs (B, xs_stride) fp32.
+struct XQ {
+  const int8_t* q;
+  const float* s;
+  int64_t q_stride, s_stride;
+};
+
+// y[b * y_stride + r] for rows [r0, r1) and the B quantized vectors. row_ptr == nullptr: N:M (row r's
+// in / 2 codes at codes + r * in / 4). Returns false if a bitmask row's byte count disagrees with its
+// mask (that row is skipped and set to NaN).
+bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, const at::Half* scale,
+          const at::Half* offset, const XQ& X, int64_t B, float* y, int64_t y_stride, int64_t in, int64_t group,
+          int64_t r0, int64_t r1) {
+  const int64_t in8 = in / 8, G = in / group;
+  const int gs = group_shift(group);
+  const bool nm = row_ptr == nullptr;
+  const int isa = quant_isa();
+  Scratch& S = scratch(in);
+  bool ok = true;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* mrow = mask + r * in8;
+    const uint8_t* prow = nm ? codes + r * (in / 4) : nullptr;
+    if (nm && isa == kAvx512) {  // full chunks are unpacked in registers; only the partial last one here
+      const int64_t full = in / 128;
+      unpack_codes(prow + 32 * full, (in % 128) / 2, S.codes.data() + 64 * full);
+    } else if (nm) {
+      unpack_codes(prow, in / 2, S.codes.data());
+    } else {
+      const int64_t n = popcount_row(mrow, in8);
+      if (row_ptr[r + 1] - row_ptr[r] != (n + 1) / 2) {
+        ok = false;
+        for (int64_t b = 0; b < B; ++b) y[b * y_stride + r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      unpack_codes(codes + row_ptr[r], n, S.codes.data());
+    }
+    if (isa == kAvx512) convert_scales512(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
+    else convert_scales(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
+    for (int64_t b = 0; b < B; ++b) {
+      const int8_t* xq = X.q + b * X.q_stride;
+      const float* xs = X.s + b * X.s_stride;
+      float v;
+      if (isa == kAvx512)
+        v = nm ? row_dot_nm512(mrow, prow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
+               : (gs == 5 ? row_dot_bitmask512<true>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
+                          : row_dot_bitmask512<false>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in));
+      else
+        v = row_dot_avx2(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in);
+      y[b * y_stride + r] = v;
+    }
+  }
+  return ok;
+}
+
+// Quantize the calling thread's copy of one x into its scratch (single-vector entry points).
+XQ quantize_one(const float* x, int64_t in) {
+  Scratch& S = scratch(in);
+  quantize_x(x, in, S.xq.data(), S.xs.data());
+  return XQ{S.xq.data(), S.xs.data(), 0, 0};
+}
+
+// ---- checks and ops -------------------------------------------------------------------------------------
+
+struct Shape {
+  int64_t out, in, group;
+};
+
+Shape check_common(const at::Tensor& mask, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
+                   const at::Tensor& x) {
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
+              "mask must be a contiguous uint8 (out, in/8) tensor");
+  const int64_t out = mask.size(0), in = mask.size(1) * 8;
+  TORCH_CHECK(in > 0 && in % XB == 0, "in (= 8 * mask.size(1) = ", in, ") must be a positive multiple of 32");
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.size(0) == out &&
+                  scale.size(1) > 0 && in % scale.size(1) == 0,
+              "scale must be a contiguous float16 (out, G) tensor with in % G == 0");
+  const int64_t group = in / scale.size(1);
+  TORCH_CHECK(group == 32 || group == 64 || group == 128, "group size ", group, " is not supported (32, 64, 128)");
+  if (offset.has_value()) {
+    const at::Tensor& o = *offset;
+    TORCH_CHECK(o.scalar_type() == at::kHalf && o.is_contiguous() && o.sizes() == scale.sizes(),
+                "offset must be a contiguous float16 tensor shaped like scale");
+  }
+  check_x(x, in);
+  return {out, in, group};
+}
+
+// Quantize all B rows of x; parallel over the rows of W afterwards.
+struct XBuf {
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  XQ view;
+  XBuf(const at::Tensor& x, int64_t in) {
+    const int64_t B = x.size(0), qs = in + XPAD, ss = xs_len(in);
+    q.assign(B * qs + XPAD, 0);
+    s.assign(B * ss + XPAD, 0.0f);
+    const float* X = x.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) quantize_x(X + b * in, in, q.data() + b * qs, s.data() + b * ss);
+    view = XQ{q.data(), s.data(), qs, ss};
+  }
+};
+
+// Rows per parallel chunk; vectors per pass (each pass unpacks a row once and dots it with this many x).
+constexpr int64_t kGrain = 16, kBatch = 8;
+
+at::Tensor run_mm(const uint8_t* M, const int64_t* R, const uint8_t* C, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& offset, const at::Tensor& x, const Shape& sh) {
+  const int64_t B = x.size(0);
+  auto y = at::empty({B, sh.out}, x.options());
+  if (B == 0 || sh.out == 0) return y;
+  XBuf X(x, sh.in);
+  const at::Half* D = scale.data_ptr<at::Half>();
+  const at::Half* O = offset.has_value() ? offset->data_ptr<at::Half>() : nullptr;
+  float* Y = y.data_ptr<float>();
+  std::atomic<bool> ok{true};
+  for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
+    const int64_t nb = std::min(kBatch, B - b0);
+    XQ xv{X.view.q + b0 * X.view.q_stride, X.view.s + b0 * X.view.s_stride, X.view.q_stride, X.view.s_stride};
+    parallel_rows(sh.out, kGrain, [&](int64_t r0, int64_t r1) {
+      if (!rows(M, R, C, D, O, xv, nb, Y + b0 * sh.out, sh.out, sh.in, sh.group, r0, r1)) ok = false;
+    });
+  }
+  TORCH_CHECK(ok.load(), "q4bitmask: a row's code byte count (row_ptr[r+1] - row_ptr[r]) is not ceil(popcount/2)");
+  return y;
+}
+
+}  // namespace
+
+// ---- single-vector entry points (qsparse.h) ---------------------------------------------------------------
+
+void q4nm_mv(const uint8_t* mask, const uint8_t* codes, const at::Half* scale, const at::Half* offset, const float* x,
+             float* y, int64_t in, int64_t group, int64_t r0, int64_t r1) {
+  const XQ X = quantize_one(x, in);
+  rows(mask, nullptr, codes, scale, offset, X, 1, y, 0, in, group, r0, r1);
+}
+
+bool q4bitmask_mv(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, const at::Half* scale,
+                  const at::Half* offset, const float* x, float* y, int64_t in, int64_t group, int64_t r0, int64_t r1) {
+  const XQ X = quantize_one(x, in);
+  return rows(mask, row_ptr, codes, scale, offset, X, 1, y, 0, in, group, r0, r1);
+}
+
+// ---- torch ops ------------------------------------------------------------------------------------------
+
+// x (B, in) fp32 -> (B, out) fp32 for a q4nm weight: mask (out, in/8) uint8 (4 bits per byte),
+// codes (out, in/4) uint8, scale / offset (out, in/group) float16 (offset None: symmetric).
+at::Tensor q4nm_mm(at::Tensor mask, at::Tensor codes, at::Tensor scale, std::optional<at::Tensor> offset, at::Tensor x) {
+  const Shape sh = check_common(mask, scale, offset, x);
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(0) == sh.out && codes.size(1) == sh.in / 4,
+              "codes must be a contiguous uint8 (out, in/4) tensor");
+  return run_mm(mask.data_ptr<uint8_t>(), nullptr, codes.data_ptr<uint8_t>(), scale, offset, x, sh);
+}
+
+// x (B, in) fp32 -> (B, out) fp32 for a q4bitmask weight: mask (out, in/8) uint8, row_ptr (out+1,) int64
+// byte offsets into codes (1-D uint8), scale / offset (out, in/group) float16.
+at::Tensor q4bitmask_mm(at::Tensor mask, at::Tensor row_ptr, at::Tensor codes, at::Tensor scale,
+                        std::optional<at::Tensor> offset, at::Tensor x) {
+  const Shape sh = check_common(mask, scale, offset, x);
+  TORCH_CHECK(codes.dim() == 1 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "codes must be a contiguous 1-D uint8 tensor");
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong && row_ptr.is_contiguous() &&
+                  row_ptr.numel() == sh.out + 1,
+              "row_ptr must be a contiguous int64 (out+1,) tensor");
+  const int64_t* R = row_ptr.data_ptr<int64_t>();
+  TORCH_CHECK(R[0] >= 0, "row_ptr[0] must be >= 0");
+  for (int64_t r = 0; r < sh.out; ++r)
+    TORCH_CHECK(R[r + 1] >= R[r] && R[r + 1] - R[r] <= sh.in / 2, "row_ptr must be nondecreasing by at most in/2");
+  TORCH_CHECK(R[sh.out] <= codes.numel(), "row_ptr[out] = ", R[sh.out], " is past the ", codes.numel(), " code bytes");
+  return run_mm(mask.data_ptr<uint8_t>(), R, codes.data_ptr<uint8_t>(), scale, offset, x, sh);
+}
+
+// "auto" (CPU features, or SPARSELAND_QUANT_ISA=avx2), "avx2" or "avx512"; returns the path in use before.
+std::string qsparse_set_isa(std::string isa) {
+  const std::string prev = quant_isa() == kAvx512 ? "avx512" : "avx2";
+  if (isa == "auto") {
+    g_isa.store(-1);
+  } else if (isa == "avx2") {
+    g_isa.store(kAvx2);
+  } else if (isa == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(), "this CPU lacks AVX-512 F/BW/VL/VNNI/VBMI2");
+    g_isa.store(kAvx512);
+  } else {
+    TORCH_CHECK(false, "isa must be auto, avx2 or avx512, not ", isa);
+  }
+  return prev;
+}
+
+std::string qsparse_isa() { return quant_isa() == kAvx512 ? "avx512" : "avx2"; }
+
+}  // namespace sparseland
+
+TORCH_LIBRARY_FRAGMENT(sparseland, m) {
+  m.def("q4nm_mm(Tensor mask, Tensor codes, Tensor scale, Tensor? offset, Tensor x) -> Tensor", &sparseland::q4nm_mm);
+  m.def("q4bitmask_mm(Tensor mask, Tensor row_ptr, Tensor codes, Tensor scale, Tensor? offset, Tensor x) -> Tensor",
+        &sparseland::q4bitmask_mm);
+  m.def("qsparse_set_isa(str isa) -> str", &sparseland::qsparse_set_isa);
+  m.def("qsparse_isa() -> str", &sparseland::qsparse_isa);
+}

@@ -5,7 +5,8 @@
 
 ``build_fast_step`` packs each layer's RMSNorm weights and its seven Linear / ``SparseLinear`` weights
 (plain fp32 Linear, or DenseFormat fp32/bf16, BitmaskFormat, NMFormat, ActSparseFormat,
-ActSparseBitmaskFormat, the quantized Q4DenseFormat and Q8DenseFormat) once, by reference, into
+ActSparseBitmaskFormat, the quantized Q4DenseFormat, Q8DenseFormat, Q4NMFormat and Q4BitmaskFormat) once,
+by reference, into
 ``torch.classes.sparseland.DecodeStep``
 (csrc/decode_step.cpp), which runs the same math as ``LeanDecoder.step``'s Python loop (the
 reference) with the same kernels and no per-layer dispatch.
@@ -59,7 +60,7 @@ MODES = {"per_matvec": 0, "region": 1}  # torch's pool per matvec / one OpenMP r
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 _MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 _ACTS = {"SiLU", "SiLUActivation"}
-_DENSE, _BITMASK, _NM4, _ACT, _ACT_BITMASK, _Q4, _Q8 = 0, 1, 2, 3, 4, 5, 6
+_DENSE, _BITMASK, _NM4, _ACT, _ACT_BITMASK, _Q4, _Q8, _Q4NM, _Q4BITMASK = 0, 1, 2, 3, 4, 5, 6, 7, 8
 _ACT_FORMATS = (ActSparseFormat, ActSparseBitmaskFormat)
 # a layer's seven projections, in DecodeStep's order
 _PROJS = (
@@ -201,13 +202,18 @@ def _linear(mod: torch.nn.Module, out: int, inp: int) -> tuple[int, list[torch.T
 def _quant_linear(f: object) -> tuple[int, list[torch.Tensor]] | None:
     """(kind, tensors) of a quantized format the C++ step runs (csrc/qmatvec.h), else None."""
     from sparseland.runtime.qformats import Q4DenseFormat, Q8DenseFormat
+    from sparseland.runtime.qsparse import Q4BitmaskFormat, Q4NMFormat
 
-    if type(f) is Q4DenseFormat:
-        offset = f.offset if f.offset is not None else torch.empty(0, dtype=torch.float16)
-        return _Q4, [f.codes, f.scale, offset]
     if type(f) is Q8DenseFormat:
         return _Q8, [f.codes, f.scale]
-    return None
+    if type(f) not in (Q4DenseFormat, Q4NMFormat, Q4BitmaskFormat):
+        return None
+    offset = f.offset if f.offset is not None else torch.empty(0, dtype=torch.float16)
+    if type(f) is Q4DenseFormat:
+        return _Q4, [f.codes, f.scale, offset]
+    if type(f) is Q4NMFormat:
+        return _Q4NM, [f.mask, f.codes, f.scale, offset]
+    return _Q4BITMASK, [f.mask, f.row_ptr, f.codes, f.scale, offset]
 
 
 def _is_act(mod: torch.nn.Module) -> bool:

@@ -149,6 +149,7 @@ class Q4DenseFormat:
     offset: torch.Tensor | None  # (out, in/group) float16, None = symmetric
     group: int
     name = "q4"
+    multi_row_kernel = True  # prefill runs the kernel (several x rows per weight row), no dense rebuild
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight) -> Q4DenseFormat:
@@ -195,6 +196,7 @@ class Q8DenseFormat:
     codes: torch.Tensor  # (out, in) int8 = code - 128
     scale: torch.Tensor  # (out, 1) float16
     name = "q8"
+    multi_row_kernel = True  # prefill runs the kernel (several x rows per weight row), no dense rebuild
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight) -> Q8DenseFormat:

@@ -204,6 +204,7 @@ class Q4NMFormat:
     n: int = 2
     m: int = 4
     name = "q4_nm"
+    multi_row_kernel = True  # prefill runs the kernel (several x rows per weight row), no dense rebuild
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, n: int = 2, m: int = 4) -> Q4NMFormat:
@@ -270,6 +271,7 @@ class Q4BitmaskFormat:
     offset: torch.Tensor | None  # (out, in/g) float16, None: symmetric
     in_features: int
     name = "q4_bitmask"
+    multi_row_kernel = True  # prefill runs the kernel (several x rows per weight row), no dense rebuild
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight) -> Q4BitmaskFormat:

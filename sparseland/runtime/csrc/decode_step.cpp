@@ -37,11 +37,13 @@
 #include "common.h"
 #include "matvec.h"
 #include "qmatvec.h"
+#include "qsparse.h"
 
 namespace sparseland {
 namespace {
 
-enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2, kAct = 3, kActBitmask = 4, kQ4 = 5, kQ8 = 6 };
+enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2, kAct = 3, kActBitmask = 4, kQ4 = 5, kQ8 = 6, kQ4NM = 7,
+                       kQ4Bitmask = 8 };
 
 inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
 // A split boundary for the activation-sparse kernels: a multiple of 16, or the end. Every thread maps
@@ -79,6 +81,10 @@ struct Lin {
       q4_mv(static_cast<const uint8_t*>(w), scale, offset, in, group, x, y, r0, r1);
     } else if (kind == kQ8) {
       q8_mv(static_cast<const int8_t*>(w), scale, in, x, y, r0, r1);
+    } else if (kind == kQ4NM) {
+      q4nm_mv(mask, static_cast<const uint8_t*>(w), scale, offset, x, y, in, group, r0, r1);
+    } else if (kind == kQ4Bitmask) {
+      q4bitmask_mv(mask, row_ptr, static_cast<const uint8_t*>(w), scale, offset, x, y, in, group, r0, r1);
     } else if (kind == kBitmask) {
       if (bf16) bitmask_mv(mask, row_ptr, static_cast<const at::BFloat16*>(w), x, y, in8, r0, r1);
       else bitmask_mv(mask, row_ptr, static_cast<const float*>(w), x, y, in8, r0, r1);
@@ -206,7 +212,8 @@ class DecodeStep : public torch::CustomClassHolder {
   //   by its input threshold (in,) float32; then, if the layer's gate flag is set, the gate_act
   //   threshold (I,) float32.
   // meta: L, C, I, H, KVH, D, then per layer 7 kinds (0 dense, 1 bitmask, 2 nm, 3 actsparse,
-  //   4 actsparse_bitmask, 5 q4: codes, scale, offset (empty if symmetric), 6 q8: codes, scale), 7
+  //   4 actsparse_bitmask, 5 q4: codes, scale, offset (empty if symmetric), 6 q8: codes, scale, 7 q4_nm:
+//   mask, codes, scale, offset, 8 q4_bitmask: mask, row_ptr, codes, scale, offset), 7
 //   input-threshold flags (activation-sparse kinds only) and 1 gate flag.
   // feps: scale, then (eps1, eps2) per layer. k_cache / v_cache: (L, KVH, T_max, D) float32, written
   // at each position.
@@ -312,6 +319,39 @@ class DecodeStep : public torch::CustomClassHolder {
           const at::Tensor& scale = next();
           const at::Tensor* offset = lin.kind == kQ4 ? &next() : nullptr;
           set_quant(lin, codes, scale, offset, l, j);
+        } else if (lin.kind == kQ4NM || lin.kind == kQ4Bitmask) {
+          // mask, [row_ptr], codes, scale, offset: checked by building the same op-level views (qsparse.py
+          // checks them when the format is made; here the shapes that bound every read)
+          const at::Tensor& m = next();
+          TORCH_CHECK(m.scalar_type() == at::kByte && m.is_contiguous() && m.dim() == 2 && m.size(0) == lin.out &&
+                          m.size(1) * 8 == lin.in && lin.in % 32 == 0,
+                      "DecodeStep: layer ", l, " linear ", j, ": q4 sparse mask must be contiguous uint8 (out, in/8)");
+          lin.mask = m.data_ptr<uint8_t>();
+          const at::Tensor* rp = lin.kind == kQ4Bitmask ? &next() : nullptr;
+          const at::Tensor& codes = next();
+          const at::Tensor& scale = next();
+          const at::Tensor& offset = next();
+          TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "DecodeStep: q4 codes must be uint8");
+          if (rp != nullptr) {
+            TORCH_CHECK(rp->scalar_type() == at::kLong && rp->is_contiguous() && rp->numel() == lin.out + 1 &&
+                            (*rp)[lin.out].item<int64_t>() <= codes.numel(),
+                        "DecodeStep: q4_bitmask row_ptr must be int64 (out + 1,) within the codes");
+            lin.row_ptr = rp->data_ptr<int64_t>();
+          } else {
+            TORCH_CHECK(codes.numel() == lin.out * lin.in / 4, "DecodeStep: q4_nm codes must be (out, in/4)");
+          }
+          TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 2 &&
+                          scale.size(0) == lin.out && scale.size(1) > 0 && lin.in % scale.size(1) == 0,
+                      "DecodeStep: q4 sparse scale must be float16 (out, in / group)");
+          lin.group = lin.in / scale.size(1);
+          TORCH_CHECK(lin.group % 32 == 0 && lin.group <= 128, "DecodeStep: q4 group must be 32, 64 or 128");
+          lin.w = codes.data_ptr();
+          lin.scale = scale.data_ptr<at::Half>();
+          if (offset.numel() > 0) {
+            TORCH_CHECK(offset.scalar_type() == at::kHalf && offset.is_contiguous() && offset.sizes() == scale.sizes(),
+                        "DecodeStep: q4 sparse offset must be float16 shaped like scale");
+            lin.offset = offset.data_ptr<at::Half>();
+          }
         } else {
           TORCH_CHECK(false, "DecodeStep: unknown weight kind ", lin.kind);
         }

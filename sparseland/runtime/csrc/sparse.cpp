@@ -197,8 +197,7 @@ SPARSELAND_AVX512_VBMI2 static void deinterleave32(const float* x, float* xd, in
 SPARSELAND_AVX512_VBMI2 inline void step_bf16(uint32_t w, unsigned c, const uint16_t* p, const float* xp, __m512& ae,
                                               __m512& ao) {
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512i raw = _mm512_maskz_loadu_epi16(_bzhi_u32(0xFFFFFFFFu, c), p);
-  const __m512i e = _mm512_maskz_expand_epi16(w, raw);
+  const __m512i e = _mm512_maskz_expand_epi16(w, _mm512_maskz_loadu_epi16(_bzhi_u32(0xFFFFFFFFu, c), p));
   ae = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(e, 16)), _mm512_loadu_ps(xp), ae);
   ao = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(e, hi)), _mm512_loadu_ps(xp + 16), ao);
 }
@@ -233,17 +232,22 @@ template <bool NM>
 SPARSELAND_AVX512_VBMI2 static void mv_bf16_512(const uint8_t* mask, const int64_t* row_ptr, const at::BFloat16* vals,
                                                 const float* x, float* y, int64_t in8, int64_t r0, int64_t r1) {
   const int64_t n = in8 * 8;
-  thread_local std::vector<float> xd;  // per thread, grows only
-  if (static_cast<int64_t>(xd.size()) < n + 32) xd.resize(n + 32);
-  deinterleave32(x, xd.data(), n);
+  // The deinterleaved x on the stack up to 4096 inputs (a thread_local buffer cost a TLS lookup per row).
+  alignas(64) float buf[4096 + 32];
+  std::vector<float> big(n + 32 > 4096 + 32 ? n + 32 : 0);
+  float* xd = n <= 4096 ? buf : big.data();
+  deinterleave32(x, xd, n);
   const uint16_t* V = reinterpret_cast<const uint16_t*>(vals);
   for (int64_t r = r0; r < r1; ++r)
-    y[r] = row_bf16_512<NM>(mask + r * in8, V + (NM ? r * in8 * 4 : row_ptr[r]), xd.data(), in8);
+    y[r] = row_bf16_512<NM>(mask + r * in8, V + (NM ? r * in8 * 4 : row_ptr[r]), xd, in8);
 }
 
 // Kernel level: 0 AVX2 tables; 1 AVX-512 VPOPCNTDQ (fp32 and bf16 bitmask, as in kernels2); 2 as 1 plus
-// the VBMI2 bf16 kernels above for bitmask and N:M. Detected once from the CPU; SPARSELAND_BITMASK_ISA=avx2
-// (or avx512: level 1) caps it; set_bitmask_isa() changes it at run time (tests, benchmarks).
+// the VBMI2 bf16 kernels above for bitmask and N:M. The default is min(1, CPU): level 2 is opt-in
+// (SPARSELAND_BITMASK_ISA=vbmi2) because inside the extension it measured 1.5-2x slower than level 1 on
+// the Zen 4 dev VM, although the same loop in a standalone build runs ~2x faster than level 1 (cause not
+// found yet; see benchmarks/results/bf16_kernels.md). SPARSELAND_BITMASK_ISA=avx2 forces 0, avx512 1;
+// set_bitmask_isa() changes the level at run time (tests, benchmarks).
 static int cpu_isa() {
   static const int isa = [] {
     __builtin_cpu_init();
@@ -258,10 +262,10 @@ static std::atomic<int> g_isa{-1};
 static int bitmask_isa() {
   int isa = g_isa.load(std::memory_order_relaxed);
   if (isa < 0) {
-    isa = cpu_isa();
+    isa = std::min(cpu_isa(), 1);
     const char* env = std::getenv("SPARSELAND_BITMASK_ISA");
     if (env != nullptr && std::strcmp(env, "avx2") == 0) isa = 0;
-    if (env != nullptr && std::strcmp(env, "avx512") == 0) isa = std::min(isa, 1);
+    if (env != nullptr && std::strcmp(env, "vbmi2") == 0) isa = cpu_isa();
     g_isa.store(isa, std::memory_order_relaxed);
   }
   return isa;

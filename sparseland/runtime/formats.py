@@ -163,11 +163,11 @@ class BitmaskFormat:
     def shape(self) -> tuple[int, int]:
         return (self.mask.shape[0], self.in_features)
 
-    def to_dense(self) -> torch.Tensor:
-        bits = kernels._unpack_rows(self.mask)[:, : self.in_features]
-        w = self.values.new_zeros(bits.shape)
-        w[bits] = self.values[: int(self.row_ptr[-1])]
-        return w
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) dense weight, float32 by default (bf16 values widen exactly; the fp32 GEMM of a long
+        prefill uses it as is). C++ op when the kernels are built, else the torch reference."""
+        w = kernels.bitmask_to_dense(self.mask, self.row_ptr, self.values, self.in_features)
+        return w if dtype == torch.float32 else w.to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.bitmask_mm(self.mask, self.row_ptr, self.values, x)
@@ -231,11 +231,10 @@ class NMFormat:
     def shape(self) -> tuple[int, int]:
         return (self.mask.shape[0], self.in_features)
 
-    def to_dense(self) -> torch.Tensor:
-        bits = kernels._unpack_rows(self.mask)
-        w = self.values.new_zeros(bits.shape)
-        w[bits] = self.values[: int(bits.sum())]
-        return w[:, : self.in_features]
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) dense weight, float32 by default (see ``BitmaskFormat.to_dense``)."""
+        w = kernels.nm4_to_dense(self.mask, self.values, self.in_features)
+        return w if dtype == torch.float32 else w.to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.nm4_mm(self.mask, self.values, x)

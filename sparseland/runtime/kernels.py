@@ -144,6 +144,24 @@ def ref_actsparse_bitmask_mm(
     return x[:, act] @ wt[act, :out]  # (B, na) @ (na, out)
 
 
+def ref_bitmask_to_dense(
+    mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, in_features: int
+) -> torch.Tensor:
+    """(out, in_features) float32 dense weight of a bitmask layout (bf16 values widen exactly)."""
+    bits = _unpack_rows(mask)[:, :in_features]
+    w = torch.zeros(bits.shape, dtype=torch.float32)
+    w[bits] = values[: int(row_ptr[-1])].float()
+    return w
+
+
+def ref_nm4_to_dense(mask: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(out, in_features) float32 dense weight of a 4-per-byte N:M layout."""
+    bits = _unpack_rows(mask)
+    w = torch.zeros(bits.shape, dtype=torch.float32)
+    w[bits] = values[: int(bits.sum())].float()
+    return w[:, :in_features].contiguous()
+
+
 # ----- dispatch -------------------------------------------------------------------------------------
 
 
@@ -184,3 +202,17 @@ def actsparse_bitmask_mm(
     if use_kernels():
         return torch.ops.sparseland.actsparse_bitmask_mm(mask, row_ptr, values, x, out)
     return ref_actsparse_bitmask_mm(mask, row_ptr, values, x, out)
+
+
+def bitmask_to_dense(mask: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Bitmask layout -> (out, in_features) float32 (the C++ op checks the layout and runs in parallel)."""
+    if use_kernels():
+        return torch.ops.sparseland.bitmask_to_dense(mask, row_ptr, values, in_features)
+    return ref_bitmask_to_dense(mask, row_ptr, values, in_features)
+
+
+def nm4_to_dense(mask: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    """4-per-byte N:M layout -> (out, in_features) float32."""
+    if use_kernels():
+        return torch.ops.sparseland.nm4_to_dense(mask, values, in_features)
+    return ref_nm4_to_dense(mask, values, in_features)

@@ -14,11 +14,13 @@
 // nm (4 kept per byte: 2:4, 4:8): same mask, but every byte has exactly 4 bits set, so row r's values
 //   start at r * ceil(in/8) * 4. Per pair of bytes: "compress" the 16 x values to the 8 kept ones
 //   with two permutes, one FMA with 8 contiguous values; no popcount chain, no masking.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
 #include "common.h"
 #include "matvec.h"
+#include "sparse_checks.h"
 
 namespace sparseland {
 
@@ -162,29 +164,131 @@ SPARSELAND_AVX512 static void bitmask_mv512(const uint8_t* mask, const int64_t* 
   }
 }
 
-// 0: AVX2 table path, 1: AVX-512 path. Chosen once: the CPU's features, unless SPARSELAND_BITMASK_ISA=avx2.
-static int bitmask_isa() {
+// ---- single vector, bf16 values, AVX-512 VBMI2 (run-time dispatch) ----
+// 32 weights per 32-bit mask word w: one vpexpandw (zero-masked by w) puts the word's packed bf16 values
+// in their 16-bit lanes. Read as 16 dwords, lane i holds weight 2i in its low half and weight 2i+1 in
+// its high half, so both become exact fp32 with one op each (shift left 16; and 0xFFFF0000) - no
+// widening shuffles - and are FMA'd with x deinterleaved once per call (per 32 inputs: the 16 even
+// ones, then the 16 odd ones). N:M (4 kept per byte) is the same loop with 16 values per word and no
+// popcount. Values are read with masked loads of exactly the word's count (nothing past the row).
+#define SPARSELAND_AVX512_VBMI2 __attribute__((target("avx512f,avx512vl,avx512bw,avx512vbmi2,popcnt,bmi2")))
+
+// x (n = in8 * 8 floats) -> xd (n rounded up to 32): per 32 inputs the even ones then the odd ones, zeros past n.
+SPARSELAND_AVX512_VBMI2 static void deinterleave32(const float* x, float* xd, int64_t n) {
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+  for (int64_t c = 0; c < n; c += 32) {
+    const int64_t rem = n - c;
+    __m512 a, b;
+    if (rem >= 32) {
+      a = _mm512_loadu_ps(x + c), b = _mm512_loadu_ps(x + c + 16);
+    } else {
+      a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<unsigned>(rem))), x + c);
+      b = rem > 16 ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<unsigned>(rem - 16))),
+                                           x + c + 16)
+                   : _mm512_setzero_ps();
+    }
+    _mm512_storeu_ps(xd + c, _mm512_permutex2var_ps(a, ev, b));
+    _mm512_storeu_ps(xd + c + 16, _mm512_permutex2var_ps(a, od, b));
+  }
+}
+
+// One 32-bit mask word: its c packed values at p, expanded and FMA'd with deinterleaved x at xp.
+SPARSELAND_AVX512_VBMI2 inline void step_bf16(uint32_t w, unsigned c, const uint16_t* p, const float* xp, __m512& ae,
+                                              __m512& ao) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i e = _mm512_maskz_expand_epi16(w, _mm512_maskz_loadu_epi16(_bzhi_u32(0xFFFFFFFFu, c), p));
+  ae = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(e, 16)), _mm512_loadu_ps(xp), ae);
+  ao = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(e, hi)), _mm512_loadu_ps(xp + 16), ao);
+}
+
+// sum_j W[r, j] x[j] for one row: mask bytes m[0, in8), packed bf16 values v, deinterleaved x.
+template <bool NM>
+SPARSELAND_AVX512_VBMI2 inline float row_bf16_512(const uint8_t* m, const uint16_t* v, const float* xd, int64_t in8) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const int64_t n8 = in8 & ~int64_t(7);
+  int64_t k = 0;
+  for (; k < n8; k += 8) {  // 64 weights: two words, four FMA chains
+    uint32_t w0, w1;
+    std::memcpy(&w0, m + k, 4);
+    std::memcpy(&w1, m + k + 4, 4);
+    const unsigned c0 = NM ? 16 : _mm_popcnt_u32(w0), c1 = NM ? 16 : _mm_popcnt_u32(w1);
+    step_bf16(w0, c0, v, xd + 8 * k, a0, a1);
+    step_bf16(w1, c1, v + c0, xd + 8 * k + 32, a2, a3);
+    v += c0 + c1;
+  }
+  for (; k < in8; k += 4) {  // the last in8 % 8 bytes, up to 4 per word
+    const int64_t nb = std::min<int64_t>(4, in8 - k);
+    uint32_t w = 0;
+    std::memcpy(&w, m + k, nb);
+    const unsigned c = NM ? 4 * static_cast<unsigned>(nb) : _mm_popcnt_u32(w);
+    step_bf16(w, c, v, xd + 8 * k, a0, a1);
+    v += c;
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+template <bool NM>
+SPARSELAND_AVX512_VBMI2 static void mv_bf16_512(const uint8_t* mask, const int64_t* row_ptr, const at::BFloat16* vals,
+                                                const float* x, float* y, int64_t in8, int64_t r0, int64_t r1) {
+  const int64_t n = in8 * 8;
+  // The deinterleaved x on the stack up to 4096 inputs (a thread_local buffer cost a TLS lookup per row).
+  alignas(64) float buf[4096 + 32];
+  std::vector<float> big(n + 32 > 4096 + 32 ? n + 32 : 0);
+  float* xd = n <= 4096 ? buf : big.data();
+  deinterleave32(x, xd, n);
+  const uint16_t* V = reinterpret_cast<const uint16_t*>(vals);
+  for (int64_t r = r0; r < r1; ++r)
+    y[r] = row_bf16_512<NM>(mask + r * in8, V + (NM ? r * in8 * 4 : row_ptr[r]), xd, in8);
+}
+
+// Kernel level: 0 AVX2 tables; 1 AVX-512 VPOPCNTDQ (fp32 and bf16 bitmask, as in kernels2); 2 as 1 plus
+// the VBMI2 bf16 kernels above for bitmask and N:M. The default is min(1, CPU): level 2 is opt-in
+// (SPARSELAND_BITMASK_ISA=vbmi2) because inside the extension it measured 1.5-2x slower than level 1 on
+// the Zen 4 dev VM, although the same loop in a standalone build runs ~2x faster than level 1 (cause not
+// found yet; see benchmarks/results/bf16_kernels.md). SPARSELAND_BITMASK_ISA=avx2 forces 0, avx512 1;
+// set_bitmask_isa() changes the level at run time (tests, benchmarks).
+static int cpu_isa() {
   static const int isa = [] {
-    const char* env = std::getenv("SPARSELAND_BITMASK_ISA");
-    if (env != nullptr && std::strcmp(env, "avx2") == 0) return 0;
     __builtin_cpu_init();
-    const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+    const bool l1 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                     __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vpopcntdq") &&
                     __builtin_cpu_supports("bmi2");
-    return ok ? 1 : 0;
+    return l1 ? (__builtin_cpu_supports("avx512vbmi2") ? 2 : 1) : 0;
   }();
   return isa;
 }
+static std::atomic<int> g_isa{-1};
+static int bitmask_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = std::min(cpu_isa(), 1);
+    const char* env = std::getenv("SPARSELAND_BITMASK_ISA");
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) isa = 0;
+    if (env != nullptr && std::strcmp(env, "vbmi2") == 0) isa = cpu_isa();
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return isa;
+}
+// level < 0: query. Otherwise use min(level, what the CPU supports); returns the level in effect before.
+int64_t set_bitmask_isa(int64_t level) {
+  const int old = bitmask_isa();
+  if (level >= 0) g_isa.store(std::min<int>(static_cast<int>(level), cpu_isa()), std::memory_order_relaxed);
+  return old;
+}
+int64_t cpu_bitmask_isa() { return cpu_isa(); }
 
 // Single-vector entry points for the fused decode step (x padded to in8 * 8 floats, y[r] for r in [r0, r1)).
 void bitmask_mv(const uint8_t* mask, const int64_t* row_ptr, const float* vals, const float* x, float* y, int64_t in8,
                 int64_t r0, int64_t r1) {
-  if (bitmask_isa() == 1) return bitmask_mv512(mask, row_ptr, vals, x, y, in8, r0, r1);
+  if (bitmask_isa() >= 1) return bitmask_mv512(mask, row_ptr, vals, x, y, in8, r0, r1);
   bitmask_rows<float, 1>(mask, row_ptr, vals, x, y, in8, in8 * 8, 0, r0, r1);
 }
 void bitmask_mv(const uint8_t* mask, const int64_t* row_ptr, const at::BFloat16* vals, const float* x, float* y,
                 int64_t in8, int64_t r0, int64_t r1) {
-  if (bitmask_isa() == 1) return bitmask_mv512(mask, row_ptr, vals, x, y, in8, r0, r1);
+  const int isa = bitmask_isa();
+  if (isa >= 2) return mv_bf16_512<false>(mask, row_ptr, vals, x, y, in8, r0, r1);
+  if (isa == 1) return bitmask_mv512(mask, row_ptr, vals, x, y, in8, r0, r1);
   bitmask_rows<at::BFloat16, 1>(mask, row_ptr, vals, x, y, in8, in8 * 8, 0, r0, r1);
 }
 void nm4_mv(const uint8_t* mask, const float* vals, const float* x, float* y, int64_t in8, int64_t r0, int64_t r1) {
@@ -192,15 +296,16 @@ void nm4_mv(const uint8_t* mask, const float* vals, const float* x, float* y, in
 }
 void nm4_mv(const uint8_t* mask, const at::BFloat16* vals, const float* x, float* y, int64_t in8, int64_t r0,
             int64_t r1) {
+  if (bitmask_isa() >= 2) return mv_bf16_512<true>(mask, nullptr, vals, x, y, in8, r0, r1);
   nm4_rows(mask, vals, x, y, 1, in8, in8 * 8, 0, r0, r1);
 }
 
 at::Tensor bitmask_mm(at::Tensor mask, at::Tensor row_ptr, at::Tensor values, at::Tensor x) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(), "bad mask");
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.numel() == mask.size(0) + 1, "bad row_ptr");
+  check_mask(mask);
+  check_values(values);
   const int64_t out = mask.size(0), in8 = mask.size(1), in_pad = in8 * 8, B = x.size(0);
+  check_row_ptr(row_ptr, out, values.numel());  // contiguous, monotone, values padded with 8 zeros
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= in_pad && x.size(1) > in_pad - 8, "x does not match the mask width");
-  TORCH_CHECK(values.numel() >= row_ptr[out].item<int64_t>() + 8, "values must be padded with 8 zeros");
   auto xc = x.contiguous().to(at::kFloat);
   std::vector<float> X = padded_input(xc, in_pad);
   auto y = at::empty({B, out}, xc.options());
@@ -228,7 +333,8 @@ at::Tensor bitmask_mm(at::Tensor mask, at::Tensor row_ptr, at::Tensor values, at
 }
 
 at::Tensor nm4_mm(at::Tensor mask, at::Tensor values, at::Tensor x) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(), "bad mask");
+  check_mask(mask);
+  check_values(values);
   const int64_t out = mask.size(0), in8 = mask.size(1), in_pad = in8 * 8, B = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= in_pad && x.size(1) > in_pad - 8, "x does not match the mask width");
   TORCH_CHECK(values.numel() >= out * in8 * 4 + 8, "values must hold 4 per mask byte plus 8 zeros of padding");
@@ -238,7 +344,10 @@ at::Tensor nm4_mm(at::Tensor mask, at::Tensor values, at::Tensor x) {
   const uint8_t* M = mask.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
   auto run = [&](auto* V) {
-    parallel_rows(out, 16, [&](int64_t r0, int64_t r1) { nm4_rows(M, V, X.data(), Y, B, in8, in_pad, out, r0, r1); });
+    parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
+      if (B == 1) nm4_mv(M, V, X.data(), Y, in8, r0, r1);
+      else nm4_rows(M, V, X.data(), Y, B, in8, in_pad, out, r0, r1);
+    });
   };
   if (values.scalar_type() == at::kFloat) run(values.data_ptr<float>());
   else if (values.scalar_type() == at::kBFloat16) run(values.data_ptr<at::BFloat16>());

@@ -23,9 +23,11 @@ A new checkpoint kind needs no change here as long as ``sl.load_model`` loads it
 Decode is measured in rounds; each round runs every llama.cpp format and every ours once (in a rotated
 order), so the ratio to llama.cpp Q4_1 is taken per round. Perplexity: the evaluation part of the
 embedded text (the last 25% of its tokens, as ``sl.load_corpus`` splits it) is written as text for
-``llama-perplexity -c 512``; our workers score the same token windows. llama-perplexity scores only
-the second half of each 512-token window, sparseland every position, so the table gives both numbers
-for ours and each engine's ratio is to its own F32/dense model.
+``llama-perplexity -c 512``; our workers score sparseland's token windows of that same text.
+llama-perplexity scores only the second half of each 512-token window, sparseland every position, so
+the table gives both numbers for ours and each engine's ratio is to its own F32/dense model. The two
+engines do not tokenize identically (llama.cpp's tokenizer merges runs of spaces that transformers'
+GGUF tokenizer splits: 28189 vs 28277 tokens), so absolute perplexities differ across engines.
 """
 
 from __future__ import annotations
@@ -532,9 +534,13 @@ def sparseland_source() -> dict:
 NOTES = [
     "Perplexity: the evaluation part of the embedded text (its last 25% of tokens). llama-perplexity "
     "(-c 512) scores the second half of each 512-token window; 'PPL (llama.cpp scoring)' for ours is the "
-    "same scoring on the same windows (from the same forward passes), 'PPL (sparseland)' is sl.perplexity's "
+    "same scoring on our windows (from the same forward passes), 'PPL (sparseland)' is sl.perplexity's "
     "definition (every position). The ratio column divides each engine's number by its own F32 / "
     "first --ours baseline (llama.cpp scoring for llama.cpp, sparseland's for ours).",
+    "The engines tokenize the text differently (llama.cpp's tokenizer merges runs of spaces that the "
+    "tokenizer transformers builds from the GGUF splits; 28189 vs 28277 tokens for the evaluation text, "
+    "diverging at token 264), so llama.cpp F32 and our dense fp32 score different token windows: compare "
+    "perplexity ratios across engines, not absolute values.",
     "llama.cpp formats other than Q4_1 are requantized from the shipped Q4_1 file (--allow-requantize); "
     "F32 and BF16 hold the Q4_1 weights exactly.",
     "Decode: llama-bench -p 0 -n N (tokens at context 0..N-1); ours: sl.greedy_generate after one "

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import sparseland as sl
 from sparseland.io import write_results
@@ -61,28 +63,33 @@ def build(name: str, base: torch.nn.Module, tok, calib: torch.Tensor, out: Path)
 
 
 @torch.inference_mode()
-def quality(model: torch.nn.Module, dense: torch.nn.Module, windows: torch.Tensor) -> dict:
-    """Perplexity of ``model`` and its KL divergence / top-1 agreement with ``dense``, window by window."""
-    nll = kl_sum = agree = n = 0.0
-    kls = []
-    for w in windows.split(1):
-        logits = model(w).logits[0, :-1].float()  # (T-1, V)
-        ref = dense(w).logits[0, :-1].float()
-        logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
-        nll += float(F.nll_loss(logp, w[0, 1:], reduction="sum"))
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # KL(dense || model) per position
-        kls.append(kl)
-        kl_sum += float(kl.sum())
-        agree += float((logits.argmax(-1) == ref.argmax(-1)).sum())
-        n += logits.shape[0]
-    kl_all = torch.cat(kls)
-    return {
-        "perplexity": float(torch.exp(torch.tensor(nll / n))),
-        "kl_mean": kl_sum / n,
-        "kl_p99": float(torch.quantile(kl_all, 0.99)),
-        "top1_agreement": agree / n,
-        "predictions": int(n),
-    }
+def quality(models: dict[str, torch.nn.Module], dense: torch.nn.Module, windows: torch.Tensor) -> dict[str, dict]:
+    """Perplexity of each model and its KL divergence / top-1 agreement with ``dense``: one pass over the
+    windows, the dense logits computed once per window."""
+    acc = {k: {"nll": 0.0, "kl": [], "agree": 0.0} for k in models}
+    n = 0
+    for w in tqdm(windows.split(1), desc="quality", unit="window"):
+        ref = dense(w).logits[0, :-1].float()  # (T-1, V)
+        ref_logp = F.log_softmax(ref, -1)
+        n += ref.shape[0]
+        for name, model in models.items():
+            logits = ref if model is dense else model(w).logits[0, :-1].float()
+            logp = F.log_softmax(logits, -1)
+            a = acc[name]
+            a["nll"] += float(F.nll_loss(logp, w[0, 1:], reduction="sum"))
+            a["kl"].append((ref_logp.exp() * (ref_logp - logp)).sum(-1))  # KL(dense || model) per position
+            a["agree"] += float((logits.argmax(-1) == ref.argmax(-1)).sum())
+    out = {}
+    for name, a in acc.items():
+        kl = torch.cat(a["kl"])
+        out[name] = {
+            "perplexity": math.exp(a["nll"] / n),
+            "kl_mean": float(kl.mean()),
+            "kl_p99": float(torch.quantile(kl, 0.99)),
+            "top1_agreement": a["agree"] / n,
+            "predictions": n,
+        }
+    return out
 
 
 def bits_per_weight(model: torch.nn.Module) -> float:
@@ -136,16 +143,16 @@ def main() -> None:
     windows = corpus.evaluation(512, args.windows)
     out = Path(args.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    base = quality(dense, dense, windows)
     dense_mb = sum(t.numel() * t.element_size() for t in dense.state_dict().values()) / 1e6  # tied: counted twice
     dense_mb -= dense.model.embed_tokens.weight.numel() * 4 / 1e6
-    rows = [{"config": "dense fp32", "checkpoint_mb": dense_mb, "bits_per_weight": 32.0, "formats": "dense", **base}]
+    rows = [{"config": "dense fp32", "checkpoint_mb": dense_mb, "bits_per_weight": 32.0, "formats": "dense"}]
+    models = {"dense fp32": dense}
     for name in names:
         path = build(name, dense, tok, calib, out)
         model, _ = sl.load_model(str(path))
         bpw = bits_per_weight(model)
         report = sl.to_sparse_runtime_(model)
-        q = quality(model, dense, windows)
+        models[name] = model
         rows.append(
             {
                 "config": name,
@@ -153,10 +160,13 @@ def main() -> None:
                 "checkpoint_mb": checkpoint_bytes(path) / 1e6,
                 "bits_per_weight": bpw,
                 "formats": ", ".join(f"{k} {v}" for k, v in sorted(report.formats.items())),
-                **q,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    q = quality(models, dense, windows)
+    for r in rows:
+        r.update(q[r["config"]])
+    base = q["dense fp32"]
     for r in rows:
         r["ratio"] = r["perplexity"] / base["perplexity"]
     data = {"threads": args.threads, "windows": args.windows, "embeddings": EMB, "rows": rows}

@@ -33,7 +33,8 @@ from sparseland.runtime.checkpoint import checkpoint_bytes, save_sparse_checkpoi
 
 RESULTS = Path(__file__).parent / "results"
 EMB = "int8"  # the embeddings (and the tied lm_head): like the shipped file's Q8_0 token_embd
-# name -> (pruning config or None, quantization): pruning with quant= prunes and quantizes (SparseGPT jointly)
+# name -> (pruning config, embeddings scheme or None for EMB) or (None, QuantConfig): a pruning config with
+# quant= prunes and quantizes (SparseGPT jointly)
 CONFIGS = {
     "int8": (None, QuantConfig(scheme="int8", embeddings=EMB)),
     "int4-g32": (None, QuantConfig(scheme="int4-g32", embeddings=EMB)),
@@ -42,6 +43,8 @@ CONFIGS = {
     "sparsegpt25+int4-g32": (sl.SparseGPTConfig(sparsity=0.25, quant="int4-g32"), None),
     "sparsegpt50+int4-g64": (sl.SparseGPTConfig(sparsity=0.5, quant="int4-g64"), None),
     "sparsegpt2:4+int4-g64-sym": (sl.SparseGPTConfig(pattern="2:4", quant="int4-g64-sym"), None),
+    # the smallest: 4-bit embeddings and lm_head too
+    "sparsegpt50+int4-g64-sym+emb4": (sl.SparseGPTConfig(sparsity=0.5, quant="int4-g64-sym"), "int4-g64-sym"),
 }
 
 
@@ -55,7 +58,7 @@ def build(name: str, base: torch.nn.Module, tok, calib: torch.Tensor, out: Path)
     t0 = time.perf_counter()
     if prune is not None:
         sl.sparsify_(model, prune, calibration=calib)
-        sl.quant.quantize_embeddings_(model, EMB)
+        sl.quant.quantize_embeddings_(model, quant or EMB)  # quant: the embeddings' scheme, if not EMB
     else:
         sl.sparsify_(model, quant, calibration=calib if quant.needs_calibration else None)
     meta = {"config": name, "seconds": time.perf_counter() - t0, "embeddings": EMB}
@@ -120,7 +123,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"`python benchmarks/bench_quant.py --out-dir DIR --windows {args.windows}` ({args.threads} threads). "
         f"Quality of the runtime model (quantized kernels, x rounded to int8 per block of 32) on {args.windows} "
         "evaluation windows of 512 tokens, against the dense float32 model on the same windows. Embeddings and "
-        f"the tied lm_head: {EMB}. Calibration (GPTQ, SparseGPT): 32 windows of 512 tokens.\n\n" + head + body
+        f"the tied lm_head: {EMB} (``+emb4``: int4-g64-sym). Calibration (GPTQ, SparseGPT): 32 windows of 512 "
+        "tokens.\n\n" + head + body
     )
 
 

@@ -68,11 +68,14 @@ def test_python_int8_step_close_to_float(kv_heads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kv_heads", [2, 4])  # GQA, MHA
-def test_fused_int8_step_matches_python_int8_step(kv_heads, threads):
+@pytest.mark.parametrize(
+    ("kv_heads", "hidden", "P"),
+    [(2, 128, 9), (4, 128, 9), (2, 256, 21), (2, 64, 5), (4, 80, 3)],  # GQA / MHA; head_dim 32, 64, 16, 20
+)
+def test_fused_int8_step_matches_python_int8_step(kv_heads, hidden, P, threads):
     require_fast_step()
-    model = make_tiny_llama(hidden=128, heads=4, kv_heads=kv_heads)
-    P, steps = 9, 10
+    model = make_tiny_llama(hidden=hidden, heads=4, kv_heads=kv_heads)
+    steps = 10
     torch.set_num_threads(threads)  # the one_thread fixture restores it
     fast, ref = LeanDecoder(model, P + steps, kv_dtype="int8"), _python(model, P + steps, "int8")
     assert fast.fast is not None, fastpath.ineligible_reason(model, fast.k_cache)

@@ -231,6 +231,52 @@ void axpy_i8(float w, const int8_t* b, float* o, int64_t n) {
   for (; i < n; ++i) o[i] += w * float(b[i]);
 }
 
+// [sum(a[0]), ..., sum(a[7])]
+inline __m256 hsum8(const __m256* a) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// sc[t] = ks[t] * (q . codes[t]) * scale for t < n (rows of D = 8 * N codes), 8 positions at a time;
+// returns max_t sc[t].
+template <int N>
+float scores_i8(const float* q, const int8_t* codes, const float* ks, float scale, int64_t n, float* sc) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) {
+      const int8_t* c = codes + (t + i) * (8 * N);
+      a[i] = _mm256_mul_ps(_mm256_loadu_ps(q), load_i8(c));
+      for (int j = 1; j < N; ++j) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), load_i8(c + 8 * j), a[i]);
+    }
+    const __m256 s = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(ks + t), hsum8(a)), sv);
+    _mm256_storeu_ps(sc + t, s);
+    mx = _mm256_max_ps(mx, s);
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, mx);
+  for (float b : buf) m = std::max(m, b);
+  for (; t < n; ++t) m = std::max(m, sc[t] = ks[t] * dot_i8(q, codes + t * (8 * N), 8 * N) * scale);
+  return m;
+}
+
+// o = sum_t w[t] * codes[t] over t < n (rows of D = 8 * N codes), N accumulators held in registers.
+template <int N>
+void weighted_sum_i8(const float* w, const int8_t* codes, int64_t n, float* o) {
+  __m256 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 wv = _mm256_set1_ps(w[t]);
+    const int8_t* c = codes + t * (8 * N);
+    for (int j = 0; j < N; ++j) acc[j] = _mm256_fmadd_ps(wv, load_i8(c + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < N; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+}
+
 // Symmetric int8 of one vector x (n,), as generate.py quantize_kv: codes and the scale max|x| / 127.
 float quantize_i8(const float* x, int8_t* codes, int64_t n) {
   float amax = 0.0f;
@@ -654,13 +700,23 @@ class DecodeStep : public torch::CustomClassHolder {
         const float* Vs = vs_.data_ptr<float>() + row;
         float* sc = scores_.data() + hh * Tmax_;
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < p1; ++t) m = std::max(m, sc[t] = Ks[t] * dot_i8(qh, K + t * D_, D_) * scale_);
+        if (D_ == 64) m = scores_i8<8>(qh, K, Ks, scale_, p1, sc);
+        else if (D_ == 128) m = scores_i8<16>(qh, K, Ks, scale_, p1, sc);
+        else if (D_ == 32) m = scores_i8<4>(qh, K, Ks, scale_, p1, sc);
+        else
+          for (int64_t t = 0; t < p1; ++t) m = std::max(m, sc[t] = Ks[t] * dot_i8(qh, K + t * D_, D_) * scale_);
         float sum = 0;
         for (int64_t t = 0; t < p1; ++t) sum += sc[t] = std::exp(sc[t] - m);
         float* o = att_.data() + hh * D_;
-        std::fill(o, o + D_, 0.0f);
         const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < p1; ++t) axpy_i8(sc[t] * inv * Vs[t], V + t * D_, o, D_);
+        for (int64_t t = 0; t < p1; ++t) sc[t] *= inv * Vs[t];  // p_t * scale_v[t]
+        if (D_ == 64) weighted_sum_i8<8>(sc, V, p1, o);
+        else if (D_ == 128) weighted_sum_i8<16>(sc, V, p1, o);
+        else if (D_ == 32) weighted_sum_i8<4>(sc, V, p1, o);
+        else {
+          std::fill(o, o + D_, 0.0f);
+          for (int64_t t = 0; t < p1; ++t) axpy_i8(sc[t], V + t * D_, o, D_);
+        }
       }
     });
   }

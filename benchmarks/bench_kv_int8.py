@@ -19,6 +19,7 @@ Protocol: SmolLM2-135M float32, batch 1, ``--threads`` torch threads (default 2)
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -166,7 +167,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
     out = {
-        "command": "python " + " ".join(["benchmarks/bench_kv_int8.py", *sys.argv[1:]]),
+        "command": "python " + shlex.join(["benchmarks/bench_kv_int8.py", *sys.argv[1:]]),
         "model": "smollm2-135m",
         "threads": args.threads,
         "rounds": args.rounds,

@@ -391,6 +391,11 @@ def build_fast_step(
         model = decoder_or_model
         if k_cache is None or v_cache is None:
             raise SparselandError("build_fast_step(model) needs k_cache and v_cache; or pass a LeanDecoder")
+        if k_cache.dtype == torch.int8:
+            raise SparselandError(
+                "build_fast_step(model, k_cache, v_cache) takes float32 caches; for an int8 cache pass the "
+                "LeanDecoder(kv_dtype='int8') (its codes and scales)"
+            )
     if ineligible_reason(model, k_cache) is not None:
         return None
     inputs, gates = _activation_plan(model)  # {} and {} without activation sparsity

@@ -132,6 +132,8 @@ def test_fused_quest_refuses_an_int8_cache():
     sparsify_(model, QuestConfig(keep=0.25, page_size=4))
     codes = torch.zeros(2, 2, 16, 16, dtype=torch.int8)
     assert "float32 KV cache" in fastpath.ineligible_reason(model, codes)
+    with pytest.raises(SparselandError, match="LeanDecoder"):
+        fastpath.build_fast_step(make_tiny_llama(), codes, codes)
 
 
 def test_cli_generate_and_longctx_kv_dtype(tmp_path, tiny_llama, capsys, monkeypatch):

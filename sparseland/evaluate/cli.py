@@ -83,6 +83,11 @@ def _run(args: argparse.Namespace) -> int:
 
     tasks = _tasks(args.tasks)
     name, fields = check_method(args.method, args.sparsity)
+    if args.kv_dtype != "float32" and (args.method != "dense" or args.backend != "lean"):
+        raise SparselandError(
+            f"--kv-dtype {args.kv_dtype} runs dense attention in the lean loop only; use --kv-dtype float32 with "
+            f"--method {args.method} / --backend {args.backend}"
+        )
     lengths = sorted(set(args.length or [DEFAULT_LENGTH]))
     text = embedded_text() if args.text is None else read_text_file(args.text)
     t0 = time.perf_counter()
@@ -91,7 +96,12 @@ def _run(args: argparse.Namespace) -> int:
     samples = generate_samples(
         tokenizer, lengths, tasks, args.samples, args.seed, text, model_context_length(model), progress=not args.json
     )
-    kw = {"max_new_tokens": args.max_new_tokens, "progress": not args.json, "backend": args.backend}
+    kw = {
+        "max_new_tokens": args.max_new_tokens,
+        "progress": not args.json,
+        "backend": args.backend,
+        "kv_dtype": args.kv_dtype,
+    }
     results = []
     if args.method == "dense" or args.compare_dense:
         results.append(evaluate_longctx(model, tokenizer, samples, label="dense", **kw))
@@ -116,6 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         "samples_per_cell": args.samples,
         "seed": args.seed,
         "backend": args.backend,
+        "kv_dtype": args.kv_dtype,
         "load_seconds": load_s,
         "results": [r.to_dict() for r in results],
     }
@@ -173,6 +184,13 @@ def add_commands(sub) -> None:
         choices=("lean", "hf"),
         default="lean",
         help="decode loop: lean (sparseland.runtime) or hf (the model's forward) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        default="float32",
+        choices=("float32", "int8"),
+        help="the lean loop's KV cache: float32, or int8 with a float32 scale per token and head; int8 needs "
+        "--method dense (default: %(default)s)",
     )
     p.add_argument("--compare-dense", action="store_true", help="also run dense on the same samples, side by side")
     p.add_argument("--text", default=None, help="UTF-8 text file for the haystacks instead of the embedded text")

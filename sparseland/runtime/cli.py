@@ -38,11 +38,12 @@ def _generate_command(args: argparse.Namespace) -> int:
     ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise SparselandError(f"--prompt {args.prompt!r} gives no tokens with this tokenizer; pass some words")
-    res = greedy_generate(model, ids, args.max_new_tokens)
+    res = greedy_generate(model, ids, args.max_new_tokens, kv_dtype=args.kv_dtype)
     text = tok.decode(res.tokens, skip_special_tokens=True)
     out = {
         "model": args.model,
         "sparse_runtime": bool(args.sparse_runtime),
+        "kv_dtype": args.kv_dtype,
         "formats": report.formats if report else None,
         "text": text,
         "new_tokens": len(res.tokens),
@@ -190,6 +191,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", help=FORMAT_HELP)
     p.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"], help="stored weight values")
     p.add_argument("--threads", type=positive_int, default=None, help="torch/kernel threads (default: torch's)")
+    p.add_argument(
+        "--kv-dtype",
+        default="float32",
+        choices=["float32", "int8"],
+        help="KV cache: float32, or int8 codes with a float32 scale per token and head (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_generate_command)
 

@@ -29,7 +29,8 @@ Python step writes the cache.
 Anything the C++ step would silently skip makes the model ineligible: top-k (``keep``) or R-Sparse
 activation sites, activation-sparse formats without activation sparsity, any other forward hook,
 sparse attention methods other than Quest, q/k norms, biases, a non-SiLU or non-Llama MLP or norm, a weight format it
-does not know, a cache that is not float32.
+does not know, a cache that is not float32 or int8 (the int8 KV cache, ``LeanDecoder(kv_dtype="int8")``:
+codes and per-(layer, head, position) scales passed with ``set_int8_cache``; dense attention only).
 
 Disabled by ``SPARSELAND_NO_FASTPATH=1`` and inside ``kernels.force_reference()``.
 """
@@ -346,9 +347,11 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
         for name, m in base.layers.named_modules():
             if m._forward_hooks or m._forward_pre_hooks:
                 return f"layers.{name} has forward hooks"
-    if k_cache.dtype != torch.float32 or base.embed_tokens.weight.dtype != torch.float32:
+    if k_cache.dtype not in (torch.float32, torch.int8) or base.embed_tokens.weight.dtype != torch.float32:
         return "the model is not float32"
     method = _quest_method(model)
+    if k_cache.dtype == torch.int8 and method is not None:
+        return "Quest in the fused step needs a float32 KV cache (its page bounds are float); use kv_dtype='float32'"
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
         own = getattr(attn, "_sparseland_attention", None)
@@ -378,13 +381,21 @@ def build_fast_step(
     mode = mode or os.environ.get(MODE_ENV) or "region"
     if mode not in MODES:
         raise SparselandError(f"fast-step threading mode {mode!r} is unknown; use one of {sorted(MODES)}")
+    scales = None  # (k_scale, v_scale) of an int8 cache
     if hasattr(decoder_or_model, "k_cache") and hasattr(decoder_or_model, "base"):
         model = decoder_or_model.model
         k_cache, v_cache = decoder_or_model.k_cache, decoder_or_model.v_cache
+        if k_cache is not None and k_cache.dtype == torch.int8:
+            scales = (decoder_or_model.k_scale, decoder_or_model.v_scale)
     else:
         model = decoder_or_model
         if k_cache is None or v_cache is None:
             raise SparselandError("build_fast_step(model) needs k_cache and v_cache; or pass a LeanDecoder")
+        if k_cache.dtype == torch.int8:
+            raise SparselandError(
+                "build_fast_step(model, k_cache, v_cache) takes float32 caches; for an int8 cache pass the "
+                "LeanDecoder(kv_dtype='int8') (its codes and scales)"
+            )
     if ineligible_reason(model, k_cache) is not None:
         return None
     inputs, gates = _activation_plan(model)  # {} and {} without activation sparsity
@@ -424,5 +435,10 @@ def build_fast_step(
         if gate is not None:
             tensors.append(gate)
         meta += kinds + flags + [int(gate is not None)]
-    step = torch.classes.sparseland.DecodeStep(tensors, meta, feps, k_cache, v_cache)
+    if scales is None:
+        step = torch.classes.sparseland.DecodeStep(tensors, meta, feps, k_cache, v_cache)
+    else:  # int8 codes + scales; the float cache arguments are empty (T_max 0) placeholders
+        empty = torch.empty(len(layers), KVH, 0, D)
+        step = torch.classes.sparseland.DecodeStep(tensors, meta, feps, empty, empty)
+        step.set_int8_cache(k_cache, v_cache, *scales)
     return FastStep(step, mode, _quest_method(model), H)

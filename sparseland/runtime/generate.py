@@ -37,6 +37,25 @@ class GenerationResult:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
 
 
+KV_DTYPES = ("float32", "int8")
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of K or V entries (..., D), one float32 scale per vector: scale = max|x| / 127,
+    codes = round_half_even(x / scale) in [-127, 127]; a zero vector gets scale 0 and codes 0.
+    Returns (codes int8 (..., D), scale float32 (...))."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    div = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    codes = torch.round(x / div).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes (..., D) int8 and scale (...) -> codes * scale, in ``dtype``."""
+    return (codes.float() * scale.unsqueeze(-1)).to(dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -50,9 +69,14 @@ class LeanDecoder:
     each layer keeps only the method's ``kept_positions`` after its prefill, in a cache sized for them
     plus the tokens still to come, and decodes densely over those entries. Keys are cached after RoPE,
     so they carry their positions and attention over the compacted cache is exact.
+
+    ``kv_dtype="int8"`` keeps K and V as int8 codes (L, KVH, max_len, D) with one float32 scale per
+    (layer, KV head, position) (``k_scale``/``v_scale`` (L, KVH, max_len); ``quantize_kv``): the new
+    entries are quantized when written (keys after RoPE) and attention runs over the dequantized
+    cache, prefill included. Dense attention only (no KV-cache eviction, no sparse attention method).
     """
 
-    def __init__(self, model: torch.nn.Module, max_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_len: int, kv_dtype: str = "float32") -> None:
         base = getattr(model, "model", None)
         if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
             raise SparselandError(
@@ -62,6 +86,16 @@ class LeanDecoder:
         cfg = model.config
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             raise SparselandError("sliding-window attention is not supported by the lean decode loop")
+        if kv_dtype not in KV_DTYPES:
+            raise SparselandError(f"kv_dtype={kv_dtype!r} is unknown; use one of {list(KV_DTYPES)}")
+        method = getattr(model, "_sparseland_attention", None)
+        if kv_dtype == "int8" and method is not None:
+            kind = type(getattr(method, "config", None)).__name__
+            raise SparselandError(
+                f"the int8 KV cache runs dense attention only; the model has a sparse attention / KV-cache "
+                f"eviction method ({kind}): use kv_dtype='float32' (--kv-dtype float32) with it"
+            )
+        self.kv_dtype = kv_dtype
         self.model, self.base = model, base
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -73,7 +107,16 @@ class LeanDecoder:
         self.v_cache: torch.Tensor | None = None
         self.k_layers: list[torch.Tensor | None] = [None] * L  # layer i's cache (KVH, capacity, D)
         self.v_layers: list[torch.Tensor | None] = [None] * L
-        if not getattr(getattr(model, "_sparseland_attention", None), "evicts", False):
+        self.k_scale: torch.Tensor | None = None  # int8 cache: (L, KVH, max_len) float32 scales
+        self.v_scale: torch.Tensor | None = None
+        if kv_dtype == "int8":
+            shape = (L, self.n_kv, max_len, self.head_dim)
+            self.k_cache = torch.zeros(shape, dtype=torch.int8)
+            self.v_cache = torch.zeros(shape, dtype=torch.int8)
+            self.k_scale = torch.zeros(shape[:3], dtype=torch.float32)
+            self.v_scale = torch.zeros(shape[:3], dtype=torch.float32)
+            self.k_layers, self.v_layers = list(self.k_cache.unbind(0)), list(self.v_cache.unbind(0))
+        elif not getattr(getattr(model, "_sparseland_attention", None), "evicts", False):
             shape = (L, self.n_kv, max_len, self.head_dim)  # (L, KVH, T, D)
             self.k_cache = torch.zeros(shape, dtype=self.dtype)
             self.v_cache = torch.zeros(shape, dtype=self.dtype)
@@ -88,7 +131,7 @@ class LeanDecoder:
     def kv_cache_bytes(self) -> int:
         """Bytes held by the KV caches now (every allocated buffer, counted once)."""
         held = {}
-        for t in (self.k_cache, self.v_cache, *self.k_layers, *self.v_layers):
+        for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale, *self.k_layers, *self.v_layers):
             if t is not None:
                 held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(held.values())
@@ -158,6 +201,14 @@ class LeanDecoder:
         p0, p1 = self.pos, self.pos + T
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         method = getattr(attn, "_sparseland_attention", None)  # a sparseland.attention method, if applied
+        if self.kv_dtype == "int8":
+            if method is not None:
+                raise SparselandError(
+                    f"layer {i} has a sparse attention method ({type(getattr(method, 'config', None)).__name__}); "
+                    "the int8 KV cache runs dense attention only: use kv_dtype='float32'"
+                )
+            keys, vals = self._write_int8(i, k[0], v[0], p0, p1)
+            return attn.o_proj(self._dense_attention(q, keys, vals, scale, p0))
         if method is not None and getattr(method, "evicts", False) and p0 == 0 and T > 1:
             o = method.attend(i, q[0], k[0], v[0], scale)  # (H, T, D): dense prefill, chooses what to keep
             self._compact(i, k[0], v[0], method.kept_positions(i))
@@ -172,6 +223,17 @@ class LeanDecoder:
             else:
                 return attn.o_proj(self._dense_attention(q, keys, vals, scale, p0))
         return attn.o_proj(o.transpose(0, 1).reshape(1, T, self.n_heads * self.head_dim))
+
+    def _write_int8(self, i: int, k: torch.Tensor, v: torch.Tensor, p0: int, p1: int):
+        """Quantize k, v (KVH, T, D) into layer ``i``'s int8 cache at [p0, p1); returns the dequantized
+        keys and values of positions [0, p1), (1, KVH, p1, D) in the model's dtype."""
+        kc, ks = quantize_kv(k)
+        vc, vs = quantize_kv(v)
+        self.k_cache[i, :, p0:p1], self.k_scale[i, :, p0:p1] = kc, ks
+        self.v_cache[i, :, p0:p1], self.v_scale[i, :, p0:p1] = vc, vs
+        keys = dequantize_kv(self.k_cache[i, :, :p1], self.k_scale[i, :, :p1], self.dtype)
+        vals = dequantize_kv(self.v_cache[i, :, :p1], self.v_scale[i, :, :p1], self.dtype)
+        return keys[None], vals[None]
 
     def _dense_attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: float, p0: int):
         """The loop's own attention: q (1, H, T, D) over keys/vals (1, KVH, p1, D) -> (1, T, H * D)."""
@@ -227,15 +289,20 @@ def _eos_ids(model: torch.nn.Module) -> set[int]:
 
 @torch.inference_mode()
 def greedy_generate(
-    model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, stop_at_eos: bool = True
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    stop_at_eos: bool = True,
+    kv_dtype: str = "float32",
 ) -> GenerationResult:
-    """Greedy decode ``max_new_tokens`` after ``input_ids`` (1, T); same tokens as HF greedy generate."""
+    """Greedy decode ``max_new_tokens`` after ``input_ids`` (1, T); same tokens as HF greedy generate
+    (with ``kv_dtype="float32"``; ``"int8"`` quantizes the KV cache, see ``LeanDecoder``)."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[0] != 1:
         raise SparselandError(f"greedy_generate decodes one sequence; got batch {input_ids.shape[0]}")
     T = input_ids.shape[1]
-    dec = LeanDecoder(model, T + max_new_tokens)
+    dec = LeanDecoder(model, T + max_new_tokens, kv_dtype=kv_dtype)
     eos = _eos_ids(model) if stop_at_eos else set()
     t0 = time.perf_counter()
     tok = int(dec.step(input_ids).argmax())

@@ -20,6 +20,12 @@
 // of their keys by exact q . k are attended. invalidate(pos) drops the bounds of pages at or after pos
 // (the Python path rewrites the cache from pos: a prefill, a continuation).
 //
+// int8 KV cache (set_int8_cache; generate.py quantize_kv is the reference): K and V as int8 codes
+// (L, KVH, T_max, D) with one float32 scale per (layer, KV head, position), scale = max|x| / 127 and
+// codes = round_half_even(x / scale) (a zero vector: scale 0, codes 0); keys quantized after RoPE.
+// Scores are scale_k[t] * (q . k_int8[t]) and the output sum_t p_t * scale_v[t] * v_int8[t], the
+// codes widened to float in registers. Quest needs the float cache (set_quest refuses int8).
+//
 // Threading (torch.set_num_threads): mode 1 runs one OpenMP region for the whole step, every matvec's
 // rows split statically across the threads with a barrier between dependent stages (~6 per layer);
 // mode 0 wakes torch's pool once per matvec (parallel_rows), like the per-module Python path. With one
@@ -199,6 +205,86 @@ float dot(const float* a, const float* b, int64_t n) {
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
   float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// 8 int8 codes -> 8 floats.
+inline __m256 load_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// q . codes over n entries (the int8 key's scale applied by the caller).
+float dot_i8(const float* a, const int8_t* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_i8(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * float(b[i]);
+  return s;
+}
+
+// o += w * codes over n entries.
+void axpy_i8(float w, const int8_t* b, float* o, int64_t n) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, load_i8(b + i), _mm256_loadu_ps(o + i)));
+  for (; i < n; ++i) o[i] += w * float(b[i]);
+}
+
+// [sum(a[0]), ..., sum(a[7])]
+inline __m256 hsum8(const __m256* a) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// sc[t] = ks[t] * (q . codes[t]) * scale for t < n (rows of D = 8 * N codes), 8 positions at a time;
+// returns max_t sc[t].
+template <int N>
+float scores_i8(const float* q, const int8_t* codes, const float* ks, float scale, int64_t n, float* sc) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) {
+      const int8_t* c = codes + (t + i) * (8 * N);
+      a[i] = _mm256_mul_ps(_mm256_loadu_ps(q), load_i8(c));
+      for (int j = 1; j < N; ++j) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), load_i8(c + 8 * j), a[i]);
+    }
+    const __m256 s = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(ks + t), hsum8(a)), sv);
+    _mm256_storeu_ps(sc + t, s);
+    mx = _mm256_max_ps(mx, s);
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, mx);
+  for (float b : buf) m = std::max(m, b);
+  for (; t < n; ++t) m = std::max(m, sc[t] = ks[t] * dot_i8(q, codes + t * (8 * N), 8 * N) * scale);
+  return m;
+}
+
+// o = sum_t w[t] * codes[t] over t < n (rows of D = 8 * N codes), N accumulators held in registers.
+template <int N>
+void weighted_sum_i8(const float* w, const int8_t* codes, int64_t n, float* o) {
+  __m256 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 wv = _mm256_set1_ps(w[t]);
+    const int8_t* c = codes + t * (8 * N);
+    for (int j = 0; j < N; ++j) acc[j] = _mm256_fmadd_ps(wv, load_i8(c + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < N; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+}
+
+// Symmetric int8 of one vector x (n,), as generate.py quantize_kv: codes and the scale max|x| / 127.
+float quantize_i8(const float* x, int8_t* codes, int64_t n) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 127.0f;
+  const float div = s > 0.0f ? s : 1.0f;
+  for (int64_t i = 0; i < n; ++i)
+    codes[i] = int8_t(std::clamp(std::nearbyint(x[i] / div), -127.0f, 127.0f));  // round half to even
   return s;
 }
 
@@ -414,10 +500,31 @@ class DecodeStep : public torch::CustomClassHolder {
 
   int64_t num_layers() const { return L_; }
 
+  // Run on an int8 KV cache instead of the float one (the constructor's float caches are then unused,
+  // e.g. (L, KVH, 0, D) placeholders): codes (L, KVH, T_max, D) int8, scales (L, KVH, T_max) float32.
+  void set_int8_cache(at::Tensor k_codes, at::Tensor v_codes, at::Tensor k_scale, at::Tensor v_scale) {
+    TORCH_CHECK(q_page_ == 0, "DecodeStep.set_int8_cache: Quest needs the float32 cache");
+    for (const at::Tensor* c : {&k_codes, &v_codes})
+      TORCH_CHECK(c->scalar_type() == at::kChar && c->is_contiguous() && c->dim() == 4 && c->size(0) == L_ &&
+                      c->size(1) == KVH_ && c->size(3) == D_,
+                  "DecodeStep.set_int8_cache: codes must be contiguous int8 (L, KVH, T_max, D)");
+    const int64_t T = k_codes.size(2);
+    TORCH_CHECK(v_codes.size(2) == T, "DecodeStep.set_int8_cache: k and v codes differ in length");
+    for (const at::Tensor* c : {&k_scale, &v_scale})
+      TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 3 && c->size(0) == L_ &&
+                      c->size(1) == KVH_ && c->size(2) == T,
+                  "DecodeStep.set_int8_cache: scales must be contiguous float32 (L, KVH, T_max)");
+    kq_ = k_codes, vq_ = v_codes, ks_ = k_scale, vs_ = v_scale;
+    int8_ = true;
+    Tmax_ = T;
+    scores_.assign(H_ * Tmax_, 0.0f);
+  }
+
   // Quest in layers >= dense_layers (see the header); page_size 0 turns it off (dense attention).
   void set_quest(int64_t page_size, double keep, int64_t dense_layers, double refine) {
     TORCH_CHECK(page_size >= 0 && keep > 0 && keep <= 1 && dense_layers >= 0 && refine >= 1,
                 "DecodeStep.set_quest: page_size >= 0, keep in (0, 1], dense_layers >= 0, refine >= 1");
+    TORCH_CHECK(page_size == 0 || !int8_, "DecodeStep.set_quest: Quest needs the float32 cache, not int8");
     q_page_ = page_size, q_keep_ = keep, q_dense_ = dense_layers, q_refine_ = refine;
     if (page_size == 0) return;
     Pmax_ = Tmax_ / page_size;
@@ -580,6 +687,40 @@ class DecodeStep : public torch::CustomClassHolder {
     });
   }
 
+  // Step 3 on the int8 cache: each query head of layer l over positions [0, p1), into att_.
+  void attend_int8(const Exec& ex, int64_t l, const float* q, int64_t p1) {
+    const int64_t G = H_ / KVH_;
+    ex.split(H_, [&](int64_t h0, int64_t h1) {
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        const int64_t row = l * KVH_ * Tmax_ + (hh / G) * Tmax_;  // (layer, kv head) row of the scales
+        const float* qh = q + hh * D_;
+        const int8_t* K = kq_.data_ptr<int8_t>() + row * D_;
+        const int8_t* V = vq_.data_ptr<int8_t>() + row * D_;
+        const float* Ks = ks_.data_ptr<float>() + row;
+        const float* Vs = vs_.data_ptr<float>() + row;
+        float* sc = scores_.data() + hh * Tmax_;
+        float m = -std::numeric_limits<float>::infinity();
+        if (D_ == 64) m = scores_i8<8>(qh, K, Ks, scale_, p1, sc);
+        else if (D_ == 128) m = scores_i8<16>(qh, K, Ks, scale_, p1, sc);
+        else if (D_ == 32) m = scores_i8<4>(qh, K, Ks, scale_, p1, sc);
+        else
+          for (int64_t t = 0; t < p1; ++t) m = std::max(m, sc[t] = Ks[t] * dot_i8(qh, K + t * D_, D_) * scale_);
+        float sum = 0;
+        for (int64_t t = 0; t < p1; ++t) sum += sc[t] = std::exp(sc[t] - m);
+        float* o = att_.data() + hh * D_;
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < p1; ++t) sc[t] *= inv * Vs[t];  // p_t * scale_v[t]
+        if (D_ == 64) weighted_sum_i8<8>(sc, V, p1, o);
+        else if (D_ == 128) weighted_sum_i8<16>(sc, V, p1, o);
+        else if (D_ == 32) weighted_sum_i8<4>(sc, V, p1, o);
+        else {
+          std::fill(o, o + D_, 0.0f);
+          for (int64_t t = 0; t < p1; ++t) axpy_i8(sc[t], V + t * D_, o, D_);
+        }
+      }
+    });
+  }
+
   void run(const Exec& ex, float* H, const float* cos, const float* sin, int64_t pos) {
     const int64_t HD = H_ * D_, KD = KVH_ * D_, G = H_ / KVH_, p1 = pos + 1;
     float* xn = xn_[ex.region ? ex.tid : 0].data();  // each thread normalizes h into its own copy
@@ -588,8 +729,8 @@ class DecodeStep : public torch::CustomClassHolder {
     float* v = k + KD;
     for (int64_t l = 0; l < L_; ++l) {
       const Layer& ly = layers_[l];
-      float* kc = k_cache_.data_ptr<float>() + l * KVH_ * Tmax_ * D_;  // (KVH, T_max, D)
-      float* vc = v_cache_.data_ptr<float>() + l * KVH_ * Tmax_ * D_;
+      float* kc = int8_ ? nullptr : k_cache_.data_ptr<float>() + l * KVH_ * Tmax_ * D_;  // (KVH, T_max, D)
+      float* vc = int8_ ? nullptr : v_cache_.data_ptr<float>() + l * KVH_ * Tmax_ * D_;
       // Step 1: rmsnorm, then q, k, v as one row space [q | k | v]
       rmsnorm(H, ly.ln1, ly.eps1, xn, C_);
       if (!ly.act) {
@@ -620,6 +761,19 @@ class DecodeStep : public torch::CustomClassHolder {
         });
       }
       // Step 2: RoPE on q and k; k, v into the cache at pos
+      if (int8_) {
+        ex.single([&] {
+          for (int64_t hh = 0; hh < H_; ++hh) rope(q + hh * D_, cos, sin, D_);
+          const int64_t base = l * KVH_ * Tmax_;  // (KVH, T_max) of layer l
+          for (int64_t kh = 0; kh < KVH_; ++kh) {
+            rope(k + kh * D_, cos, sin, D_);
+            const int64_t at = base + kh * Tmax_ + pos;
+            ks_.data_ptr<float>()[at] = quantize_i8(k + kh * D_, kq_.data_ptr<int8_t>() + at * D_, D_);
+            vs_.data_ptr<float>()[at] = quantize_i8(v + kh * D_, vq_.data_ptr<int8_t>() + at * D_, D_);
+          }
+        });
+        attend_int8(ex, l, q, p1);
+      } else {
       ex.single([&] {
         for (int64_t hh = 0; hh < H_; ++hh) rope(q + hh * D_, cos, sin, D_);
         for (int64_t kh = 0; kh < KVH_; ++kh) {
@@ -654,6 +808,7 @@ class DecodeStep : public torch::CustomClassHolder {
           }
         }
       });
+      }
       // Step 4: h += Wo o (each thread adds its own rows)
       if (!ly.o.act()) {
         ex.split(C_, [&](int64_t r0, int64_t r1) {
@@ -699,6 +854,9 @@ class DecodeStep : public torch::CustomClassHolder {
 
   std::vector<at::Tensor> tensors_;  // keeps every weight alive
   at::Tensor k_cache_, v_cache_;
+  // int8 KV cache (set_int8_cache): codes (L, KVH, T_max, D) and scales (L, KVH, T_max)
+  bool int8_ = false;
+  at::Tensor kq_, vq_, ks_, vs_;
   std::vector<Layer> layers_;
   int64_t L_ = 0, C_ = 0, I_ = 0, H_ = 0, KVH_ = 0, D_ = 0, Tmax_ = 0;
   float scale_ = 1.0f;
@@ -727,5 +885,6 @@ TORCH_LIBRARY_FRAGMENT(sparseland, m) {
       .def("step", &sparseland::DecodeStep::step)
       .def("num_layers", &sparseland::DecodeStep::num_layers)
       .def("set_quest", &sparseland::DecodeStep::set_quest)
-      .def("invalidate", &sparseland::DecodeStep::invalidate);
+      .def("invalidate", &sparseland::DecodeStep::invalidate)
+      .def("set_int8_cache", &sparseland::DecodeStep::set_int8_cache);
 }

@@ -160,17 +160,19 @@ def window_nll(model, windows, batch_size: int = 4):
 def load_ours(spec: str, options: dict[str, str]):
     """Load SPEC with sl.load_model and convert it to the runtime unless it already is converted."""
     import sparseland as sl
-    from sparseland.runtime.modules import SparseLinear
+    from sparseland.runtime.modules import SparseLinear, output_quant_state
 
     model, _ = sl.load_model(spec)
     already = any(isinstance(m, SparseLinear) for m in model.modules())
     if not already:
         vdt = options.get("value_dtype", "float32")
+        # a quantized lm_head (or one tied to quantized embeddings) stays quantized unless asked otherwise
+        head = None if output_quant_state(model) is not None else vdt
         sl.to_sparse_runtime_(
             model,
             format=options.get("format", "auto"),
             value_dtype=vdt,
-            lm_head_dtype=options.get("lm_head_dtype", vdt),
+            lm_head_dtype=options.get("lm_head_dtype", head),
         )
     return model, already
 

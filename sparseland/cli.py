@@ -79,6 +79,28 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default: %(default)s)")
 
 
+def check_new_dir(out: str) -> None:
+    """Refuse an output directory that exists (checkpoints are written whole, never over another)."""
+    from pathlib import Path
+
+    if Path(out).expanduser().exists():
+        raise SparselandError(f"--out {out} already exists; choose a new directory or delete it first")
+
+
+def load_with_calibration(args: argparse.Namespace, needs_calibration: bool):
+    """``(model, tokenizer, corpus, calibration or None, load seconds)`` for a command that changes a
+    model: ``--model``, ``--text``, and ``--calib-samples`` windows of ``--seq-len`` (seed ``--seed``)."""
+    from sparseland.data import load_corpus
+    from sparseland.models import load_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    corpus = load_corpus(tokenizer, args.text)
+    calib = corpus.calibration(args.calib_samples, args.seq_len, args.seed) if needs_calibration else None
+    return model, tokenizer, corpus, calib, load_s
+
+
 def _eval_command(args: argparse.Namespace) -> int:
     from sparseland.data import load_corpus
     from sparseland.evaluate import perplexity

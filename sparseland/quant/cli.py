@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 
-from sparseland.cli import add_data_args, add_model_args, positive_int
-from sparseland.errors import SparselandError
+from sparseland.cli import add_data_args, add_model_args, check_new_dir, load_with_calibration, positive_int
 
 SCHEME_HELP = (
     "int4-g32 (asymmetric, groups of 32 columns: llama.cpp's Q4_1 grid), int4-g64, int4-g128, "
@@ -28,18 +25,11 @@ def build_config(args: argparse.Namespace):
 
 def _quantize_command(args: argparse.Namespace) -> int:
     config = build_config(args)  # validate before the slow model load
-    if Path(args.out).expanduser().exists():
-        raise SparselandError(f"--out {args.out} already exists; choose a new directory or delete it first")
+    check_new_dir(args.out)
     from sparseland import sparsify_
-    from sparseland.data import load_corpus
-    from sparseland.models import load_model
     from sparseland.runtime.checkpoint import checkpoint_bytes, save_sparse_checkpoint
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    load_s = time.perf_counter() - t0
-    corpus = load_corpus(tokenizer, args.text)
-    calib = corpus.calibration(args.calib_samples, args.seq_len, args.seed) if config.needs_calibration else None
+    model, tokenizer, corpus, calib, load_s = load_with_calibration(args, config.needs_calibration)
     report = sparsify_(model, config, calibration=calib)
     print(f"quantized   {report.layers} Linear weights to {report.scheme} ({report.method})", end="")
     print(f", {report.sparse_layers} of them sparse (zeros kept as a mask)" if report.sparse_layers else "")

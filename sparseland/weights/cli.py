@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 
-from sparseland.cli import add_data_args, add_model_args, positive_int
+from sparseland.cli import add_data_args, add_model_args, check_new_dir, load_with_calibration, positive_int
 from sparseland.errors import SparselandError
 
 METHODS = ("magnitude", "random", "wanda", "sparsegpt")
@@ -43,17 +41,10 @@ def _prune_command(args: argparse.Namespace) -> int:
         from sparseland.quant import QuantScheme
 
         QuantScheme.parse(args.quant_embeddings)
-    if Path(args.out).expanduser().exists():
-        raise SparselandError(f"--out {args.out} already exists; choose a new directory or delete it first")
+    check_new_dir(args.out)
     from sparseland import sparsify_
-    from sparseland.data import load_corpus
-    from sparseland.models import load_model
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    load_s = time.perf_counter() - t0
-    corpus = load_corpus(tokenizer, args.text)
-    calib = corpus.calibration(args.calib_samples, args.seq_len, args.seed) if config.uses_calibration else None
+    model, tokenizer, corpus, calib, load_s = load_with_calibration(args, config.uses_calibration)
     report = sparsify_(model, config, calibration=calib)
     if args.quant_embeddings:
         from sparseland.quant import quantize_embeddings_

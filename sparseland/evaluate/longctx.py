@@ -145,12 +145,12 @@ def hf_greedy(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int) ->
 
 
 def _generate(
-    model, ids: torch.Tensor, max_new_tokens: int, backend: str, kv_dtype: str = "float32"
+    model, ids: torch.Tensor, max_new_tokens: int, backend: str, kv_dtype: str = "float32", kv_keep: float = 0.5
 ) -> tuple[list[int], float]:
     if backend == "lean":
         from sparseland.runtime import greedy_generate
 
-        res = greedy_generate(model, ids, max_new_tokens, kv_dtype=kv_dtype)
+        res = greedy_generate(model, ids, max_new_tokens, kv_dtype=kv_dtype, kv_keep=kv_keep)
         return res.tokens, res.prefill_seconds
     return hf_greedy(model, ids, max_new_tokens)
 
@@ -164,15 +164,20 @@ def evaluate_longctx(
     backend: str = "lean",
     label: str = "dense",
     kv_dtype: str = "float32",
+    kv_keep: float = 0.5,
 ) -> LongCtxResult:
     """Greedy-decode every sample and score it; ``max_new_tokens`` None uses each task's own budget.
-    ``kv_dtype``: the lean loop's KV cache, ``"float32"`` or ``"int8"`` (``LeanDecoder``)."""
+    ``kv_dtype``: the lean loop's KV cache, ``"float32"``, ``"int8"`` or ``"sparse"`` (keeping
+    ``kv_keep`` of each K/V vector's entries) (``LeanDecoder``)."""
     from sparseland.runtime.generate import KV_DTYPES
 
     if backend not in BACKENDS:
         raise SparselandError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     if kv_dtype not in KV_DTYPES:
         raise SparselandError(f"kv_dtype={kv_dtype!r} is unknown; use one of {list(KV_DTYPES)}")
+    from sparseland.runtime.generate import _check_kv_keep
+
+    _check_kv_keep(kv_keep)
     if kv_dtype != "float32" and backend != "lean":
         raise SparselandError(f"kv_dtype={kv_dtype!r} needs the lean backend (backend='lean'), not {backend!r}")
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens <= 0):
@@ -195,7 +200,7 @@ def evaluate_longctx(
             )
         bar.set_postfix(task=sample.task, length=sample.length)
         t0 = time.perf_counter()
-        tokens, prefill = _generate(model, ids, new, backend, kv_dtype)
+        tokens, prefill = _generate(model, ids, new, backend, kv_dtype, kv_keep)
         seconds = time.perf_counter() - t0
         output = tokenizer.decode(tokens, skip_special_tokens=True)
         result.samples.append(

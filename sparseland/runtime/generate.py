@@ -9,6 +9,7 @@ equal ``model.generate(do_sample=False)``. Batch size 1.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ class GenerationResult:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
 
 
-KV_DTYPES = ("float32", "int8")
+KV_DTYPES = ("float32", "int8", "sparse")
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +55,56 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes (..., D) int8 and scale (...) -> codes * scale, in ``dtype``."""
     return (codes.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def kv_keep_count(keep: float, D: int) -> int:
+    """Entries kept per vector by ``prune_kv``: k = ceil(keep * D) (keep in (0, 1], so 1 <= k <= D)."""
+    _check_kv_keep(keep)
+    return max(1, min(D, math.ceil(round(keep * D, 9))))  # round: 0.3 * 10 is 3.0000000000000004
+
+
+def _check_kv_keep(keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (0 < keep <= 1):
+        raise SparselandError(f"kv_keep={keep!r} must be a number in (0, 1] (the fraction of head_dim entries kept)")
+
+
+def prune_kv(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mustafar-style unstructured sparsity of K or V entries ("Mustafar: Promoting Unstructured
+    Sparsity for KV Cache Pruning in LLM Inference"): per-token magnitude pruning, each vector (..., D)
+    (one token of one KV head) keeps its k = ceil(keep * D) entries of largest |x| and zeros the rest
+    (ties broken by ``torch.topk``), stored in a bitmap format.
+
+    Returns (bits, values):
+
+    * bits uint8 (..., ceil(D / 8)): one bit per entry, set for a kept nonzero entry; column
+      j is bit j % 8 (least significant first) of byte j // 8.
+    * values float32 (..., k): the kept entries in column order, the set bits' values; a vector with
+      fewer than k nonzero kept entries (it had zeros among its top k) pads with zeros at the end.
+
+    A fixed k per vector needs no offsets. ``unprune_kv`` inverts it."""
+    D = x.shape[-1]
+    k = kv_keep_count(keep, D)
+    x = x.float()
+    kept = torch.zeros(x.shape, dtype=torch.bool).scatter_(-1, x.abs().topk(k, dim=-1).indices, True)
+    kept &= x != 0
+    # the set columns first, in column order, then the rest: their first k are the packed values
+    col = torch.arange(D)
+    order = torch.argsort(torch.where(kept, col, col + D), dim=-1)[..., :k]
+    values = torch.where(kept, x, torch.zeros((), dtype=x.dtype)).gather(-1, order)
+    nbytes = (D + 7) // 8
+    padded = F.pad(kept, (0, 8 * nbytes - D)).view(*x.shape[:-1], nbytes, 8).to(torch.uint8)
+    bits = (padded << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return bits, values
+
+
+def unprune_kv(bits: torch.Tensor, values: torch.Tensor, D: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """bits uint8 (..., ceil(D / 8)) and values (..., k) from ``prune_kv`` -> the dense (..., D) vectors
+    in ``dtype``: the i-th set bit of a vector takes its i-th value, every other entry is zero."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    mask = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :D].bool()  # (..., D)
+    rank = (mask.cumsum(-1) - 1).clamp_(0, values.shape[-1] - 1)  # the set bit's index among its vector's
+    x = values.gather(-1, rank)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype)).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +125,16 @@ class LeanDecoder:
     (layer, KV head, position) (``k_scale``/``v_scale`` (L, KVH, max_len); ``quantize_kv``): the new
     entries are quantized when written (keys after RoPE) and attention runs over the dequantized
     cache, prefill included. Dense attention only (no KV-cache eviction, no sparse attention method).
+
+    ``kv_dtype="sparse"`` keeps a Mustafar-style unstructured sparse cache (``prune_kv``): each new
+    token's K (after RoPE) and V keep, per KV head, their ``kv_keep`` fraction of head_dim entries
+    of largest magnitude, stored as a bitmap ``k_bits``/``v_bits`` (L, KVH, max_len, ceil(D / 8))
+    uint8 plus the kept values ``k_vals``/``v_vals`` (L, KVH, max_len, ceil(kv_keep * D)) float32.
+    Attention runs over the reconstructed (zero-filled dense) cache, rebuilt every step: a reference
+    implementation on the Python step (the fused C++ step does not run it). Dense attention only.
     """
 
-    def __init__(self, model: torch.nn.Module, max_len: int, kv_dtype: str = "float32") -> None:
+    def __init__(self, model: torch.nn.Module, max_len: int, kv_dtype: str = "float32", kv_keep: float = 0.5) -> None:
         base = getattr(model, "model", None)
         if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
             raise SparselandError(
@@ -88,14 +146,15 @@ class LeanDecoder:
             raise SparselandError("sliding-window attention is not supported by the lean decode loop")
         if kv_dtype not in KV_DTYPES:
             raise SparselandError(f"kv_dtype={kv_dtype!r} is unknown; use one of {list(KV_DTYPES)}")
+        _check_kv_keep(kv_keep)
         method = getattr(model, "_sparseland_attention", None)
-        if kv_dtype == "int8" and method is not None:
+        if kv_dtype != "float32" and method is not None:
             kind = type(getattr(method, "config", None)).__name__
             raise SparselandError(
-                f"the int8 KV cache runs dense attention only; the model has a sparse attention / KV-cache "
+                f"the {kv_dtype} KV cache runs dense attention only; the model has a sparse attention / KV-cache "
                 f"eviction method ({kind}): use kv_dtype='float32' (--kv-dtype float32) with it"
             )
-        self.kv_dtype = kv_dtype
+        self.kv_dtype, self.kv_keep = kv_dtype, kv_keep
         self.model, self.base = model, base
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -109,7 +168,18 @@ class LeanDecoder:
         self.v_layers: list[torch.Tensor | None] = [None] * L
         self.k_scale: torch.Tensor | None = None  # int8 cache: (L, KVH, max_len) float32 scales
         self.v_scale: torch.Tensor | None = None
-        if kv_dtype == "int8":
+        self.k_bits: torch.Tensor | None = None  # sparse cache: (L, KVH, max_len, ceil(D / 8)) uint8 bitmaps
+        self.v_bits: torch.Tensor | None = None
+        self.k_vals: torch.Tensor | None = None  # sparse cache: (L, KVH, max_len, k) float32 kept values
+        self.v_vals: torch.Tensor | None = None
+        if kv_dtype == "sparse":  # no k_cache: the fused step is not built
+            k = kv_keep_count(kv_keep, self.head_dim)
+            pos = (L, self.n_kv, max_len)
+            self.k_bits = torch.zeros((*pos, (self.head_dim + 7) // 8), dtype=torch.uint8)
+            self.v_bits = torch.zeros_like(self.k_bits)
+            self.k_vals = torch.zeros((*pos, k), dtype=torch.float32)
+            self.v_vals = torch.zeros_like(self.k_vals)
+        elif kv_dtype == "int8":
             shape = (L, self.n_kv, max_len, self.head_dim)
             self.k_cache = torch.zeros(shape, dtype=torch.int8)
             self.v_cache = torch.zeros(shape, dtype=torch.int8)
@@ -131,7 +201,8 @@ class LeanDecoder:
     def kv_cache_bytes(self) -> int:
         """Bytes held by the KV caches now (every allocated buffer, counted once)."""
         held = {}
-        for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale, *self.k_layers, *self.v_layers):
+        sparse = (self.k_bits, self.v_bits, self.k_vals, self.v_vals)
+        for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale, *sparse, *self.k_layers, *self.v_layers):
             if t is not None:
                 held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(held.values())
@@ -201,13 +272,14 @@ class LeanDecoder:
         p0, p1 = self.pos, self.pos + T
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         method = getattr(attn, "_sparseland_attention", None)  # a sparseland.attention method, if applied
-        if self.kv_dtype == "int8":
+        if self.kv_dtype != "float32":
             if method is not None:
                 raise SparselandError(
                     f"layer {i} has a sparse attention method ({type(getattr(method, 'config', None)).__name__}); "
-                    "the int8 KV cache runs dense attention only: use kv_dtype='float32'"
+                    f"the {self.kv_dtype} KV cache runs dense attention only: use kv_dtype='float32'"
                 )
-            keys, vals = self._write_int8(i, k[0], v[0], p0, p1)
+            write = self._write_int8 if self.kv_dtype == "int8" else self._write_sparse
+            keys, vals = write(i, k[0], v[0], p0, p1)
             return attn.o_proj(self._dense_attention(q, keys, vals, scale, p0))
         if method is not None and getattr(method, "evicts", False) and p0 == 0 and T > 1:
             o = method.attend(i, q[0], k[0], v[0], scale)  # (H, T, D): dense prefill, chooses what to keep
@@ -233,6 +305,15 @@ class LeanDecoder:
         self.v_cache[i, :, p0:p1], self.v_scale[i, :, p0:p1] = vc, vs
         keys = dequantize_kv(self.k_cache[i, :, :p1], self.k_scale[i, :, :p1], self.dtype)
         vals = dequantize_kv(self.v_cache[i, :, :p1], self.v_scale[i, :, :p1], self.dtype)
+        return keys[None], vals[None]
+
+    def _write_sparse(self, i: int, k: torch.Tensor, v: torch.Tensor, p0: int, p1: int):
+        """Prune k, v (KVH, T, D) into layer ``i``'s sparse cache at [p0, p1) (``prune_kv``); returns the
+        reconstructed keys and values of positions [0, p1), (1, KVH, p1, D) in the model's dtype."""
+        self.k_bits[i, :, p0:p1], self.k_vals[i, :, p0:p1] = prune_kv(k, self.kv_keep)
+        self.v_bits[i, :, p0:p1], self.v_vals[i, :, p0:p1] = prune_kv(v, self.kv_keep)
+        keys = unprune_kv(self.k_bits[i, :, :p1], self.k_vals[i, :, :p1], self.head_dim, self.dtype)
+        vals = unprune_kv(self.v_bits[i, :, :p1], self.v_vals[i, :, :p1], self.head_dim, self.dtype)
         return keys[None], vals[None]
 
     def _dense_attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: float, p0: int):
@@ -294,15 +375,17 @@ def greedy_generate(
     max_new_tokens: int = 32,
     stop_at_eos: bool = True,
     kv_dtype: str = "float32",
+    kv_keep: float = 0.5,
 ) -> GenerationResult:
     """Greedy decode ``max_new_tokens`` after ``input_ids`` (1, T); same tokens as HF greedy generate
-    (with ``kv_dtype="float32"``; ``"int8"`` quantizes the KV cache, see ``LeanDecoder``)."""
+    (with ``kv_dtype="float32"``; ``"int8"`` quantizes the KV cache, ``"sparse"`` prunes it to
+    ``kv_keep`` of each vector's entries, see ``LeanDecoder``)."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[0] != 1:
         raise SparselandError(f"greedy_generate decodes one sequence; got batch {input_ids.shape[0]}")
     T = input_ids.shape[1]
-    dec = LeanDecoder(model, T + max_new_tokens, kv_dtype=kv_dtype)
+    dec = LeanDecoder(model, T + max_new_tokens, kv_dtype=kv_dtype, kv_keep=kv_keep)
     eos = _eos_ids(model) if stop_at_eos else set()
     t0 = time.perf_counter()
     tok = int(dec.step(input_ids).argmax())

@@ -105,7 +105,7 @@ def test_fused_int8_greedy_equals_python_int8():
 
 
 def test_bad_kv_dtype_is_a_clear_error(tiny_llama):
-    with pytest.raises(SparselandError, match=r"kv_dtype='fp8' is unknown; use one of \['float32', 'int8'\]"):
+    with pytest.raises(SparselandError, match=r"kv_dtype='fp8' is unknown; use one of \['float32', 'int8', 'sparse'\]"):
         LeanDecoder(tiny_llama, 8, kv_dtype="fp8")
     with pytest.raises(SparselandError, match="kv_dtype='bfloat16' is unknown"):
         greedy_generate(tiny_llama, prompt(0, 4), 2, kv_dtype="bfloat16")

@@ -17,14 +17,13 @@ from sparseland.quant.scheme import QuantizedWeight
 from sparseland.runtime.formats import make_format
 
 
-def is_four_per_byte(mask: torch.Tensor) -> bool:
-    """Whether every 8 consecutive columns of every row keep at most 4 (so a 4-per-byte N:M format fits)."""
-    return mask.shape[1] % 8 == 0 and bool((mask.view(mask.shape[0], -1, 8).sum(-1) <= 4).all())
-
-
-def exactly_four_per_byte(mask: torch.Tensor) -> bool:
-    """Whether every 8 consecutive columns of every row keep exactly 4."""
-    return mask.shape[1] % 8 == 0 and bool((mask.view(mask.shape[0], -1, 8).sum(-1) == 4).all())
+def fits_four_per_byte(mask: torch.Tensor, symmetric: bool) -> bool:
+    """Whether the 4-per-byte N:M format holds this mask: every 8 consecutive columns of a row keep at most
+    4, and exactly 4 for an asymmetric grid (which has no exact zero to fill a short group with)."""
+    if mask.shape[1] % 8:
+        return False
+    counts = mask.view(mask.shape[0], -1, 8).sum(-1)
+    return bool((counts <= 4).all() if symmetric else (counts == 4).all())
 
 
 def make_quant_format(qw: QuantizedWeight, format: str = "auto"):
@@ -41,9 +40,8 @@ def make_quant_format(qw: QuantizedWeight, format: str = "auto"):
     if s.bits == 8 and qw.mask is None and s.group == 0 and s.symmetric:
         return Q8DenseFormat.from_quantized(qw)
     if s.bits == 4 and qw.mask is not None:
-        if is_four_per_byte(qw.mask) and (s.symmetric or exactly_four_per_byte(qw.mask)):
-            return Q4NMFormat.from_quantized(qw)  # an asymmetric grid has no exact zero to fill a short group
-        return Q4BitmaskFormat.from_quantized(qw)
+        fmt = Q4NMFormat if fits_four_per_byte(qw.mask, s.symmetric) else Q4BitmaskFormat
+        return fmt.from_quantized(qw)
     return make_format(qw.dequantize(), "auto" if format == "auto" else format)
 
 

@@ -20,6 +20,7 @@ from sparseland.errors import SparselandError
 from sparseland.evaluate import evaluate_longctx, perplexity
 from sparseland.models import load_model
 from sparseland.quant import QuantConfig, QuantScheme
+from sparseland.registry import make_config
 from sparseland.runtime import (
     greedy_generate,
     load_sparse_checkpoint,
@@ -81,6 +82,7 @@ __all__ = [
     "load_corpus",
     "load_model",
     "load_sparse_checkpoint",
+    "make_config",
     "perplexity",
     "register",
     "run_frontier",

@@ -13,25 +13,23 @@ import json
 from sparseland.cli import fraction
 from sparseland.errors import SparselandError
 
-METHODS = ("teal", "teal-greedy", "cats", "chess", "wina", "wina-topk", "rsparse")
+
+def _methods() -> tuple[str, ...]:
+    from sparseland import registry
+
+    return registry.names("activations")
+
+
+METHODS = _methods()
 
 
 def make_config(method: str, sparsity: float, rank: int = 16):
-    """The config for a CLI method name."""
-    from sparseland.activations import CATSConfig, CHESSConfig, RSparseConfig, TEALConfig, WINAConfig
+    """The config for a CLI method name (the shared registry's activations family)."""
+    from sparseland.registry import make_config as registry_config
 
-    makers = {
-        "teal": lambda: TEALConfig(sparsity=sparsity),
-        "teal-greedy": lambda: TEALConfig(sparsity=sparsity, greedy=True),
-        "cats": lambda: CATSConfig(sparsity=sparsity),
-        "chess": lambda: CHESSConfig(sparsity=sparsity),
-        "wina": lambda: WINAConfig(sparsity=sparsity),
-        "wina-topk": lambda: WINAConfig(sparsity=sparsity, mode="topk"),
-        "rsparse": lambda: RSparseConfig(sparsity=sparsity, rank=rank, match_compute=True),
-    }
-    if method not in makers:
-        raise SparselandError(f"unknown method {method!r}; choose from {list(makers)}")
-    return makers[method]()
+    if method not in METHODS:
+        raise SparselandError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    return registry_config(method, sparsity, **({"rank": rank} if method == "rsparse" else {}))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -229,101 +229,81 @@ def _combined_runner(method: str) -> Runner:
     )
 
 
-def _weights_runner(config_name: str, **defaults: Any) -> Runner:
-    """A runner for a ``sparseland.weights`` config class (imported when a cell runs, not before);
-    ``defaults`` are config fields the cell's ``options`` may override."""
+def _weights_runner(method: str) -> Runner:
+    """A runner for a weight-pruning method of the registry (``sparseland.registry``); the cell's
+    pattern and options (and the workload's seed) go into its config."""
 
     def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
-        import importlib.util
-
-        if importlib.util.find_spec("sparseland.weights") is None:
-            raise SparselandError(
-                f"method {cell.method!r} needs the sparseland.weights package, which is not installed; "
-                "install a sparseland release that includes weight pruning"
-            )
-        import sparseland.weights as weights
         from sparseland.api import sparsify_
+        from sparseland.registry import make_config
 
-        config_cls = getattr(weights, config_name, None)
-        if config_cls is None:
-            raise SparselandError(f"sparseland.weights has no {config_name}; method {cell.method!r} is unavailable")
-        fields = {f.name for f in dataclasses.fields(config_cls)}
-        opts = {**({"seed": workload.seed} if "seed" in fields else {}), **defaults, **cell.options}
-        config = config_cls(sparsity=cell.sparsity, pattern=cell.pattern, **opts)
+        config = make_config(method, cell.sparsity, pattern=cell.pattern, **{"seed": workload.seed, **cell.options})
         needs = getattr(config, "uses_calibration", getattr(config, "needs_calibration", True))
         return sparsify_(model, config, calibration=workload.calibration() if needs else None)
 
     return Runner(apply=apply, version="1", family="weights")
 
 
-register_runner("dense", Runner(apply=lambda model, cell, workload: None, family="dense"))
-register_runner("random", _weights_runner("RandomConfig"))
-register_runner("magnitude", _weights_runner("MagnitudeConfig"))
-register_runner("wanda", _weights_runner("WandaConfig"))
-register_runner("sparsegpt", _weights_runner("SparseGPTConfig"))
-register_runner("owl", _weights_runner("WandaConfig", allocation="owl"))  # OWL's allocation over Wanda
-register_runner("dsnot", _weights_runner("DSnoTConfig", init="wanda"))  # DSnoT refining Wanda
-
-
 def _activation_runner(method: str) -> Runner:
-    """A runner for an activation-sparsity method (``sparseland activations`` names); its cells are
-    unstructured only, and the sparsity is the fraction of zeroed activations the method targets."""
+    """A runner for an activation-sparsity method of the registry; its cells are unstructured only, and
+    the sparsity is the fraction of zeroed activations the method targets."""
 
     def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
-        from sparseland.activations.cli import make_config
         from sparseland.api import sparsify_
+        from sparseland.registry import make_config
 
-        return sparsify_(model, make_config(method, cell.sparsity), calibration=workload.calibration())
+        config = make_config(method, cell.sparsity, **cell.options)
+        return sparsify_(model, config, calibration=workload.calibration())
 
     return Runner(apply=apply, version="1", family="activations", nm_patterns=False)
 
 
-for _name in ("teal", "cats", "chess", "wina"):
-    register_runner(_name, _activation_runner(_name))
+def _quant_runner(method: str) -> Runner:
+    """A runner for weight quantization of the registry (``int4``, ``gptq4-g64``, ...): one cell (no
+    sparsity of its own); in a combination with a weights method (``sparsegpt+int4``) the pruning
+    config quantizes the kept weights (SparseGPT: jointly in its OBS loop)."""
+    from sparseland.registry import make_config
 
-
-def _quant_runner(scheme: str, method: str = "rtn") -> Runner:
-    """A runner for weight quantization (``sparseland.quant``): one cell (no sparsity of its own); in a
-    combination with a weights method (``sparsegpt+int4``) the pruning config quantizes the kept
-    weights (SparseGPT: jointly in its OBS loop)."""
+    scheme = make_config(method).scheme
 
     def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
         from sparseland.api import sparsify_
-        from sparseland.quant import QuantConfig
 
-        config = QuantConfig(scheme=scheme, method=method, **cell.options)
+        config = make_config(method, **cell.options)
         return sparsify_(model, config, calibration=workload.calibration() if config.needs_calibration else None)
 
     return Runner(apply=apply, version="1", family="quant", nm_patterns=False, quant_scheme=scheme, sparsity_free=True)
 
 
-QUANT_RUNNERS = {
-    "int4": ("int4-g32", "rtn"),
-    "int4-g64": ("int4-g64", "rtn"),
-    "int4-sym": ("int4-g32-sym", "rtn"),
-    "int8": ("int8", "rtn"),
-    "gptq4-g64": ("int4-g64", "gptq"),
-}
-for _name, (_scheme, _method) in QUANT_RUNNERS.items():
-    register_runner(_name, _quant_runner(_scheme, _method))
-
-
 def _attention_runner(method: str) -> Runner:
-    """A runner for a sparse-attention method (``sparseland.attention.METHODS``); the sparsity is the
-    fraction of attention it is asked to skip (perplexity windows are short: long-context accuracy is
-    ``sparseland longctx``'s job)."""
+    """A runner for a sparse-attention method of the registry; the sparsity is the fraction of attention
+    it is asked to skip (perplexity windows are short: long-context accuracy is ``sparseland longctx``'s
+    job)."""
 
     def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
         from sparseland.api import sparsify_
-        from sparseland.attention import make_config
+        from sparseland.registry import make_config
 
-        return sparsify_(model, make_config(method, cell.sparsity))
+        return sparsify_(model, make_config(method, cell.sparsity, **cell.options))
 
     return Runner(apply=apply, version="1", family="attention", nm_patterns=False)
 
 
-for _name in ("streaming", "flexprefill", "vertical_slash"):  # prefill methods: they change perplexity
-    register_runner(_name, _attention_runner(_name))
+def _register_from_registry() -> None:
+    """Every registry name of the weights, activations and quant families is a frontier method, and the
+    prefill attention methods (decode-only methods do not change perplexity over whole windows)."""
+    from sparseland import registry
+
+    makers = {"weights": _weights_runner, "activations": _activation_runner, "quant": _quant_runner}
+    for family, make in makers.items():
+        for name in registry.names(family):
+            register_runner(name, make(name))
+    for name in ("streaming", "flexprefill", "vertical_slash", "block_sparse", "xattention"):
+        register_runner(name, _attention_runner(name))
+
+
+register_runner("dense", Runner(apply=lambda model, cell, workload: None, family="dense"))
+_register_from_registry()
 
 
 # -- the grid ------------------------------------------------------------------------------------

@@ -33,33 +33,23 @@ def _tasks(values: list[str] | None) -> list[str]:
     return tasks
 
 
-def _attention_api():
-    """The sparse attention package, or a clear error when it is not available."""
-    try:
-        import sparseland.attention as attention
-    except ImportError as exc:  # pragma: no cover - the package ships with sparseland
-        raise SparselandError(f"sparse attention methods are not available ({exc}); use --method dense") from exc
-    if not hasattr(attention, "METHODS") or not hasattr(attention, "make_config"):
-        raise SparselandError("sparse attention methods are not available in this build; use --method dense")
-    return attention
-
-
 def check_method(method: str, sparsity: float | None) -> tuple[str, dict]:
     """The method's name and config fields (``quest:page_size=4,refine=4``); rejects an unknown method
     (listing the known ones), an unknown field or a missing sparsity, before any loading."""
     if method == "dense":
         return method, {}
-    attention = _attention_api()
+    from sparseland import registry
     from sparseland.attention.configs import parse_method_spec
 
     name, fields = parse_method_spec(method, flag="--method")
-    if name not in attention.METHODS:
-        raise SparselandError(f"unknown method {name!r}; choose from dense, {', '.join(attention.METHODS)}")
+    known = registry.names("attention")
+    if name not in known:
+        raise SparselandError(f"unknown method {name!r}; choose from dense, {', '.join(known)}")
     if sparsity is None:
         raise SparselandError(f"--method {method} needs --sparsity S (fraction of attention skipped, e.g. 0.9)")
     try:
-        attention.make_config(name, sparsity, **fields)
-    except TypeError as exc:  # an unknown field
+        registry.make_config(name, sparsity, **fields)
+    except SparselandError as exc:  # an unknown field
         raise SparselandError(f"--method {method}: {exc}") from None
     return name, fields
 
@@ -106,10 +96,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.method == "dense" or args.compare_dense:
         results.append(evaluate_longctx(model, tokenizer, samples, label="dense", **kw))
     if args.method != "dense":
+        import sparseland.attention as attention
         from sparseland.api import sparsify_
+        from sparseland.registry import make_config
 
-        attention = _attention_api()
-        config = attention.make_config(name, args.sparsity, **fields)
+        config = make_config(name, args.sparsity, **fields)
         sparsify_(model, config)
         if hasattr(attention, "reset_sparsity"):
             attention.reset_sparsity(model)

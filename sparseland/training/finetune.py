@@ -348,9 +348,6 @@ def finetune(
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         optimizer.step()
         masks.apply_()
-        with torch.no_grad():  # write pruned entries as +0.0 (apply_ leaves -0.0 where a weight was negative)
-            for name, m in masks.masks.items():
-                masks.params[name].masked_fill_(~m, 0.0)
         rec = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **parts}
         losses.append(rec)
         bar.set_postfix(loss=f"{parts['total']:.4f}", kd=f"{parts['kd']:.4f}", feat=f"{parts['feature']:.4f}")

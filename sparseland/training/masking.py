@@ -59,21 +59,21 @@ class MaskSet:
     def apply_(self) -> None:
         """Zero every masked-out weight (call after each optimizer step)."""
         for name, p in self.params.items():
-            p.mul_(self.masks[name])
+            p.masked_fill_(~self.masks[name], 0.0)  # +0.0, never the -0.0 a product leaves
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of masked-out weights (call before each optimizer step)."""
         for name, p in self.params.items():
             if p.grad is not None:
-                p.grad.mul_(self.masks[name])
+                p.grad.masked_fill_(~self.masks[name], 0.0)
 
     def hook_grads(self) -> None:
         """Register gradient hooks that mask gradients as they are computed (alternative to mask_grads_)."""
         self.unhook()
         for name, p in self.params.items():
             mask = self.masks[name]
-            self._hooks.append(p.register_hook(lambda g, m=mask: g * m))
+            self._hooks.append(p.register_hook(lambda g, m=mask: g.masked_fill(~m, 0.0)))
 
     def unhook(self) -> None:
         for h in self._hooks:

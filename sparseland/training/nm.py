@@ -117,7 +117,7 @@ class NMSparsifier(Sparsifier):
             dense = getattr(mod.parametrizations, attr).original
             masks[name] = nm_mask(dense.detach().abs(), n, m, name)
             parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
-            dense.mul_(masks[name])
+            dense.masked_fill_(~masks[name], 0.0)
         params = dict(self.model.named_parameters())
         self.final_masks = MaskSet(self.model, {name: masks[name] for name in masks if name in params})
         self.final_masks.hook_grads()

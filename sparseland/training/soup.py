@@ -63,5 +63,5 @@ def sparse_soup(
         avg = sum(w * params[name].detach() for w, params in zip(weights, named, strict=True))
         p.copy_(avg)
         if filter_fn(name, p):
-            p.mul_(ref[name] != 0)
+            p.masked_fill_(ref[name] == 0, 0.0)
     return soup

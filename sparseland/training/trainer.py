@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from sparseland.api import register
 from sparseland.config import SparsityConfig
 from sparseland.errors import SparselandError
 from sparseland.training.configs import (
@@ -80,3 +81,18 @@ class SparsityCallback(TrainerCallback):
         finalize = getattr(self.sparsifier, "finalize", None)
         if finalize is not None:
             finalize()
+
+
+def _apply_training(model: torch.nn.Module, config: SparsityConfig, calibration=None, filter_fn=None) -> Sparsifier:  # noqa: ARG001
+    """``sparsify_(model, GMPConfig(...))`` and the other sparse-training configs: the sparsifier
+    controller, attached to ``model``; set ``sparsifier.optimizer`` to the optimizer you step and call
+    ``sparsifier.step()`` after each optimizer step (or use ``SparsityCallback`` with a ``Trainer``)."""
+    from sparseland.training.sparsifiers import linear_filter
+
+    pf = default_filter if filter_fn is None else linear_filter(model, filter_fn)
+    return make_sparsifier(model, None, config, pf)
+
+
+for _cfg in SPARSIFIERS:
+    if _cfg is not StaticConfig:  # StaticConfig zeroes once and returns the MaskSet (sparsifiers.py)
+        register(_cfg)(_apply_training)

@@ -297,7 +297,7 @@ def test_real_model_fast_step_matches(embedded, method):
     its threshold. A real bug diverges without such a near-tie."""
     import copy
 
-    from sparseland.activations.cli import make_config
+    from sparseland.registry import make_config
 
     _require_extension()
     model, tok = embedded

@@ -28,7 +28,9 @@ Python step writes the cache.
 
 Anything the C++ step would silently skip makes the model ineligible: top-k (``keep``) or R-Sparse
 activation sites, activation-sparse formats without activation sparsity, any other forward hook,
-sparse attention methods other than Quest, q/k norms, biases, a non-SiLU or non-Llama MLP or norm, a weight format it
+sparse attention methods other than Quest, any layout but Llama's (``models.arch``: fused qkv / gate_up,
+q/k norms, biases, partial rotary, sandwich / post norms, soft-capping, MoE, a sliding window shorter
+than the cache; ``ineligible_reason`` names which), a non-SiLU MLP or a non-RMSNorm norm, a weight format it
 does not know, a cache that is not float32 or int8 (the int8 KV cache, ``LeanDecoder(kv_dtype="int8")``:
 codes and per-(layer, head, position) scales passed with ``set_int8_cache``; dense attention only).
 
@@ -45,6 +47,7 @@ from collections.abc import Iterator
 import torch
 
 from sparseland.errors import SparselandError
+from sparseland.models.arch import describe
 from sparseland.runtime import kernels
 from sparseland.runtime.formats import (
     ActSparseBitmaskFormat,
@@ -238,7 +241,7 @@ def _activation_plan(model: torch.nn.Module) -> ActivationPlan | str:
     from sparseland.activations.sites import get_state
 
     state = get_state(model)
-    layers = model.model.layers
+    layers = describe(model).blocks
     if state is None:
         for i, layer in enumerate(layers):
             for p in _PROJS:
@@ -333,38 +336,72 @@ def _quest_method(model: torch.nn.Module) -> object | None:
     return method if isinstance(getattr(method, "config", None), QuestConfig) else None
 
 
+def _arch_reason(model: torch.nn.Module, max_len: int | None) -> str | None:
+    """Why the model's architecture keeps it off the fused step (None if its layout is Llama's)."""
+    try:
+        arch = describe(model)
+    except SparselandError as e:
+        return str(e)
+    f = arch.family
+    if f.qkv_layout != "separate":
+        return f"{arch.name} has a fused qkv projection ({f.qkv_layout}); the fused step takes separate q/k/v"
+    if f.mlp_kind != "gated":
+        return f"{arch.name} has a {f.mlp_kind} MLP; the fused step runs a gated SiLU MLP"
+    if f.placement != "pre" or arch.parallel_residual:
+        return f"{arch.name} has {f.placement} norms; the fused step runs pre-norm blocks"
+    if f.qk_norm is not None:
+        return f"{arch.name} has q/k norms"
+    if arch.biases:
+        return f"{arch.name} has biases on its {'/'.join(arch.biases)} projections"
+    if arch.rotary_dim != arch.head_dim:
+        return f"{arch.name} has partial rotary ({arch.rotary_dim} of {arch.head_dim} dims)"
+    if arch.attn_softcap is not None or arch.final_softcap is not None:
+        return f"{arch.name} soft-caps its attention scores or logits"
+    windows = [w for w in arch.windows if w is not None]
+    if windows and (max_len is None or min(windows) < max_len):  # a window as long as the cache never bites
+        return f"{arch.name} has sliding-window layers (window {min(windows)}) shorter than the KV cache"
+    return None
+
+
 def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | None:
-    """Why the fused step cannot run ``model`` (None if it can)."""
+    """Why the fused step cannot run ``model`` (None if it can): the one place that decides fused or
+    not. ``k_cache`` is the decoder's (L, KVH, T_max, D) cache (or any float tensor to ask about the model)."""
     from sparseland.activations.sites import get_state
 
     if not available():
         return "the C++ extension (with decode_step.cpp) is not built"
+    why = _arch_reason(model, k_cache.shape[2] if k_cache.dim() == 4 else None)
+    if why is not None:
+        return why
     mods = torch.nn.modules.module
     if mods._global_forward_hooks or mods._global_forward_pre_hooks:
         return "global forward hooks are registered"
-    base = model.model
+    arch = describe(model)
     if get_state(model) is None:
-        for name, m in base.layers.named_modules():
+        for name, m in arch.blocks.named_modules():
             if m._forward_hooks or m._forward_pre_hooks:
                 return f"layers.{name} has forward hooks"
-    if k_cache.dtype not in (torch.float32, torch.int8) or base.embed_tokens.weight.dtype != torch.float32:
+    if k_cache.dtype not in (torch.float32, torch.int8) or arch.embed.weight.dtype != torch.float32:
         return "the model is not float32"
     method = _quest_method(model)
     if k_cache.dtype == torch.int8 and method is not None:
         return "Quest in the fused step needs a float32 KV cache (its page bounds are float); use kv_dtype='float32'"
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(arch.blocks):
         attn, mlp = layer.self_attn, layer.mlp
         own = getattr(attn, "_sparseland_attention", None)
         if own is not method:
             kind = type(getattr(own, "config", None)).__name__
             return f"layer {i} has a sparse attention method the fused step does not run ({kind}; Quest only)"
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            return f"layer {i} has q/k norms"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if type(norm).__name__ not in _NORMS or norm.weight.dtype != torch.float32:
                 return f"layer {i} norm {type(norm).__name__} is not a float32 Llama RMSNorm"
         if type(mlp).__name__ not in _MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in _ACTS:
             return f"layer {i} MLP {type(mlp).__name__} is not a SiLU-gated Llama MLP"
+        for j, p in enumerate(_PROJS):
+            mod = layer.get_submodule(p)
+            out, inp = mod.weight.shape if type(mod) is torch.nn.Linear else (mod.out_features, mod.in_features)
+            if _linear(mod, out, inp) is None:
+                return f"layer {i} {p} ({_format_name(mod)}) is not a weight format the fused step runs"
     plan = _activation_plan(model)
     return plan if isinstance(plan, str) else None
 
@@ -399,7 +436,7 @@ def build_fast_step(
     if ineligible_reason(model, k_cache) is not None:
         return None
     inputs, gates = _activation_plan(model)  # {} and {} without activation sparsity
-    cfg, layers = model.config, model.model.layers
+    cfg, layers = model.config, describe(model).blocks
     H = cfg.num_attention_heads
     KVH = getattr(cfg, "num_key_value_heads", None) or H
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H

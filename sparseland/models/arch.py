@@ -152,7 +152,17 @@ class Arch:
 
     def linear_roles(self) -> dict[str, str]:
         """Full module name -> role for every block's projections."""
-        return {f"{self.block_prefix(i)}.{n}": r for i in range(len(self.blocks)) for r, (n, _) in self.linears(i).items()}
+        out = {}
+        for i in range(len(self.blocks)):
+            out |= {f"{self.block_prefix(i)}.{n}": r for r, (n, _) in self.linears(i).items()}
+        return out
+
+    def router_names(self) -> set[str]:
+        """In-block names of an MoE block's routing Linears/modules (left dense by weight pruning)."""
+        if self.moe is None:
+            return set()
+        shared = self.family.mlp_linears.get("shared_expert_gate")
+        return {self.moe.router} | ({f"{self.family.mlp}.{shared}"} if shared else set())
 
     def norm(self, block: torch.nn.Module, slot: str) -> torch.nn.Module | None:
         name = self.family.norms.get(slot)
@@ -189,6 +199,11 @@ def _model_type(model: torch.nn.Module) -> str:
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "model_type", None) or "?"
     return _ALIASES.get(mt, mt)
+
+
+def is_known(model: torch.nn.Module) -> bool:
+    """Whether ``describe`` knows the model's family (its model_type)."""
+    return _model_type(model) in FAMILIES
 
 
 def known() -> list[str]:
@@ -292,11 +307,16 @@ def _checked_linears(arch: Arch, i: int) -> dict[str, tuple[str, torch.nn.Module
         raise _unknown(arch.model, f"block {i} lacks a projection ({e})") from None
 
 
+def router_names(model: torch.nn.Module) -> set[str]:
+    """In-block names of the routers of a known MoE family (empty otherwise)."""
+    return describe(model).router_names() if is_known(model) else set()
+
+
 def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """(module path, blocks) of any causal LM: the described layout for a known family, else the common
     Llama-style ``model.layers`` (weight pruning needs only the blocks and their Linears);
     SparselandError when there are none."""
-    if _model_type(model) in FAMILIES:
+    if is_known(model):
         arch = describe(model)
         return arch.blocks_path, arch.blocks
     blocks = getattr(getattr(model, "model", None), "layers", None)

@@ -384,6 +384,8 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
     if k_cache.dtype not in (torch.float32, torch.int8) or arch.embed.weight.dtype != torch.float32:
         return "the model is not float32"
     method = _quest_method(model)
+    if method is not None and getattr(method, "arch_dense", None):
+        return "Quest leaves this model's sliding-window / soft-capped layers dense; the fused step runs it on all"
     if k_cache.dtype == torch.int8 and method is not None:
         return "Quest in the fused step needs a float32 KV cache (its page bounds are float); use kv_dtype='float32'"
     for i, layer in enumerate(arch.blocks):
@@ -397,7 +399,7 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
                 return f"layer {i} norm {type(norm).__name__} is not a float32 Llama RMSNorm"
         if type(mlp).__name__ not in _MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in _ACTS:
             return f"layer {i} MLP {type(mlp).__name__} is not a SiLU-gated Llama MLP"
-        for j, p in enumerate(_PROJS):
+        for p in _PROJS:
             mod = layer.get_submodule(p)
             out, inp = mod.weight.shape if type(mod) is torch.nn.Linear else (mod.out_features, mod.in_features)
             if _linear(mod, out, inp) is None:

@@ -1,6 +1,7 @@
-"""A lean greedy decode loop for the causal LMs ``sparseland.models.arch`` describes (gpt-fast style): prefill, then one token at
-a time through our own forward over the model's modules, with a preallocated KV cache (or, for the
-KV-cache eviction methods SnapKV and H2O, per-layer caches holding only the entries they keep).
+"""A lean greedy decode loop for the causal LMs ``sparseland.models.arch`` describes (gpt-fast style):
+prefill, then one token at a time through our own forward over the model's modules, with a
+preallocated KV cache (or, for the KV-cache eviction methods SnapKV and H2O, per-layer caches
+holding only the entries they keep).
 
 No transformers ``generate`` machinery per token: the loop calls the layers' Linear (or
 ``SparseLinear``) modules, norms, MLP / MoE blocks and the model's own rotary embedding directly, where
@@ -210,7 +211,7 @@ class LeanDecoder:
 
     @property
     def path(self) -> str:
-        """"fused" if the fused C++ step ran a decode step, else "python"."""
+        """ "fused" if the fused C++ step ran a decode step, else "python"."""
         return "fused" if self.fused_steps else "python"
 
     def kv_cache_bytes(self) -> int:
@@ -322,8 +323,8 @@ class LeanDecoder:
             write = self._write_int8 if self.kv_dtype == "int8" else self._write_sparse
             keys, vals = write(i, k[0], v[0], p0, p1)
             return o_proj(self._dense_attention(q, keys, vals, scale, p0, window))
-        if method is not None and (window is not None or self.arch.attn_softcap is not None):
-            method = None  # sliding-window / soft-capped layers attend densely (the method's docs say so)
+        if method is not None and i in getattr(method, "arch_dense", ()):
+            method = None  # sliding-window / soft-capped layers attend densely (attention.hf.dense_layers)
         if method is not None and getattr(method, "evicts", False) and p0 == 0 and T > 1:
             o = method.attend(i, q[0], k[0], v[0], scale)  # (H, T, D): dense prefill, chooses what to keep
             self._compact(i, k[0], v[0], method.kept_positions(i))

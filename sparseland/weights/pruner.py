@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sparseland.api import FilterFn, register
 from sparseland.errors import SparselandError
+from sparseland.models.arch import decoder_blocks, router_names
 from sparseland.weights.config import (
     DSnoTConfig,
     MagnitudeConfig,
@@ -71,21 +72,24 @@ def num_threads(n: int):
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise SparselandError(
-            f"{type(model).__name__} has no decoder blocks at model.model.layers; weight pruning supports "
-            "Llama-style causal LMs (LlamaForCausalLM, Qwen2, Mistral, ...)"
-        )
-    return layers
+    """The model's decoder blocks, where ``sparseland.models.arch`` says they are."""
+    return decoder_blocks(model)[1]
 
 
-def block_linears(block: torch.nn.Module, prefix: str, filter_fn: FilterFn | None) -> dict[str, torch.nn.Linear]:
+def block_prefix(model: torch.nn.Module, i: int) -> str:
+    """Module name of block ``i`` ("model.layers.3", "gpt_neox.layers.3")."""
+    return f"{decoder_blocks(model)[0]}.{i}"
+
+
+def block_linears(
+    block: torch.nn.Module, prefix: str, filter_fn: FilterFn | None, skip: set[str] | None = None
+) -> dict[str, torch.nn.Linear]:
+    """The block's Linears by full name; ``skip``: in-block names left out (an MoE block's routers)."""
     out = {}
     for name, mod in block.named_modules():
         full = f"{prefix}.{name}"
-        if isinstance(mod, torch.nn.Linear) and (filter_fn is None or filter_fn(mod, full)):
+        keep = name not in (skip or ()) and (filter_fn is None or filter_fn(mod, full))
+        if isinstance(mod, torch.nn.Linear) and keep:
             out[full] = mod
     return out
 
@@ -308,7 +312,7 @@ def owl_block_sparsities(model, layers, batches, config: PruningConfig, filter_f
     """Dense pass over the blocks measuring each block's Wanda outlier ratio; OWL allocation of the target."""
     ratios = []
     for i, block in enumerate(tqdm(layers, desc="owl outliers", unit="block", disable=not progress, leave=False)):
-        linears = block_linears(block, f"model.layers.{i}", filter_fn)
+        linears = block_linears(block, block_prefix(model, i), filter_fn, router_names(model))
         stats = collect_stats(block, linears, batches, gram=False)
         scores = [wanda_scores(mod.weight, stats[name].norm) for name, mod in linears.items() if name in stats]
         ratios.append(outlier_ratio(scores, config.owl_m) if scores else 0.0)
@@ -332,7 +336,7 @@ def prune_model(
     # Fail early (before any work) on shapes an N:M pattern cannot cover.
     if nm is not None:
         for i, block in enumerate(layers):
-            for name, mod in block_linears(block, f"model.layers.{i}", filter_fn).items():
+            for name, mod in block_linears(block, block_prefix(model, i), filter_fn, router_names(model)).items():
                 check_nm_shape(mod.in_features, nm[1], name)
     batches = None
     if config.uses_calibration:
@@ -357,7 +361,7 @@ def prune_model(
     zeros = total = 0
     index = 0
     for i, block in enumerate(tqdm(layers, desc=f"prune {config.kind}", unit="block", disable=not progress)):
-        linears = block_linears(block, f"model.layers.{i}", filter_fn)
+        linears = block_linears(block, block_prefix(model, i), filter_fn, router_names(model))
         position = {name: index + k for k, name in enumerate(linears)}  # seeds of random pruning
 
         def prune(name, mod, stats, sparsity=block_sparsity[i], position=position):

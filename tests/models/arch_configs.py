@@ -35,7 +35,7 @@ def _configs() -> dict:
         "gemma3": lambda: tf.Gemma3TextConfig(**_COMMON, head_dim=16, **window, sliding_window_pattern=2),
         "phi3": lambda: tf.Phi3Config(**_COMMON),  # fused qkv and gate_up
         "qwen2_moe": lambda: tf.Qwen2MoeConfig(
-            **_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2
+            **_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4
         ),
         "mixtral": lambda: tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
         "gpt_neox": lambda: tf.GPTNeoXConfig(  # per-head fused qkv, partial rotary, parallel residual, biases

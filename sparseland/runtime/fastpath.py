@@ -61,8 +61,9 @@ from sparseland.runtime.modules import SparseLinear
 ENV = "SPARSELAND_NO_FASTPATH"
 MODE_ENV = "SPARSELAND_FASTPATH_MODE"  # threading of new fast steps: region (default) or per_matvec
 MODES = {"per_matvec": 0, "region": 1}  # torch's pool per matvec / one OpenMP region per step
-_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+_BIASED = ("q", "k", "v")  # projections whose biases the fused step adds (set_layer_extras)
 _ACTS = {"SiLU", "SiLUActivation"}
 _DENSE, _BITMASK, _NM4, _ACT, _ACT_BITMASK, _Q4, _Q8, _Q4NM, _Q4BITMASK = 0, 1, 2, 3, 4, 5, 6, 7, 8
 _ACT_FORMATS = (ActSparseFormat, ActSparseBitmaskFormat)
@@ -170,14 +171,17 @@ class FastStep:
         return x.view(h.shape)
 
 
-def _linear(mod: torch.nn.Module, out: int, inp: int) -> tuple[int, list[torch.Tensor]] | None:
-    """(kind, tensors) of one projection with weight (out, inp), or None if the C++ step cannot run it."""
+def _linear(mod: torch.nn.Module, out: int, inp: int, bias: bool = False) -> tuple[int, list[torch.Tensor]] | None:
+    """(kind, tensors) of one projection with weight (out, inp), or None if the C++ step cannot run it.
+    ``bias``: a bias is allowed (q/k/v: the step adds it, ``_bias``)."""
+    if mod.bias is not None and (not bias or _bias(mod, out) is None):
+        return None
     if type(mod) is torch.nn.Linear:
         w = mod.weight.detach()
-        if mod.bias is not None or w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (out, inp):
+        if w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (out, inp):
             return None
         return _DENSE, [w]
-    if type(mod) is not SparseLinear or mod.bias is not None or (mod.out_features, mod.in_features) != (out, inp):
+    if type(mod) is not SparseLinear or (mod.out_features, mod.in_features) != (out, inp):
         return None
     f = mod.weight_format
     quant = _quant_linear(f)
@@ -201,6 +205,15 @@ def _linear(mod: torch.nn.Module, out: int, inp: int) -> tuple[int, list[torch.T
     if type(f) is ActSparseBitmaskFormat:
         return _ACT_BITMASK, [f.mask, f.row_ptr, f.values]
     return _NM4, [f.mask, f.values]  # NMFormat: always 4 kept per mask byte (1:2, 2:4, 4:8)
+
+
+def _bias(mod: torch.nn.Module, out: int) -> torch.Tensor | None:
+    """The projection's bias as contiguous float32 (out,), an empty tensor without one, None if unusable."""
+    b = getattr(mod, "bias", None)
+    if b is None:
+        return torch.empty(0)
+    b = b.detach()
+    return b.contiguous() if b.dtype == torch.float32 and b.shape == (out,) else None
 
 
 def _quant_linear(f: object) -> tuple[int, list[torch.Tensor]] | None:
@@ -349,10 +362,11 @@ def _arch_reason(model: torch.nn.Module, max_len: int | None) -> str | None:
         return f"{arch.name} has a {f.mlp_kind} MLP; the fused step runs a gated SiLU MLP"
     if f.placement != "pre" or arch.parallel_residual:
         return f"{arch.name} has {f.placement} norms; the fused step runs pre-norm blocks"
-    if f.qk_norm is not None:
-        return f"{arch.name} has q/k norms"
-    if arch.biases:
-        return f"{arch.name} has biases on its {'/'.join(arch.biases)} projections"
+    if f.qk_norm not in (None, "head"):
+        return f"{arch.name} has q/k norms over all heads ({f.qk_norm}); the fused step runs per-head ones"
+    other = [r for r in arch.biases if r not in _BIASED]
+    if other:
+        return f"{arch.name} has biases on its {'/'.join(other)} projections (the fused step adds q/k/v biases only)"
     if arch.rotary_dim != arch.head_dim:
         return f"{arch.name} has partial rotary ({arch.rotary_dim} of {arch.head_dim} dims)"
     if arch.attn_softcap is not None or arch.final_softcap is not None:
@@ -394,15 +408,18 @@ def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | No
         if own is not method:
             kind = type(getattr(own, "config", None)).__name__
             return f"layer {i} has a sparse attention method the fused step does not run ({kind}; Quest only)"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        qk = (attn.q_norm, attn.k_norm) if arch.family.qk_norm else ()
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, *qk):
             if type(norm).__name__ not in _NORMS or norm.weight.dtype != torch.float32:
                 return f"layer {i} norm {type(norm).__name__} is not a float32 Llama RMSNorm"
+        if qk and qk[0].variance_epsilon != qk[1].variance_epsilon:
+            return f"layer {i} q and k norms have different eps"
         if type(mlp).__name__ not in _MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in _ACTS:
             return f"layer {i} MLP {type(mlp).__name__} is not a SiLU-gated Llama MLP"
-        for p in _PROJS:
+        for j, p in enumerate(_PROJS):
             mod = layer.get_submodule(p)
             out, inp = mod.weight.shape if type(mod) is torch.nn.Linear else (mod.out_features, mod.in_features)
-            if _linear(mod, out, inp) is None:
+            if _linear(mod, out, inp, bias=j < 3) is None:
                 return f"layer {i} {p} ({_format_name(mod)}) is not a weight format the fused step runs"
     plan = _activation_plan(model)
     return plan if isinstance(plan, str) else None
@@ -461,7 +478,7 @@ def build_fast_step(
         projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         kinds, flags, shared = [], [], []
         for j, (mod, (out, inp)) in enumerate(zip(projs, shapes, strict=True)):
-            packed = _linear(mod, out, inp)
+            packed = _linear(mod, out, inp, bias=j < 3)
             if packed is None:
                 return None
             kinds.append(packed[0])
@@ -480,4 +497,16 @@ def build_fast_step(
         empty = torch.empty(len(layers), KVH, 0, D)
         step = torch.classes.sparseland.DecodeStep(tensors, meta, feps, empty, empty)
         step.set_int8_cache(k_cache, v_cache, *scales)
+    for i, layer in enumerate(layers):  # q/k/v biases (Qwen2), per-head q/k norms (Qwen3)
+        attn, none = layer.self_attn, torch.empty(0)
+        qn = getattr(attn, "q_norm", None)
+        biases = [_bias(m, n) for m, n in ((attn.q_proj, H * D), (attn.k_proj, KVH * D), (attn.v_proj, KVH * D))]
+        if qn is None and all(b.numel() == 0 for b in biases):
+            continue
+        if not step._has_method("set_layer_extras"):
+            return None  # an extension built before biases / q-k norms
+        norms = (
+            (none, none) if qn is None else (qn.weight.detach().contiguous(), attn.k_norm.weight.detach().contiguous())
+        )
+        step.set_layer_extras(i, *biases, *norms, float(qn.variance_epsilon) if qn is not None else 0.0)
     return FastStep(step, mode, _quest_method(model), H)

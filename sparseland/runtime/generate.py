@@ -207,7 +207,8 @@ class LeanDecoder:
         if why is not None:
             return None, why
         fast = fastpath.build_fast_step(self)
-        return fast, None if fast is not None else "the layers' shapes differ from the config's (cannot pack them)"
+        why = "the layers could not be packed (shapes unlike the config's, or an extension built before q/k/v biases)"
+        return fast, None if fast is not None else why
 
     @property
     def path(self) -> str:

@@ -111,6 +111,14 @@ def test_pruning_then_runtime(family, config):
         for m in pruned:
             groups = (m.weight != 0).reshape(m.weight.shape[0], -1, 4).sum(-1)
             assert (groups <= 2).all()
+    if arch.moe is not None:  # every expert pruned from the tokens routed to it
+        for i in range(len(arch.blocks)):
+            experts = arch.blocks[i].get_submodule(arch.moe.experts)
+            for W in (experts.gate_up_proj, experts.down_proj):
+                assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+                if config == "sparsegpt24":
+                    assert ((W != 0).reshape(*W.shape[:2], -1, 4).sum(-1) <= 2).all()
+        assert any(".experts.gate_up_proj." in n for n in report.layer_sparsity)
     ids = _ids(3)
     want = _hf_greedy(model, ids)
     to_sparse_runtime_(model)

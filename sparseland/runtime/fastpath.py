@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 from collections.abc import Iterator
 
@@ -89,6 +90,19 @@ def available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@functools.cache
+def extras_supported() -> bool:
+    """Whether the built ``DecodeStep`` adds q/k/v biases and per-head q/k norms (``set_layer_extras``,
+    a later C++ change than the extension may have been built with)."""
+    if not available():
+        return False
+    C = 8
+    w = [torch.ones(C), torch.ones(C)] + [torch.zeros(C, C) for _ in range(7)]
+    cache = torch.zeros(1, 1, 1, C)
+    step = torch.classes.sparseland.DecodeStep(w, [1, C, C, 1, 1, C] + [0] * 15, [1.0, 1e-6, 1e-6], cache, cache)
+    return step._has_method("set_layer_extras")
 
 
 def enabled() -> bool:
@@ -367,6 +381,9 @@ def _arch_reason(model: torch.nn.Module, max_len: int | None) -> str | None:
     other = [r for r in arch.biases if r not in _BIASED]
     if other:
         return f"{arch.name} has biases on its {'/'.join(other)} projections (the fused step adds q/k/v biases only)"
+    if (f.qk_norm or arch.biases) and not extras_supported():
+        what = "q/k norms" if f.qk_norm else "q/k/v biases"
+        return f"{arch.name} has {what}; this build of the C++ step has no DecodeStep.set_layer_extras to run them"
     if arch.rotary_dim != arch.head_dim:
         return f"{arch.name} has partial rotary ({arch.rotary_dim} of {arch.head_dim} dims)"
     if arch.attn_softcap is not None or arch.final_softcap is not None:
@@ -503,8 +520,6 @@ def build_fast_step(
         biases = [_bias(m, n) for m, n in ((attn.q_proj, H * D), (attn.k_proj, KVH * D), (attn.v_proj, KVH * D))]
         if qn is None and all(b.numel() == 0 for b in biases):
             continue
-        if not step._has_method("set_layer_extras"):
-            return None  # an extension built before biases / q-k norms
         norms = (
             (none, none) if qn is None else (qn.weight.detach().contiguous(), attn.k_norm.weight.detach().contiguous())
         )

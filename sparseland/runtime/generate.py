@@ -207,7 +207,7 @@ class LeanDecoder:
         if why is not None:
             return None, why
         fast = fastpath.build_fast_step(self)
-        why = "the layers could not be packed (shapes unlike the config's, or an extension built before q/k/v biases)"
+        why = "the layers could not be packed (their shapes differ from the config's)"
         return fast, None if fast is not None else why
 
     @property

@@ -29,7 +29,7 @@ def linear_roles(
     where ``sparseland.models.arch`` says they are. A fused projection takes the role of its input: qkv
     is ``q`` (it reads the attention input), gate_up and a plain MLP's first Linear are ``up``; an MoE
     block's shared expert has gate/up/down roles, its routers none (they stay dense)."""
-    from sparseland.models.arch import describe, is_known
+    from sparseland.models.arch import describe, is_known, known
 
     if is_known(model):
         out = {}
@@ -47,9 +47,11 @@ def linear_roles(
         if is_proj and (filter_fn is None or filter_fn(mod, name)):
             out[name] = role
     if not out:
+        mt = getattr(getattr(model, "config", None), "model_type", "?")
         raise SparselandError(
-            "found no q/k/v/o/gate/up/down projections (Llama-style *_proj Linears) to sparsify; "
-            "activation sparsity supports Llama-architecture models (or your filter_fn selected none)"
+            f"found no q/k/v/o/gate/up/down projections (*_proj Linears) in {type(model).__name__} (model_type "
+            f"{mt!r}) to sparsify: activation sparsity supports "
+            f"the architectures in sparseland/models/arch.py ({', '.join(known())}) (or your filter_fn selected none)"
         )
     return out
 

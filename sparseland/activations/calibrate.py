@@ -18,23 +18,40 @@ import torch
 from sparseland.errors import SparselandError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+_ARCH_ROLES = {"qkv": "q", "gate_up": "up", "shared_gate": "gate", "shared_up": "up", "shared_down": "down"}
 _SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}
 
 
 def linear_roles(
     model: torch.nn.Module, filter_fn: Callable[[torch.nn.Module, str], bool] | None = None
 ) -> dict[str, str]:
-    """Linear name -> role (q, k, v, o, gate, up, down) for the decoder's projections, in model order."""
-    out: dict[str, str] = {}
+    """Linear name -> role (q, k, v, o, gate, up, down) for the decoder's projections, in model order,
+    where ``sparseland.models.arch`` says they are. A fused projection takes the role of its input: qkv
+    is ``q`` (it reads the attention input), gate_up and a plain MLP's first Linear are ``up``; an MoE
+    block's shared expert has gate/up/down roles, its routers none (they stay dense)."""
+    from sparseland.models.arch import describe, is_known, known
+
+    if is_known(model):
+        out = {}
+        for name, role in describe(model).linear_roles().items():
+            role = _ARCH_ROLES.get(role, role)
+            if role in ROLES and (filter_fn is None or filter_fn(model.get_submodule(name), name)):
+                out[name] = role
+        if not out:
+            raise SparselandError("your filter_fn selected no q/k/v/o/gate/up/down projection to sparsify")
+        return out
+    out = {}
     for name, mod in model.named_modules():
         role = name.rpartition(".")[2].removesuffix("_proj")
         is_proj = isinstance(mod, torch.nn.Linear) and name.endswith("_proj") and role in ROLES
         if is_proj and (filter_fn is None or filter_fn(mod, name)):
             out[name] = role
     if not out:
+        mt = getattr(getattr(model, "config", None), "model_type", "?")
         raise SparselandError(
-            "found no q/k/v/o/gate/up/down projections (Llama-style *_proj Linears) to sparsify; "
-            "activation sparsity supports Llama-architecture models (or your filter_fn selected none)"
+            f"found no q/k/v/o/gate/up/down projections (*_proj Linears) in {type(model).__name__} (model_type "
+            f"{mt!r}) to sparsify: activation sparsity supports "
+            f"the architectures in sparseland/models/arch.py ({', '.join(known())}) (or your filter_fn selected none)"
         )
     return out
 

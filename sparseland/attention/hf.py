@@ -18,20 +18,34 @@ from sparseland.api import FilterFn, register
 from sparseland.attention.configs import AttentionConfig
 from sparseland.attention.methods import SparseAttention
 from sparseland.errors import SparselandError
+from sparseland.models.arch import describe
 
 ATTR = "_sparseland_attention"
 PREFIX = "sparseland_"
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise SparselandError(
-            f"sparse attention supports Llama-style causal LMs (model.model.layers[i].self_attn), "
-            f"not {type(model).__name__}"
-        )
-    return [layer.self_attn for layer in layers]
+    arch = describe(model)  # SparselandError naming an architecture sparseland does not know
+    return [arch.attention(i) for i in range(len(arch.blocks))]
+
+
+def dense_layers(model: torch.nn.Module) -> set[int]:
+    """Layers a sparse attention method leaves dense: sliding-window layers (their window already bounds
+    the keys) and soft-capped ones (Gemma 2; the methods' kernels do not cap scores)."""
+    arch = describe(model)
+    if arch.attn_softcap is not None:
+        return set(range(len(arch.blocks)))
+    return {i for i, w in enumerate(arch.windows) if w is not None}
+
+
+def _masked_attention(query, key, value, mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Dense attention under a boolean mask, with the model's soft-capping: (1, H, T, D) -> (H, T, D)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)[0]
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    scores = torch.tanh((query @ k.transpose(-1, -2)) * scale / softcap) * softcap  # (1, H, T, S)
+    return (torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v)[0]
 
 
 def _is_causal(mask: torch.Tensor, T: int, S: int) -> bool:
@@ -67,7 +81,10 @@ def sparse_attention_forward(
         )
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0  # additive float mask -> allowed positions
-    if attention_mask is state.causal_mask_seen or _is_causal(attention_mask, T, S):
+    if module.layer_idx in getattr(state, "arch_dense", ()):  # sliding-window / soft-capped layer: dense
+        softcap = getattr(module.config, "attn_logit_softcapping", None)
+        out = _masked_attention(query, key, value, attention_mask, scale, softcap)
+    elif attention_mask is state.causal_mask_seen or _is_causal(attention_mask, T, S):
         state.causal_mask_seen = attention_mask  # one check per forward: layers share the mask object
         out = state.attend(module.layer_idx, query[0].float(), key[0].float(), value[0].float(), scale)
     else:  # padding or a custom pattern: the method cannot apply; attend densely under the given mask
@@ -111,6 +128,7 @@ def apply_attention(
     modules = _attention_modules(model)
     remove(model)
     state = SparseAttention(config, len(modules))
+    state.arch_dense = dense_layers(model)
     name = PREFIX + config.kind
     _register(name)
     previous = model.config._attn_implementation

@@ -115,7 +115,7 @@ class RuntimeDecodeSpeed:
         # converted copies, kept while their source model lives (the dense base is re-timed per cell)
         self._converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _tokens_per_s(self, fast: torch.nn.Module, python: bool) -> tuple[float, float]:
+    def _tokens_per_s(self, fast: torch.nn.Module, python: bool) -> tuple[float, float, str, str | None]:
         import contextlib
         import statistics
 
@@ -128,7 +128,7 @@ class RuntimeDecodeSpeed:
             )
             greedy_generate(fast, prompt, self.warmup, stop_at_eos=False)
             run = greedy_generate(fast, prompt, self.n_tokens, stop_at_eos=False)
-        return 1.0 / statistics.median(run.per_token_seconds), run.decode_seconds
+        return 1.0 / statistics.median(run.per_token_seconds), run.decode_seconds, run.path, run.path_reason
 
     def __call__(self, model: torch.nn.Module, path: str | None = None) -> dict[str, Any]:
         """Time ``model``; ``path`` None: the fused step if the model allows it, else the Python step;
@@ -148,7 +148,7 @@ class RuntimeDecodeSpeed:
         if path == "fused" and why is not None:
             raise SparselandError(f"this model cannot use the fused decode step: {why}")
         fused = why is None and path != "python"
-        tps, seconds = self._tokens_per_s(fast, python=not fused)
+        tps, seconds, ran, reason = self._tokens_per_s(fast, python=not fused)
         prompt = torch.randint(
             0, fast.config.vocab_size, (1, self.prefill_len), generator=torch.Generator().manual_seed(1)
         )
@@ -156,7 +156,8 @@ class RuntimeDecodeSpeed:
         return {
             "tokens_per_s": tps,
             "prefill_tokens_per_s": prefill.prefill_tokens_per_s,  # a prompt of prefill_len tokens
-            "path": "fused" if fused else "python",
+            "path": ran,  # the step that ran the decode: fused (C++) or python
+            "path_reason": reason if path != "python" else "the python path was asked for",
             "tokens": self.n_tokens,
             "seconds": seconds,
             "engine": "sparseland runtime (lean loop)",

@@ -65,11 +65,11 @@ def sparse_mask(w: torch.Tensor, threshold: float) -> torch.Tensor | None:
 
 
 def _decoder_linears(model: torch.nn.Module, filter_fn: FilterFn | None) -> dict[str, torch.nn.Linear]:
-    from sparseland.weights.pruner import block_linears, decoder_layers
+    from sparseland.weights.pruner import block_linears, block_prefix, decoder_layers
 
     out: dict[str, torch.nn.Linear] = {}
     for i, block in enumerate(decoder_layers(model)):
-        out.update(block_linears(block, f"model.layers.{i}", filter_fn))
+        out.update(block_linears(block, block_prefix(model, i), filter_fn))
     return out
 
 
@@ -137,6 +137,7 @@ def _gptq_blocks(model, config: QuantConfig, calibration, filter_fn, quantize, p
     X^T X of its inputs (made by the already-quantized Linears before it)."""
     from sparseland.weights.pruner import (
         block_linears,
+        block_prefix,
         capture_block_inputs,
         decoder_layers,
         prune_block_in_one_pass,
@@ -152,7 +153,7 @@ def _gptq_blocks(model, config: QuantConfig, calibration, filter_fn, quantize, p
     model.eval()
     batches = capture_block_inputs(model, layers, calibration, batch_size=calibration.shape[0])
     for i, block in enumerate(tqdm(layers, desc=f"gptq {config.scheme}", unit="block", disable=not progress)):
-        linears = block_linears(block, f"model.layers.{i}", filter_fn)
+        linears = block_linears(block, block_prefix(model, i), filter_fn)
         batches = prune_block_in_one_pass(block, linears, batches, True, quantize)
     model.train(was_training)
 

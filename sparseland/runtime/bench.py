@@ -174,6 +174,7 @@ def time_decode(
     per_tok: dict[str, list[float]] = {k: [] for k in models}
     prefill: dict[str, list[float]] = {k: [] for k in models}
     tokens: dict[str, list[int]] = {}
+    paths: dict[str, tuple[str, str | None]] = {}
     for m in models.values():  # warm-up
         greedy_generate(m, prompt_ids, 4, stop_at_eos=False)
     for _ in range(rounds):
@@ -182,6 +183,7 @@ def time_decode(
             per_tok[name] += r.per_token_seconds
             prefill[name].append(r.prefill_seconds)
             tokens[name] = r.tokens
+            paths[name] = (r.path, r.path_reason)
     t_base = statistics.median(per_tok[base])
     rows = []
     for name, m in models.items():
@@ -197,6 +199,8 @@ def time_decode(
                 "achieved_gbs": wb / t / 1e9,
                 "model_bytes": model_bytes(m),
                 "same_tokens_as_base": tokens[name] == tokens[base],
+                "path": paths[name][0],  # the decode step that ran: fused (C++) or python
+                "path_reason": paths[name][1],  # why not fused
             }
         )
     return rows

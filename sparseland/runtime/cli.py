@@ -49,6 +49,8 @@ def _generate_command(args: argparse.Namespace) -> int:
         "new_tokens": len(res.tokens),
         "prefill_tokens_per_s": res.prefill_tokens_per_s,
         "decode_tokens_per_s": res.decode_tokens_per_s,
+        "path": res.path,
+        "path_reason": res.path_reason,
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -56,7 +58,10 @@ def _generate_command(args: argparse.Namespace) -> int:
         print(args.prompt + text)
         print(
             f"-- {len(res.tokens)} tokens; prefill {res.prefill_tokens_per_s:.1f} tok/s, "
-            f"decode {res.decode_tokens_per_s:.1f} tok/s" + (f"; runtime formats {report.formats}" if report else "")
+            f"decode {res.decode_tokens_per_s:.1f} tok/s ({res.path} step"
+            + (f": {res.path_reason}" if res.path_reason else "")
+            + ")"
+            + (f"; runtime formats {report.formats}" if report else "")
         )
     return 0
 

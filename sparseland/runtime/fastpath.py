@@ -28,7 +28,9 @@ Python step writes the cache.
 
 Anything the C++ step would silently skip makes the model ineligible: top-k (``keep``) or R-Sparse
 activation sites, activation-sparse formats without activation sparsity, any other forward hook,
-sparse attention methods other than Quest, q/k norms, biases, a non-SiLU or non-Llama MLP or norm, a weight format it
+sparse attention methods other than Quest, any layout but Llama's (``models.arch``: fused qkv / gate_up,
+q/k norms, biases, partial rotary, sandwich / post norms, soft-capping, MoE, a sliding window shorter
+than the cache; ``ineligible_reason`` names which), a non-SiLU MLP or a non-RMSNorm norm, a weight format it
 does not know, a cache that is not float32 or int8 (the int8 KV cache, ``LeanDecoder(kv_dtype="int8")``:
 codes and per-(layer, head, position) scales passed with ``set_int8_cache``; dense attention only).
 
@@ -39,12 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 from collections.abc import Iterator
 
 import torch
 
 from sparseland.errors import SparselandError
+from sparseland.models.arch import describe
 from sparseland.runtime import kernels
 from sparseland.runtime.formats import (
     ActSparseBitmaskFormat,
@@ -58,8 +62,9 @@ from sparseland.runtime.modules import SparseLinear
 ENV = "SPARSELAND_NO_FASTPATH"
 MODE_ENV = "SPARSELAND_FASTPATH_MODE"  # threading of new fast steps: region (default) or per_matvec
 MODES = {"per_matvec": 0, "region": 1}  # torch's pool per matvec / one OpenMP region per step
-_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+_BIASED = ("q", "k", "v")  # projections whose biases the fused step adds (set_layer_extras)
 _ACTS = {"SiLU", "SiLUActivation"}
 _DENSE, _BITMASK, _NM4, _ACT, _ACT_BITMASK, _Q4, _Q8, _Q4NM, _Q4BITMASK = 0, 1, 2, 3, 4, 5, 6, 7, 8
 _ACT_FORMATS = (ActSparseFormat, ActSparseBitmaskFormat)
@@ -85,6 +90,19 @@ def available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@functools.cache
+def extras_supported() -> bool:
+    """Whether the built ``DecodeStep`` adds q/k/v biases and per-head q/k norms (``set_layer_extras``,
+    a later C++ change than the extension may have been built with)."""
+    if not available():
+        return False
+    C = 8
+    w = [torch.ones(C), torch.ones(C)] + [torch.zeros(C, C) for _ in range(7)]
+    cache = torch.zeros(1, 1, 1, C)
+    step = torch.classes.sparseland.DecodeStep(w, [1, C, C, 1, 1, C] + [0] * 15, [1.0, 1e-6, 1e-6], cache, cache)
+    return step._has_method("set_layer_extras")
 
 
 def enabled() -> bool:
@@ -167,14 +185,17 @@ class FastStep:
         return x.view(h.shape)
 
 
-def _linear(mod: torch.nn.Module, out: int, inp: int) -> tuple[int, list[torch.Tensor]] | None:
-    """(kind, tensors) of one projection with weight (out, inp), or None if the C++ step cannot run it."""
+def _linear(mod: torch.nn.Module, out: int, inp: int, bias: bool = False) -> tuple[int, list[torch.Tensor]] | None:
+    """(kind, tensors) of one projection with weight (out, inp), or None if the C++ step cannot run it.
+    ``bias``: a bias is allowed (q/k/v: the step adds it, ``_bias``)."""
+    if mod.bias is not None and (not bias or _bias(mod, out) is None):
+        return None
     if type(mod) is torch.nn.Linear:
         w = mod.weight.detach()
-        if mod.bias is not None or w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (out, inp):
+        if w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (out, inp):
             return None
         return _DENSE, [w]
-    if type(mod) is not SparseLinear or mod.bias is not None or (mod.out_features, mod.in_features) != (out, inp):
+    if type(mod) is not SparseLinear or (mod.out_features, mod.in_features) != (out, inp):
         return None
     f = mod.weight_format
     quant = _quant_linear(f)
@@ -198,6 +219,15 @@ def _linear(mod: torch.nn.Module, out: int, inp: int) -> tuple[int, list[torch.T
     if type(f) is ActSparseBitmaskFormat:
         return _ACT_BITMASK, [f.mask, f.row_ptr, f.values]
     return _NM4, [f.mask, f.values]  # NMFormat: always 4 kept per mask byte (1:2, 2:4, 4:8)
+
+
+def _bias(mod: torch.nn.Module, out: int) -> torch.Tensor | None:
+    """The projection's bias as contiguous float32 (out,), an empty tensor without one, None if unusable."""
+    b = getattr(mod, "bias", None)
+    if b is None:
+        return torch.empty(0)
+    b = b.detach()
+    return b.contiguous() if b.dtype == torch.float32 and b.shape == (out,) else None
 
 
 def _quant_linear(f: object) -> tuple[int, list[torch.Tensor]] | None:
@@ -238,7 +268,7 @@ def _activation_plan(model: torch.nn.Module) -> ActivationPlan | str:
     from sparseland.activations.sites import get_state
 
     state = get_state(model)
-    layers = model.model.layers
+    layers = describe(model).blocks
     if state is None:
         for i, layer in enumerate(layers):
             for p in _PROJS:
@@ -333,38 +363,81 @@ def _quest_method(model: torch.nn.Module) -> object | None:
     return method if isinstance(getattr(method, "config", None), QuestConfig) else None
 
 
+def _arch_reason(model: torch.nn.Module, max_len: int | None) -> str | None:
+    """Why the model's architecture keeps it off the fused step (None if its layout is Llama's)."""
+    try:
+        arch = describe(model)
+    except SparselandError as e:
+        return str(e)
+    f = arch.family
+    if f.qkv_layout != "separate":
+        return f"{arch.name} has a fused qkv projection ({f.qkv_layout}); the fused step takes separate q/k/v"
+    if f.mlp_kind != "gated":
+        return f"{arch.name} has a {f.mlp_kind} MLP; the fused step runs a gated SiLU MLP"
+    if f.placement != "pre" or arch.parallel_residual:
+        return f"{arch.name} has {f.placement} norms; the fused step runs pre-norm blocks"
+    if f.qk_norm not in (None, "head"):
+        return f"{arch.name} has q/k norms over all heads ({f.qk_norm}); the fused step runs per-head ones"
+    other = [r for r in arch.biases if r not in _BIASED]
+    if other:
+        return f"{arch.name} has biases on its {'/'.join(other)} projections (the fused step adds q/k/v biases only)"
+    if (f.qk_norm or arch.biases) and not extras_supported():
+        what = "q/k norms" if f.qk_norm else "q/k/v biases"
+        return f"{arch.name} has {what}; this build of the C++ step has no DecodeStep.set_layer_extras to run them"
+    if arch.rotary_dim != arch.head_dim:
+        return f"{arch.name} has partial rotary ({arch.rotary_dim} of {arch.head_dim} dims)"
+    if arch.attn_softcap is not None or arch.final_softcap is not None:
+        return f"{arch.name} soft-caps its attention scores or logits"
+    windows = [w for w in arch.windows if w is not None]
+    if windows and (max_len is None or min(windows) < max_len):  # a window as long as the cache never bites
+        return f"{arch.name} has sliding-window layers (window {min(windows)}) shorter than the KV cache"
+    return None
+
+
 def ineligible_reason(model: torch.nn.Module, k_cache: torch.Tensor) -> str | None:
-    """Why the fused step cannot run ``model`` (None if it can)."""
+    """Why the fused step cannot run ``model`` (None if it can): the one place that decides fused or
+    not. ``k_cache`` is the decoder's (L, KVH, T_max, D) cache (or any float tensor to ask about the model)."""
     from sparseland.activations.sites import get_state
 
     if not available():
         return "the C++ extension (with decode_step.cpp) is not built"
+    why = _arch_reason(model, k_cache.shape[2] if k_cache.dim() == 4 else None)
+    if why is not None:
+        return why
     mods = torch.nn.modules.module
     if mods._global_forward_hooks or mods._global_forward_pre_hooks:
         return "global forward hooks are registered"
-    base = model.model
+    arch = describe(model)
     if get_state(model) is None:
-        for name, m in base.layers.named_modules():
+        for name, m in arch.blocks.named_modules():
             if m._forward_hooks or m._forward_pre_hooks:
                 return f"layers.{name} has forward hooks"
-    if k_cache.dtype not in (torch.float32, torch.int8) or base.embed_tokens.weight.dtype != torch.float32:
+    if k_cache.dtype not in (torch.float32, torch.int8) or arch.embed.weight.dtype != torch.float32:
         return "the model is not float32"
     method = _quest_method(model)
+    if method is not None and getattr(method, "arch_dense", None):
+        return "Quest leaves this model's sliding-window / soft-capped layers dense; the fused step runs it on all"
     if k_cache.dtype == torch.int8 and method is not None:
         return "Quest in the fused step needs a float32 KV cache (its page bounds are float); use kv_dtype='float32'"
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(arch.blocks):
         attn, mlp = layer.self_attn, layer.mlp
         own = getattr(attn, "_sparseland_attention", None)
         if own is not method:
             kind = type(getattr(own, "config", None)).__name__
             return f"layer {i} has a sparse attention method the fused step does not run ({kind}; Quest only)"
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            return f"layer {i} has q/k norms"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        qk = (attn.q_norm, attn.k_norm) if arch.family.qk_norm else ()
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, *qk):
             if type(norm).__name__ not in _NORMS or norm.weight.dtype != torch.float32:
                 return f"layer {i} norm {type(norm).__name__} is not a float32 Llama RMSNorm"
+        if qk and qk[0].variance_epsilon != qk[1].variance_epsilon:
+            return f"layer {i} q and k norms have different eps"
         if type(mlp).__name__ not in _MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in _ACTS:
             return f"layer {i} MLP {type(mlp).__name__} is not a SiLU-gated Llama MLP"
+        for j, p in enumerate(_PROJS):
+            mod = layer.get_submodule(p)
+            out, inp = mod.weight.shape if type(mod) is torch.nn.Linear else (mod.out_features, mod.in_features)
+            if _linear(mod, out, inp, bias=j < 3) is None:
+                return f"layer {i} {p} ({_format_name(mod)}) is not a weight format the fused step runs"
     plan = _activation_plan(model)
     return plan if isinstance(plan, str) else None
 
@@ -399,7 +472,7 @@ def build_fast_step(
     if ineligible_reason(model, k_cache) is not None:
         return None
     inputs, gates = _activation_plan(model)  # {} and {} without activation sparsity
-    cfg, layers = model.config, model.model.layers
+    cfg, layers = model.config, describe(model).blocks
     H = cfg.num_attention_heads
     KVH = getattr(cfg, "num_key_value_heads", None) or H
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -422,7 +495,7 @@ def build_fast_step(
         projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         kinds, flags, shared = [], [], []
         for j, (mod, (out, inp)) in enumerate(zip(projs, shapes, strict=True)):
-            packed = _linear(mod, out, inp)
+            packed = _linear(mod, out, inp, bias=j < 3)
             if packed is None:
                 return None
             kinds.append(packed[0])
@@ -441,4 +514,14 @@ def build_fast_step(
         empty = torch.empty(len(layers), KVH, 0, D)
         step = torch.classes.sparseland.DecodeStep(tensors, meta, feps, empty, empty)
         step.set_int8_cache(k_cache, v_cache, *scales)
+    for i, layer in enumerate(layers):  # q/k/v biases (Qwen2), per-head q/k norms (Qwen3)
+        attn, none = layer.self_attn, torch.empty(0)
+        qn = getattr(attn, "q_norm", None)
+        biases = [_bias(m, n) for m, n in ((attn.q_proj, H * D), (attn.k_proj, KVH * D), (attn.v_proj, KVH * D))]
+        if qn is None and all(b.numel() == 0 for b in biases):
+            continue
+        norms = (
+            (none, none) if qn is None else (qn.weight.detach().contiguous(), attn.k_norm.weight.detach().contiguous())
+        )
+        step.set_layer_extras(i, *biases, *norms, float(qn.variance_epsilon) if qn is not None else 0.0)
     return FastStep(step, mode, _quest_method(model), H)

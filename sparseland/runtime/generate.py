@@ -1,10 +1,14 @@
-"""A lean greedy decode loop for Llama-style causal LMs (gpt-fast style): prefill, then one token at
-a time through our own forward over the model's modules, with a preallocated KV cache (or, for the
-KV-cache eviction methods SnapKV and H2O, per-layer caches holding only the entries they keep).
+"""A lean greedy decode loop for the causal LMs ``sparseland.models.arch`` describes (gpt-fast style):
+prefill, then one token at a time through our own forward over the model's modules, with a
+preallocated KV cache (or, for the KV-cache eviction methods SnapKV and H2O, per-layer caches
+holding only the entries they keep).
 
 No transformers ``generate`` machinery per token: the loop calls the layers' Linear (or
-``SparseLinear``) modules, RMSNorms and the model's own rotary embedding directly, so its tokens
-equal ``model.generate(do_sample=False)``. Batch size 1.
+``SparseLinear``) modules, norms, MLP / MoE blocks and the model's own rotary embedding directly, where
+the architecture layer says they are (separate or fused qkv as views, q/k norms, biases, partial
+rotary, pre / sandwich / post norms, parallel residual, sliding-window layers as a window over the
+cache, attention and final-logit soft-capping), so its tokens equal ``model.generate(do_sample=False)``.
+Batch size 1.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseland.errors import SparselandError
+from sparseland.models.arch import describe
 from sparseland.runtime import fastpath
 
 
@@ -27,6 +32,8 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float  # all tokens after the first
     per_token_seconds: list[float] = field(default_factory=list)
+    path: str = "python"  # "fused": the fused C++ step ran the decode steps; "python": the reference step
+    path_reason: str | None = None  # why the fused step did not run (None when it did)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -135,15 +142,7 @@ class LeanDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, kv_dtype: str = "float32", kv_keep: float = 0.5) -> None:
-        base = getattr(model, "model", None)
-        if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
-            raise SparselandError(
-                f"the lean decode loop supports Llama-style models (model.model.layers + rotary_emb), "
-                f"not {type(model).__name__}; use `--no-sparse-runtime` / transformers generate instead"
-            )
-        cfg = model.config
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            raise SparselandError("sliding-window attention is not supported by the lean decode loop")
+        self.arch = arch = describe(model)  # SparselandError for an architecture sparseland does not know
         if kv_dtype not in KV_DTYPES:
             raise SparselandError(f"kv_dtype={kv_dtype!r} is unknown; use one of {list(KV_DTYPES)}")
         _check_kv_keep(kv_keep)
@@ -155,13 +154,11 @@ class LeanDecoder:
                 f"eviction method ({kind}): use kv_dtype='float32' (--kv-dtype float32) with it"
             )
         self.kv_dtype, self.kv_keep = kv_dtype, kv_keep
-        self.model, self.base = model, base
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.model, self.base = model, arch.base
+        self.n_heads, self.n_kv, self.head_dim = arch.n_heads, arch.n_kv, arch.head_dim
         self.max_len = max_len
-        self.dtype = base.embed_tokens.weight.dtype
-        L = len(base.layers)
+        self.dtype = arch.embed.weight.dtype
+        L = len(arch.blocks)
         self.k_cache: torch.Tensor | None = None  # (L, KVH, max_len, D), the fused step's cache
         self.v_cache: torch.Tensor | None = None
         self.k_layers: list[torch.Tensor | None] = [None] * L  # layer i's cache (KVH, capacity, D)
@@ -195,8 +192,28 @@ class LeanDecoder:
         self.n_cached = [0] * L
         self.compacted = [False] * L  # layer i holds an evicted (compacted) cache
         self.pos = 0
-        # fused C++ step for T == 1 (fastpath.py); None if the model is not eligible
-        self.fast = fastpath.build_fast_step(self) if self.k_cache is not None and fastpath.enabled() else None
+        # fused C++ step for T == 1 (fastpath.py); None if the model is not eligible, and why
+        self.fast, self.fast_reason = self._decide_fast(model)
+        self.fused_steps = 0  # decode steps the fused step ran
+
+    def _decide_fast(self, model: torch.nn.Module) -> tuple[object | None, str | None]:
+        """The fused step for this decoder, or None and the reason it does not run."""
+        if self.k_cache is None:
+            why = "KV-cache eviction keeps per-layer caches" if self.kv_dtype == "float32" else "the sparse KV cache"
+            return None, f"{why} (the fused step reads one full-length cache)"
+        if not fastpath.enabled():
+            return None, f"the fused step is off ({fastpath.ENV}=1 or kernels.force_reference())"
+        why = fastpath.ineligible_reason(model, self.k_cache)
+        if why is not None:
+            return None, why
+        fast = fastpath.build_fast_step(self)
+        why = "the layers could not be packed (their shapes differ from the config's)"
+        return fast, None if fast is not None else why
+
+    @property
+    def path(self) -> str:
+        """ "fused" if the fused C++ step ran a decode step, else "python"."""
+        return "fused" if self.fused_steps else "python"
 
     def kv_cache_bytes(self) -> int:
         """Bytes held by the KV caches now (every allocated buffer, counted once)."""
@@ -259,19 +276,45 @@ class LeanDecoder:
             k_l[r, drop], v_l[r, drop] = k_l[:, n].clone(), v_l[:, n].clone()
         return o.unsqueeze(1)  # (H, 1, D)
 
+    def _qkv(self, i: int, attn: torch.nn.Module, h: torch.Tensor):
+        """Block ``i``'s q (1, T, H, D), k (1, T, KVH, D), v (1, T, KVH, D) from h (1, T, C): separate
+        projections, or views into the fused one's output (no copies), q/k norms applied."""
+        T, H, KVH, D, arch = h.shape[1], self.n_heads, self.n_kv, self.head_dim, self.arch
+        layout, qk_norm = arch.family.qkv_layout, arch.family.qk_norm
+        if layout == "separate":
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            qkv = attn.get_submodule(arch.family.attn_linears["qkv"])(h)
+            if layout == "concat":  # Phi-3: [q | k | v] along the output
+                q, k, v = qkv.split((H * D, KVH * D, KVH * D), dim=-1)
+            else:  # GPT-NeoX: per head [q_h | k_h | v_h]
+                q, k, v = qkv.view(1, T, H, 3 * D).chunk(3, dim=-1)
+        if qk_norm == "all":  # OLMo 2: one norm over all heads' q (and k)
+            q, k = attn.q_norm(q.reshape(1, T, H * D)), attn.k_norm(k.reshape(1, T, KVH * D))
+        q, k, v = q.reshape(1, T, H, D), k.reshape(1, T, KVH, D), v.reshape(1, T, KVH, D)
+        if qk_norm == "head":  # Qwen3 / Gemma 3: per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k, v
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary on x (1, H, T, D); partial rotary (GPT-NeoX) rotates the first cos.shape[-1] dims."""
+        r = cos.shape[-1]
+        if r == x.shape[-1]:
+            return x * cos + _rotate_half(x) * sin
+        rot, rest = x[..., :r], x[..., r:]
+        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
     def _attention(self, i: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         T = h.shape[1]  # h: (1, T, C)
-        q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim)
-        k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim)
-        v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)  # (1, KVH, T, D)
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = self._qkv(i, attn, h)
+        v = v.transpose(1, 2)  # (1, KVH, T, D)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (1, H, T, D), (1, KVH, T, D)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        o_proj = attn.get_submodule(self.arch.family.attn_linears["o"])
         p0, p1 = self.pos, self.pos + T
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         method = getattr(attn, "_sparseland_attention", None)  # a sparseland.attention method, if applied
+        window = self.arch.windows[i]
         if self.kv_dtype != "float32":
             if method is not None:
                 raise SparselandError(
@@ -280,7 +323,9 @@ class LeanDecoder:
                 )
             write = self._write_int8 if self.kv_dtype == "int8" else self._write_sparse
             keys, vals = write(i, k[0], v[0], p0, p1)
-            return attn.o_proj(self._dense_attention(q, keys, vals, scale, p0))
+            return o_proj(self._dense_attention(q, keys, vals, scale, p0, window))
+        if method is not None and i in getattr(method, "arch_dense", ()):
+            method = None  # sliding-window / soft-capped layers attend densely (attention.hf.dense_layers)
         if method is not None and getattr(method, "evicts", False) and p0 == 0 and T > 1:
             o = method.attend(i, q[0], k[0], v[0], scale)  # (H, T, D): dense prefill, chooses what to keep
             self._compact(i, k[0], v[0], method.kept_positions(i))
@@ -293,8 +338,8 @@ class LeanDecoder:
             if method is not None:  # block mask -> block_sparse_attention / indices -> sparse_decode_attention
                 o = method.attend(i, q[0], keys[0], vals[0], scale)  # (H, T, D)
             else:
-                return attn.o_proj(self._dense_attention(q, keys, vals, scale, p0))
-        return attn.o_proj(o.transpose(0, 1).reshape(1, T, self.n_heads * self.head_dim))
+                return o_proj(self._dense_attention(q, keys, vals, scale, p0, window))
+        return o_proj(o.transpose(0, 1).reshape(1, T, self.n_heads * self.head_dim))
 
     def _write_int8(self, i: int, k: torch.Tensor, v: torch.Tensor, p0: int, p1: int):
         """Quantize k, v (KVH, T, D) into layer ``i``'s int8 cache at [p0, p1); returns the dequantized
@@ -316,20 +361,42 @@ class LeanDecoder:
         vals = unprune_kv(self.v_bits[i, :, :p1], self.v_vals[i, :, :p1], self.head_dim, self.dtype)
         return keys[None], vals[None]
 
-    def _dense_attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: float, p0: int):
-        """The loop's own attention: q (1, H, T, D) over keys/vals (1, KVH, p1, D) -> (1, T, H * D)."""
+    def _dense_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: float, p0: int, window: int | None = None
+    ):
+        """The loop's own attention: q (1, H, T, D) over keys/vals (1, KVH, p1, D) -> (1, T, H * D).
+        ``window``: query position p sees keys p - window < k <= p (a sliding-window layer); the model's
+        attention soft-capping (``cap * tanh(s / cap)`` of the scaled scores) is applied when it has one."""
         T, p1 = q.shape[2], keys.shape[2]
+        cap = self.arch.attn_softcap
         if T == 1:  # decode: grouped heads against the cache, no mask needed
+            if window is not None and p1 > window:  # the last `window` keys (views)
+                keys, vals = keys[:, :, p1 - window :], vals[:, :, p1 - window :]
             g = self.n_heads // self.n_kv
             qg = q.view(1, self.n_kv, g, self.head_dim)  # (1, KVH, G, D)
-            probs = torch.softmax((qg @ keys.transpose(-1, -2)) * scale, dim=-1)  # (1, KVH, G, p1)
+            scores = (qg @ keys.transpose(-1, -2)) * scale  # (1, KVH, G, S)
+            if cap is not None:
+                scores = torch.tanh(scores / cap) * cap
+            probs = torch.softmax(scores, dim=-1)
             return (probs @ vals).reshape(1, 1, self.n_heads * self.head_dim)
         # a fresh prefill is plain causal: is_causal lets SDPA use its fused kernel (~2x faster at 8k
-        # than the same mask passed explicitly); a continuation needs the offset mask
-        mask = None if p0 == 0 else torch.ones(T, p1, dtype=torch.bool).tril(diagonal=p0)
-        o = F.scaled_dot_product_attention(
-            q, keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-        )
+        # than the same mask passed explicitly); a continuation (or a window) needs the explicit mask
+        mask = None
+        if p0 > 0 or (window is not None and p1 > window) or cap is not None:
+            qpos = torch.arange(p0, p1).unsqueeze(1)  # (T, 1)
+            kpos = torch.arange(p1).unsqueeze(0)  # (1, p1)
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+        if cap is not None:  # soft-capping changes the scores before the softmax: no fused SDPA
+            kk = keys.repeat_interleave(self.n_heads // self.n_kv, 1)
+            vv = vals.repeat_interleave(self.n_heads // self.n_kv, 1)
+            scores = torch.tanh((q @ kk.transpose(-1, -2)) * scale / cap) * cap  # (1, H, T, p1)
+            o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ vv
+        else:
+            o = F.scaled_dot_product_attention(
+                q, keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+            )
         return o.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim)
 
     @torch.inference_mode()
@@ -338,24 +405,58 @@ class LeanDecoder:
         T = ids.shape[1]
         if self.pos + T > self.max_len:
             raise SparselandError(f"sequence would reach {self.pos + T} tokens; the cache holds {self.max_len}")
-        h = self.base.embed_tokens(ids)  # (1, T, C)
+        arch = self.arch
+        h = arch.embed(ids)  # (1, T, C); Gemma's embedding scales by sqrt(C) itself
         pos_ids = torch.arange(self.pos, self.pos + T).unsqueeze(0)
-        cos, sin = self.base.rotary_emb(h, pos_ids)  # (1, T, D)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, D)
+        rope = self._rotary(h, pos_ids)  # layer type -> (cos, sin), each (1, 1, T, rotary_dim)
+        cos, sin = rope[arch.layer_types[0]]
         # the fused step runs the attention method it was built with (none, or Quest): a method applied
         # or changed after this decoder was built takes the Python step
         fused = self.fast is not None and self.fast.runs(getattr(self.model, "_sparseland_attention", None))
         if T == 1 and fused and fastpath.enabled():  # all layers in one C++ call
             h = self.fast(h, cos, sin, self.pos)
+            self.fused_steps += 1
         else:  # the reference path
             if self.fast is not None:
                 self.fast.invalidate(self.pos)  # it writes the cache from here on
-            for i, layer in enumerate(self.base.layers):
-                h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin)
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            for i, block in enumerate(arch.blocks):
+                h = self._block(i, block, h, *rope[arch.layer_types[i]])
         self.pos += T
         self.n_cached = [n if c else self.pos for n, c in zip(self.n_cached, self.compacted, strict=True)]
-        return self.model.lm_head(self.base.norm(h[:, -1:]))[0, -1]
+        logits = arch.lm_head(arch.final_norm(h[:, -1:]))[0, -1]
+        if arch.final_softcap is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / arch.final_softcap) * arch.final_softcap
+        return logits
+
+    def _rotary(self, h: torch.Tensor, pos_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The model's own rotary embedding per layer type (Gemma 3 has a local and a global base)."""
+        out = {}
+        for t in dict.fromkeys(self.arch.layer_types):
+            if self.arch.family.rotary_by_layer_type:
+                cos, sin = self.arch.rotary(h, pos_ids, t)
+            elif out:
+                out[t] = next(iter(out.values()))
+                continue
+            else:
+                cos, sin = self.arch.rotary(h, pos_ids)
+            out[t] = (cos.unsqueeze(1), sin.unsqueeze(1))  # (1, 1, T, rotary_dim)
+        return out
+
+    def _block(self, i: int, block: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """One decoder block, its norms where the architecture puts them (pre / sandwich / post norms,
+        GPT-NeoX's parallel residual); the MLP is the block's own module (gated, fused, plain or MoE)."""
+        arch = self.arch
+
+        def normed(slot: str, x: torch.Tensor) -> torch.Tensor:
+            norm = arch.norm(block, slot)
+            return x if norm is None else norm(x)
+
+        a = normed("attn_out", self._attention(i, arch.attention(i), normed("attn_in", h), cos, sin))
+        mlp = arch.mlp(i)
+        if arch.parallel_residual:
+            return h + a + mlp(normed("mlp_in", h))
+        h = h + a
+        return h + normed("mlp_out", mlp(normed("mlp_in", h)))
 
 
 def _eos_ids(model: torch.nn.Module) -> set[int]:
@@ -396,4 +497,7 @@ def greedy_generate(
         tok = int(dec.step(torch.tensor([[tok]])).argmax())
         per_token.append(time.perf_counter() - t1)
         tokens.append(tok)
-    return GenerationResult(tokens, T, prefill, sum(per_token), per_token)
+    reason = dec.fast_reason if dec.fast is None else None
+    if dec.fast is not None and not dec.fused_steps and len(tokens) > 1:
+        reason = "the model's attention method changed after the fused step was built"
+    return GenerationResult(tokens, T, prefill, sum(per_token), per_token, dec.path, reason)

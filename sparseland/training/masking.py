@@ -18,9 +18,14 @@ from sparseland.errors import SparselandError
 ParamFilter = Callable[[str, torch.nn.Parameter], bool]
 
 
+_ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")  # MoE routers (models/arch.py), kept dense
+
+
 def default_filter(name: str, param: torch.nn.Parameter) -> bool:
-    """Sparsify 2-D weights of Linear layers inside the blocks; leave embeddings, norms, lm_head dense."""
-    return param.dim() == 2 and "embed" not in name and "lm_head" not in name and name.endswith(".weight")
+    """Sparsify 2-D weights of Linear layers inside the blocks; leave embeddings, norms, lm_head and MoE
+    routers dense (an MoE block's 3-D expert tensors are not masked by default either)."""
+    dense = "embed" in name or "lm_head" in name or name.endswith(_ROUTERS)
+    return param.dim() == 2 and not dense and name.endswith(".weight")
 
 
 class MaskSet:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sparseland.api import FilterFn, register
 from sparseland.errors import SparselandError
+from sparseland.models.arch import decoder_blocks, describe, is_known, router_names
 from sparseland.weights.config import (
     DSnoTConfig,
     MagnitudeConfig,
@@ -36,6 +37,7 @@ from sparseland.weights.config import (
     WandaConfig,
 )
 from sparseland.weights.dsnot import dsnot_refine
+from sparseland.weights.experts import expert_hook, prune_experts_
 from sparseland.weights.masks import check_nm_shape, magnitude_scores, make_mask, random_scores, wanda_scores
 from sparseland.weights.owl import outlier_ratio, owl_allocation
 from sparseland.weights.sparsegpt import sparsegpt_prune
@@ -71,21 +73,24 @@ def num_threads(n: int):
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise SparselandError(
-            f"{type(model).__name__} has no decoder blocks at model.model.layers; weight pruning supports "
-            "Llama-style causal LMs (LlamaForCausalLM, Qwen2, Mistral, ...)"
-        )
-    return layers
+    """The model's decoder blocks, where ``sparseland.models.arch`` says they are."""
+    return decoder_blocks(model)[1]
 
 
-def block_linears(block: torch.nn.Module, prefix: str, filter_fn: FilterFn | None) -> dict[str, torch.nn.Linear]:
+def block_prefix(model: torch.nn.Module, i: int) -> str:
+    """Module name of block ``i`` ("model.layers.3", "gpt_neox.layers.3")."""
+    return f"{decoder_blocks(model)[0]}.{i}"
+
+
+def block_linears(
+    block: torch.nn.Module, prefix: str, filter_fn: FilterFn | None, skip: set[str] | None = None
+) -> dict[str, torch.nn.Linear]:
+    """The block's Linears by full name; ``skip``: in-block names left out (an MoE block's routers)."""
     out = {}
     for name, mod in block.named_modules():
         full = f"{prefix}.{name}"
-        if isinstance(mod, torch.nn.Linear) and (filter_fn is None or filter_fn(mod, full)):
+        keep = name not in (skip or ()) and (filter_fn is None or filter_fn(mod, full))
+        if isinstance(mod, torch.nn.Linear) and keep:
             out[full] = mod
     return out
 
@@ -308,7 +313,7 @@ def owl_block_sparsities(model, layers, batches, config: PruningConfig, filter_f
     """Dense pass over the blocks measuring each block's Wanda outlier ratio; OWL allocation of the target."""
     ratios = []
     for i, block in enumerate(tqdm(layers, desc="owl outliers", unit="block", disable=not progress, leave=False)):
-        linears = block_linears(block, f"model.layers.{i}", filter_fn)
+        linears = block_linears(block, block_prefix(model, i), filter_fn, router_names(model))
         stats = collect_stats(block, linears, batches, gram=False)
         scores = [wanda_scores(mod.weight, stats[name].norm) for name, mod in linears.items() if name in stats]
         ratios.append(outlier_ratio(scores, config.owl_m) if scores else 0.0)
@@ -332,7 +337,7 @@ def prune_model(
     # Fail early (before any work) on shapes an N:M pattern cannot cover.
     if nm is not None:
         for i, block in enumerate(layers):
-            for name, mod in block_linears(block, f"model.layers.{i}", filter_fn).items():
+            for name, mod in block_linears(block, block_prefix(model, i), filter_fn, router_names(model)).items():
                 check_nm_shape(mod.in_features, nm[1], name)
     batches = None
     if config.uses_calibration:
@@ -356,9 +361,39 @@ def prune_model(
     )
     zeros = total = 0
     index = 0
+    moe = describe(model).moe if is_known(model) else None
+    if moe is not None and config.quant is not None:
+        raise SparselandError(
+            f"quant={config.quant!r}: joint pruning + quantization of MoE experts is not supported; prune "
+            "first, then quantize with sparsify_(model, QuantConfig(...))"
+        )
     for i, block in enumerate(tqdm(layers, desc=f"prune {config.kind}", unit="block", disable=not progress)):
-        linears = block_linears(block, f"model.layers.{i}", filter_fn)
+        linears = block_linears(block, block_prefix(model, i), filter_fn, router_names(model))
         position = {name: index + k for k, name in enumerate(linears)}  # seeds of random pruning
+        experts = block.get_submodule(moe.experts) if moe is not None else None
+        if (
+            experts is not None
+            and filter_fn is not None
+            and not filter_fn(experts, f"{block_prefix(model, i)}.{moe.experts}")
+        ):
+            experts = None
+        expert_done: dict[str, tuple[int, int]] = {}
+
+        base = index + len(linears)
+
+        def prune_matrix(name, W, stats, sparsity=block_sparsity[i], base=base):
+            rule = config
+            if stats is None and config.needs_calibration:  # an expert no calibration token reached
+                rule = MagnitudeConfig(sparsity=config.sparsity, pattern=config.pattern)
+            expert = int(name.rpartition(".")[2])  # gate_up_proj.e / down_proj.e: seeds of random pruning
+            return prune_weight(W, rule, sparsity, stats, name, base + 2 * expert + ("down_proj" in name))
+
+        def stats_of(x):
+            if x is None:
+                return None
+            st = InputStats(x.shape[-1], config.needs_hessian)
+            st.add(x)
+            return st
 
         def prune(name, mod, stats, sparsity=block_sparsity[i], position=position):
             nonlocal zeros, total
@@ -372,14 +407,26 @@ def prune_model(
             zeros += z
             total += W.numel()
 
+        prefix = f"{block_prefix(model, i)}.{moe.experts}" if experts is not None else ""
         if config.needs_calibration:
-            batches = prune_block_in_one_pass(block, linears, batches, config.needs_hessian, prune)
+            hook = expert_hook(experts, prefix, prune_matrix, stats_of, expert_done) if experts is not None else None
+            try:
+                batches = prune_block_in_one_pass(block, linears, batches, config.needs_hessian, prune)
+            finally:
+                if hook is not None:
+                    hook.remove()
         else:
             for name, mod in linears.items():
                 prune(name, mod, None)
+            if experts is not None:
+                expert_done.update(prune_experts_(experts, prefix, prune_matrix, lambda x: None))
             if batches is not None and i + 1 < n_blocks:
                 batches = run_block(block, batches)
-        index += len(linears)
+        for name, (z, n) in expert_done.items():
+            report.layer_sparsity[name] = z / n
+            zeros += z
+            total += n
+        index += len(linears) + len(expert_done)
     report.overall_sparsity = zeros / total if total else 0.0
     report.seconds = time.perf_counter() - start
     return report

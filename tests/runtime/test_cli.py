@@ -19,6 +19,11 @@ def test_generate_command(tmp_path, tiny_llama, capsys):
     assert main([*args, "--sparse-runtime"]) == 0
     sparse = json.loads(capsys.readouterr().out)
     assert sparse["text"] == dense["text"] and sparse["formats"] == {"bitmask": 14}
+    from sparseland.runtime import fastpath
+
+    want = "fused" if fastpath.available() else "python"  # which decode step ran, and why not fused
+    assert sparse["path"] == dense["path"] == want
+    assert (sparse["path_reason"] is None) == (want == "fused")
 
 
 def test_bench_command(tmp_path, tiny_llama, capsys):
@@ -27,6 +32,7 @@ def test_bench_command(tmp_path, tiny_llama, capsys):
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in out["decode"]] == ["dense", "dense_bf16", "model"]
+    assert all(r["path"] in ("fused", "python") and "path_reason" in r for r in out["decode"])
     assert out["decode"][2]["model_bytes"] < out["decode"][0]["model_bytes"]
     assert out["checkpoint_mb"] > 0
     assert main(["bench", "--model", str(ck), "--skip-kernels", "--new-tokens", "2", "--rounds", "1"]) == 0

@@ -143,7 +143,9 @@ def build_app(engine: Engine, model_id: str, info: dict[str, Any] | None = None)
         if isinstance(p, list) and p and isinstance(p[0], int):
             ids = list(p)
             if max(ids) >= len(tok):
-                raise APIError(400, f"prompt token id {max(ids)} is outside the vocabulary of {len(tok)}", "prompt")
+                raise APIError(
+                    400, f"prompt token id {max(ids)} is outside the vocabulary of {len(tok)}", param="prompt"
+                )
         else:
             ids = tok(p if isinstance(p, str) else p[0])["input_ids"]
         max_tokens = check_length(len(ids), body.max_tokens)
@@ -153,7 +155,7 @@ def build_app(engine: Engine, model_id: str, info: dict[str, Any] | None = None)
     async def chat(body: ChatRequest, request: Request):
         check_model(body.model)
         if not getattr(tok, "chat_template", None):
-            raise APIError(400, f"{model_id} has no chat template; use /v1/completions with a prompt", "messages")
+            raise APIError(400, f"{model_id} has no chat template; use /v1/completions with a prompt", param="messages")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -228,10 +230,10 @@ def build_app(engine: Engine, model_id: str, info: dict[str, Any] | None = None)
         def chunk(delta: str | None, finish: str | None, extra: dict | None = None) -> str:
             if chat:
                 d = {} if delta is None else {"content": delta}
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None, **(extra or {})}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            obj = {"id": rid, "object": kind, "created": now, "model": model_id, "choices": [choice], **(extra or {})}
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None, **(extra or {})}
+            obj = {"id": rid, "object": kind, "created": now, "model": model_id, "choices": [choice]}
             return f"data: {json.dumps(obj)}\n\n"
 
         try:

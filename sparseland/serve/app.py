@@ -175,6 +175,7 @@ def build_app(engine: Engine, model_id: str, info: dict[str, Any] | None = None)
             top_p=body.top_p,
             seed=body.seed,
             stop=body.stops,
+            ignore_eos=body.ignore_eos,
             emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
         )
         try:

@@ -50,6 +50,7 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # decode max_tokens tokens whatever they are (load tests)
     emit: Callable[[Event], None] = lambda event: None
     # filled in by the engine
     tokens: list[int] = field(default_factory=list)
@@ -241,7 +242,7 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = now
         req.tokens.append(tok)
-        self._emit_text(req, final=tok in self.eos or len(req.tokens) >= req.max_tokens)
+        self._emit_text(req, final=len(req.tokens) >= req.max_tokens)
 
     def _start(self, req: GenRequest) -> None:
         n_prompt = len(req.prompt_ids)
@@ -265,13 +266,14 @@ class Engine:
         """Decode the answer so far, cut it at the first stop string, and emit what is certain: text
         that no later token can change (not a partial character, not a possible start of a stop string)."""
         tok = req.tokens[-1]
-        ids = req.tokens[:-1] if tok in self.eos else req.tokens
+        eos = tok in self.eos and not req.ignore_eos
+        ids = req.tokens[:-1] if eos else req.tokens
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         hit = [i for i in (text.find(s) for s in req.stop) if i >= 0]
         if hit:
             text, final, req.finish_reason = text[: min(hit)], True, "stop"
-        elif tok in self.eos:
-            req.finish_reason = "stop"
+        elif eos:
+            final, req.finish_reason = True, "stop"
         elif final:
             req.finish_reason = "length"
         safe = len(text)

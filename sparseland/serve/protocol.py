@@ -39,6 +39,7 @@ class _Sampling(BaseModel):
     logit_bias: Annotated[dict, Field(max_length=0)] | None = None
     user: str | None = Field(default=None, max_length=1000)
     return_token_ids: bool = False  # an extension (as vLLM's): the answer's token ids in each choice
+    ignore_eos: bool = False  # an extension (as vLLM's): decode max_tokens tokens, past end-of-sequence
 
     @property
     def stops(self) -> list[str]:

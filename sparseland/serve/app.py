@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparseland.serve.engine import Engine, Event, GenRequest, QueueFull
@@ -147,7 +148,7 @@ def build_app(engine: Engine, model_id: str, info: dict[str, Any] | None = None)
                     400, f"prompt token id {max(ids)} is outside the vocabulary of {len(tok)}", param="prompt"
                 )
         else:
-            ids = tok(p if isinstance(p, str) else p[0])["input_ids"]
+            ids = await run_in_threadpool(engine.encode, p if isinstance(p, str) else p[0])
         max_tokens = check_length(len(ids), body.max_tokens)
         return await run(request, body, ids, max_tokens, chat=False)
 
@@ -161,7 +162,7 @@ def build_app(engine: Engine, model_id: str, info: dict[str, Any] | None = None)
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template may reject an order of roles
             raise APIError(400, f"the chat template rejects these messages: {exc}", param="messages") from None
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = await run_in_threadpool(engine.encode, text, False)
         max_tokens = check_length(len(ids), body.max_tokens)
         return await run(request, body, ids, max_tokens, chat=True)
 

@@ -140,6 +140,7 @@ class Engine:
         self.waiting: collections.deque[GenRequest] = collections.deque()
         self.active: list[GenRequest] = []
         self.lock = threading.Condition()
+        self.tokenizer_lock = threading.Lock()
         self.stopping = False
         self.error: str | None = None  # set if the worker died
         self._seeds = itertools.count(int(time.time_ns() % (1 << 31)))
@@ -154,6 +155,12 @@ class Engine:
                 raise QueueFull(f"the queue holds {len(self.waiting)} waiting requests (--max-queue {self.max_queue})")
             self.waiting.append(req)
             self.lock.notify()
+
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """``text``'s token ids (``special_tokens``: as the tokenizer adds them, e.g. a BOS). Under the
+        tokenizer's lock: a Rust tokenizer used from two threads at once can fail ("Already borrowed")."""
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
     def depth(self) -> tuple[int, int]:
         """(waiting, active) requests now."""
@@ -268,7 +275,8 @@ class Engine:
         tok = req.tokens[-1]
         eos = tok in self.eos and not req.ignore_eos
         ids = req.tokens[:-1] if eos else req.tokens
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
         hit = [i for i in (text.find(s) for s in req.stop) if i >= 0]
         if hit:
             text, final, req.finish_reason = text[: min(hit)], True, "stop"

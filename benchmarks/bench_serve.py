@@ -198,7 +198,7 @@ def build_sparse(work: Path) -> Path:
     return out
 
 
-def markdown(args: argparse.Namespace, rows: list[dict], skipped: str | None, command: str) -> str:
+def markdown(args: argparse.Namespace, rows: list[dict], skipped: str | None, command: str, sparse: dict) -> str:
     lines = [
         "# `sparseland serve` under load",
         "",
@@ -207,6 +207,9 @@ def markdown(args: argparse.Namespace, rows: list[dict], skipped: str | None, co
         f"{args.clients} concurrent streaming clients, {args.minutes} min per server (two phases, order A B ... B A), "
         f"{args.max_tokens} answer tokens per request (`ignore_eos`), prompts of 64-256 tokens from the embedded "
         f"text, temperature 0, {args.threads} threads per server, one server loaded at a time.",
+        "",
+        f"Sparse checkpoint: `{sparse['path']}`, its metadata {sparse['metadata']}; the dense server runs the "
+        "embedded model (`smollm2-135m`) on the runtime's dense float32 kernel.",
         "",
         "| server | requests | completed | failed | TTFT p50 (s) | TTFT p95 (s) | aggregate tok/s | "
         "per-request decode tok/s (median) |",
@@ -285,8 +288,11 @@ def main() -> int:
         for s in servers:
             s.stop()
     rows = [summarize(name, phases) for name, phases in results.items()]
-    data = {"command": command, "args": vars(args), "llama_cpp": skipped or "measured", "rows": rows}
-    md = markdown(args, rows, skipped, command)
+    meta = json.loads((sparse / "sparseland.json").read_text()).get("metadata", {})
+    info = {"path": str(sparse), "metadata": meta}
+    data = {"command": command, "args": vars(args), "sparse_checkpoint": info, "llama_cpp": skipped or "measured"}
+    data["rows"] = rows
+    md = markdown(args, rows, skipped, command, info)
     write_results(Path(args.out), args.stem, data, md)
     print(md)
     return 0 if all(r["failed"] == 0 for r in rows) else 1

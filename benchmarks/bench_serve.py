@@ -198,7 +198,14 @@ def build_sparse(work: Path) -> Path:
     return out
 
 
-def markdown(args: argparse.Namespace, rows: list[dict], skipped: str | None, command: str, sparse: dict) -> str:
+def markdown(
+    args: argparse.Namespace,
+    rows: list[dict],
+    skipped: str | None,
+    command: str,
+    sparse: dict,
+    load: dict | None = None,
+) -> str:
     lines = [
         "# `sparseland serve` under load",
         "",
@@ -227,6 +234,8 @@ def markdown(args: argparse.Namespace, rows: list[dict], skipped: str | None, co
         )
     if skipped:
         lines += ["", f"llama.cpp: {skipped}"]
+    if load:
+        lines += ["", f"Machine load average (1/5/15 min) before: {load['before']}, after: {load['after']}."]
     errs = [f"- {r['server']}: {e}" for r in rows for e in r["errors"]]
     if errs:
         lines += ["", "Errors (first five distinct per server):", *errs]
@@ -271,10 +280,13 @@ def main() -> int:
     else:
         skipped = f"skipped: no llama-server binary at {llama} (build llama.cpp, then pass --llama-server PATH)"
         print(skipped, flush=True)
+    load_before = os.getloadavg()
     try:
         for s in servers:
             s.wait_ready()
             print(f"{s.name}: up at {s.url}", flush=True)
+            warm = {"model": s.model_id, "prompt": texts[-1], "max_tokens": 4, "temperature": 0}
+            httpx.post(s.url + "/v1/completions", json=warm, timeout=600)  # warm-up, not measured
         order = servers + servers[::-1]  # A B C C B A
         results: dict[str, list[dict]] = {s.name: [] for s in servers}
         half = args.minutes * 60 / 2
@@ -292,7 +304,8 @@ def main() -> int:
     info = {"path": str(sparse), "metadata": meta}
     data = {"command": command, "args": vars(args), "sparse_checkpoint": info, "llama_cpp": skipped or "measured"}
     data["rows"] = rows
-    md = markdown(args, rows, skipped, command, info)
+    data["load_average"] = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-minute, of the machine
+    md = markdown(args, rows, skipped, command, info, data["load_average"])
     write_results(Path(args.out), args.stem, data, md)
     print(md)
     return 0 if all(r["failed"] == 0 for r in rows) else 1

@@ -191,15 +191,18 @@ def build_app(engine: Engine, model_id: str, info: dict[str, Any] | None = None)
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )  # fmt: skip
         try:
+            checked = time.monotonic()
             while True:
                 try:
                     ev = await asyncio.wait_for(events.get(), timeout=0.5)
                 except TimeoutError:
+                    ev = None
+                if ev is not None and ev.finish_reason is not None:
+                    break
+                if time.monotonic() - checked >= 0.5:  # the client may have given up: free the slot
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return PlainTextResponse("", status_code=499)
-                    continue
-                if ev.finish_reason is not None:
-                    break
         finally:
             req.cancel()  # no-op when finished; frees the slot when the client left
         if ev.finish_reason == "error":

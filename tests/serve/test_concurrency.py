@@ -115,3 +115,13 @@ def test_prompt_cache_keeps_under_its_memory_cap():
     assert set(cache.entries) == {tuple(range(1, 11)), (5,) * 12}
     cache.put([7] * 30, *kv(30))  # larger than the whole cap: not stored
     assert cache.bytes == 64 * 22 and cache.longest_prefix([8, 8])[0] == 0
+
+
+def test_a_non_streaming_client_that_gives_up_frees_the_slot(start_server):
+    import pytest
+
+    run = start_server(max_active=1, step_delay=0.1)  # 200 tokens would take 20 s
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(run.url + "/v1/completions", json=_body(200), timeout=1.0)
+    assert _wait_for(lambda: run.metric("sparseland_requests_cancelled_total") == 1, timeout=8)
+    assert _wait_for(lambda: run.metric("sparseland_active_requests") == 0, timeout=2)

@@ -501,3 +501,25 @@ def greedy_generate(
     if dec.fast is not None and not dec.fused_steps and len(tokens) > 1:
         reason = "the model's attention method changed after the fused step was built"
     return GenerationResult(tokens, T, prefill, sum(per_token), per_token, dec.path, reason)
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> int:
+    """The next token from ``logits`` (vocab,). ``temperature == 0``: the argmax, exactly as
+    ``greedy_generate`` chooses. Otherwise temperature sampling with nucleus (top-p) truncation
+    ("The Curious Case of Neural Text Degeneration", Holtzman et al., 2020): p = softmax(logits / T);
+    keep the smallest set of most likely tokens whose probabilities sum to at least ``top_p``,
+    renormalize, and draw one with ``generator`` (seeded: the same draws every time)."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise SparselandError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        p_sorted, order = probs.sort(descending=True)
+        before = p_sorted.cumsum(0) - p_sorted  # the mass of the more likely tokens
+        p_sorted = torch.where(before < top_p, p_sorted, torch.zeros((), dtype=p_sorted.dtype))
+        p_sorted[0] = p_sorted[0].clamp_min(torch.finfo(p_sorted.dtype).tiny)  # the top token always stays
+        return int(order[torch.multinomial(p_sorted, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,56 @@
+"""Many concurrent streaming clients: every stream completes, none is lost, and each greedy answer is
+the one ``greedy_generate`` gives its prompt alone (interleaving requests on the worker changes nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import torch
+
+from sparseland.runtime.generate import greedy_generate
+from tests.serve.conftest import MODEL_ID
+
+
+async def _stream(http: httpx.AsyncClient, url: str, ids: list[int], n: int) -> tuple[list[int] | None, int]:
+    body = {"model": MODEL_ID, "prompt": ids, "max_tokens": n, "temperature": 0, "stream": True}
+    body |= {"return_token_ids": True, "stream_options": {"include_usage": True}}
+    token_ids, usage, done = None, 0, False
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                obj = json.loads(line[6:])
+                for ch in obj["choices"]:
+                    token_ids = ch.get("token_ids", token_ids)
+                usage = (obj.get("usage") or {}).get("completion_tokens", usage)
+    return (token_ids if done else None), usage
+
+
+def test_concurrent_streams_all_complete_and_stay_exact(start_server):
+    run = start_server(max_active=3, max_queue=16)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(6, 256) for _ in range(rng.randint(3, 40))] for _ in range(24)]
+    lengths = [rng.randint(1, 30) for _ in prompts]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as http:
+            sem = asyncio.Semaphore(6)  # six clients at a time, 24 requests
+
+            async def one(ids, n):
+                async with sem:
+                    return await _stream(http, run.url, ids, n)
+
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths, strict=True)))
+
+    results = asyncio.run(main())
+    for ids, n, (got, usage) in zip(prompts, lengths, results, strict=True):
+        want = greedy_generate(run.model, torch.tensor([ids]), n).tokens
+        assert got == want and usage == len(want)
+    assert run.metric("sparseland_requests_finished_total") == len(prompts)
+    assert run.metric("sparseland_requests_cancelled_total") == 0
+    assert run.metric("sparseland_active_requests") == 0 and run.metric("sparseland_queue_depth") == 0

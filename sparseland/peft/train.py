@@ -129,7 +129,7 @@ def element_indices(
     allowed = {name: (m.weight.detach() != 0) if keep else None for name, m in linears.items()}
     sizes = {
         name: int(a.sum()) if a is not None else m.weight.numel()
-        for (name, m), a in zip(linears.items(), allowed.values())
+        for (name, m), a in zip(linears.items(), allowed.values(), strict=True)
     }
     ks = split_budget(sizes, n)
     out = {}

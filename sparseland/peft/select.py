@@ -47,7 +47,7 @@ def lift_indices(weight: torch.Tensor, k: int, rank: int, allowed: torch.Tensor 
     rank-``rank`` approximation of W (truncated SVD), not of W itself."""
     if not 0 < rank <= min(weight.shape):
         raise SparselandError(f"LIFT rank={rank} must be in [1, {min(weight.shape)}]")
-    return _topk_flat(low_rank_approx(weight, rank), k, allowed)
+    return _topk_flat(low_rank_approx(weight, rank).abs(), k, allowed)
 
 
 def low_rank_approx(weight: torch.Tensor, rank: int) -> torch.Tensor:

@@ -184,7 +184,13 @@ def load_adapter(path: str | Path) -> Adapter:
     path = Path(path)
     if not path.is_file():
         raise SparselandError(f"adapter file {str(path)!r} does not exist; pass the adapter.safetensors of a run")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise SparselandError(
+            f"{path} is not a readable safetensors file ({exc}); pass an adapter.safetensors"
+        ) from exc
+    with handle as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise SparselandError(f"{path} is not a sparseland adapter (format {meta.get('format')!r}, want {FORMAT})")

@@ -131,8 +131,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, 1e-3)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (default: %(default)s)")
-    p.add_argument("--train-windows", type=positive_int, default=2048, help="training windows sampled (default: %(default)s)")
-    p.add_argument("--eval-windows", type=positive_int, default=16, help="held-out windows per text (default: %(default)s)")
+    p.add_argument(
+        "--train-windows", type=positive_int, default=2048, help="training windows sampled (default: %(default)s)"
+    )
+    p.add_argument(
+        "--eval-windows", type=positive_int, default=16, help="held-out windows per text (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the selection and the data order")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

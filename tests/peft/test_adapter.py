@@ -124,5 +124,10 @@ def test_masked_low_rank_keeps_zeros_and_bad_adapters_are_refused(tmp_path):
     with pytest.raises(SparselandError, match="does not exist"):
         load_adapter(tmp_path / "missing.safetensors")
     (tmp_path / "x.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):
+    with pytest.raises(SparselandError, match="not a readable"):
         load_adapter(tmp_path / "x.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "y.safetensors"))
+    with pytest.raises(SparselandError, match="not a sparseland adapter"):
+        load_adapter(tmp_path / "y.safetensors")

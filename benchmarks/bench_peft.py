@@ -99,6 +99,8 @@ def run_part(args: argparse.Namespace, model_name: str, methods: list[str], spar
     for method in methods:
         print(f"== {model_name}: {method}", flush=True)
         extra = {"n_params": n_params} if n_params else {"budget": args.budget}
+        if method == "spiel":  # three index updates in the run, each after accumulating 2 steps of gradient
+            extra.update(update_every=max(2, args.steps // 4), accumulate=2)
         config = make_config(method, lr=args.lr, **extra)
         gc.collect()
         _reset_peak()
@@ -163,7 +165,17 @@ def run_child(args: argparse.Namespace, model: str, methods: list[str], sparse_r
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     cmd = [sys.executable, __file__, "--child", ",".join(methods), "--child-out", path, "--model", model]
-    for key in ("steps", "seq_len", "batch_size", "budget", "lr", "eval_windows", "train_chars", "eval_chars"):
+    for key in (
+        "steps",
+        "seq_len",
+        "batch_size",
+        "budget",
+        "lr",
+        "eval_windows",
+        "train_chars",
+        "eval_chars",
+        "threads",
+    ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if sparse_runtime:
         cmd.append("--sparse-runtime")
@@ -189,7 +201,8 @@ def markdown(data: dict) -> str:
         f"Model {a['model']}; target domain: the standard library's sources (train split; held-out eval split, "
         f"{a['eval_windows']} x {a['seq_len']} tokens); forgetting: the embedded text's evaluation part "
         f"({a['eval_windows']} x {a['seq_len']} tokens). Every method: {a['steps']} steps x {a['batch_size']} x "
-        f"{a['seq_len']} tokens (the same windows in the same order), AdamW lr {a['lr']}, 5% warm-up + cosine. "
+        f"{a['seq_len']} tokens (the same windows in the same order), AdamW lr {a['lr']}, 5% warm-up + cosine, "
+        f"{a['threads']} torch thread(s). "
         "This is a short equal budget on a shared 2-core machine, not the issue's 30 CPU-minutes per method. "
         "Times are wall-clock on that shared machine; 'train peak MB' is the peak RSS during training above "
         "the RSS before it (the loaded model and data).",
@@ -275,13 +288,14 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--train-chars", type=int, default=600_000)
     p.add_argument("--eval-chars", type=int, default=200_000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared, busy machine)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--stem", default="peft")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sparse-runtime", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.child:
         run_part(args, args.model, args.child.split(","), args.sparse_runtime)
         return

@@ -11,7 +11,10 @@ set in the smaller of two encodings, chosen per tensor:
 * ``bitmask``: one bit per weight (``numel / 8`` bytes), best above ~1/4 density;
 * ``elias-fano``: the sorted indices as Elias-Fano codes, ``k * (2 + floor(log2(numel / k)))`` bits at
   most -- the compact form of "sorted indices" (raw int32 indices would cost 32 bits each);
-* ``columns``: the column indices (int32) of a structured delta.
+* ``columns``: the column indices (int32) of a structured delta;
+* ``seeded``: a fixed random index set (SHiRA's random mask, SLTrain's random support on a dense weight)
+  is a function of its seed and the weight's shape, so only the seed and a SHA-256 of the indices are
+  stored; loading regenerates the indices and refuses them if the hash differs (another torch's generator).
 
 Merge adds the deltas to the weights in place and returns a ``MergeRecord`` holding the overwritten
 base values; unmerge writes them back, so merge then unmerge returns the base bits exactly, whatever
@@ -22,6 +25,7 @@ forward computed (``index_add`` of the same fp32 values), so the merged model is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -72,6 +76,16 @@ def index_bytes(k: int, numel: int) -> dict[str, int]:
     return {"bitmask": math.ceil(numel / 8), "elias-fano": ef, "int32": 4 * k}
 
 
+def _seeded_indices(shape: tuple[int, ...], k: int, seed: int) -> torch.Tensor:
+    from sparseland.peft.select import shira_indices
+
+    return shira_indices(torch.empty(shape, device="meta"), k, "random", seed)
+
+
+def _sha(indices: torch.Tensor) -> str:
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------- deltas
 @dataclasses.dataclass
 class TensorDelta:
@@ -81,6 +95,7 @@ class TensorDelta:
     values: torch.Tensor  # (k,) for element form; (out, n_cols) for column form
     indices: torch.Tensor | None = None  # (k,) int64 sorted flat indices (element form)
     cols: torch.Tensor | None = None  # (n_cols,) int64 sorted column indices (column form)
+    seed: int | None = None  # indices are SHiRA's seeded random choice: the file stores the seed, not them
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -147,6 +162,8 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
         if d.cols is not None:
             entry["encoding"] = "columns"
             tensors[f"{name}.cols"] = d.cols.to(torch.int32)
+        elif d.seed is not None and torch.equal(_seeded_indices(d.shape, d.n_params, d.seed), d.indices):
+            entry.update(encoding="seeded", seed=d.seed, sha256=_sha(d.indices))
         else:
             sizes = index_bytes(d.n_params, numel)
             idx = d.indices.numpy()
@@ -208,6 +225,15 @@ def load_adapter(path: str | Path) -> Adapter:
             enc = entry["encoding"]
             if enc == "columns":
                 deltas[key] = TensorDelta(shape, values, cols=f.get_tensor(f"{key}.cols").long())
+                continue
+            if enc == "seeded":
+                idx_t = _seeded_indices(shape, k, entry["seed"])
+                if _sha(idx_t) != entry["sha256"]:
+                    raise SparselandError(
+                        f"{path}: the seeded index set of {key!r} regenerates differently with this torch "
+                        f"({torch.__version__}); load it with the torch that saved it"
+                    )
+                deltas[key] = TensorDelta(shape, values, indices=idx_t, seed=entry["seed"])
                 continue
             if enc == "bitmask":
                 bits = np.unpackbits(f.get_tensor(f"{key}.bitmask").numpy(), bitorder="little")

@@ -52,6 +52,7 @@ class ElementDelta(torch.nn.Module):
         self.register_buffer("idx", idx.clone())
         self.values = torch.nn.Parameter(torch.zeros(idx.numel(), dtype=dtype))
         self.grad_acc: torch.Tensor | None = None
+        self.seed: int | None = None  # a fixed random index set: regenerated from this seed when loading
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = w.reshape(-1).index_add(0, self.idx, self.values).view_as(w)
@@ -124,15 +125,16 @@ def split_budget(sizes: dict[str, int], n: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------- plans
 def element_indices(
     linears: dict[str, torch.nn.Linear], config: PeftConfig, n: int, keep: bool
-) -> dict[str, torch.Tensor]:
-    """Per-weight sorted flat indices for SpIEL (initial set), SHiRA, LIFT and the sparse part of sparse+LoRA."""
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per-weight sorted flat indices for SpIEL (initial set), SHiRA, LIFT and the sparse part of sparse+LoRA,
+    and the seeds of the fixed random sets (the adapter file then stores the seed instead of the indices)."""
     allowed = {name: (m.weight.detach() != 0) if keep else None for name, m in linears.items()}
     sizes = {
         name: int(a.sum()) if a is not None else m.weight.numel()
         for (name, m), a in zip(linears.items(), allowed.values(), strict=True)
     }
     ks = split_budget(sizes, n)
-    out = {}
+    out, seeds = {}, {}
     for i, (name, m) in enumerate(linears.items()):
         w, k, a = m.weight.detach(), ks[name], allowed[name]
         if k == 0:
@@ -140,13 +142,14 @@ def element_indices(
         seed = config.seed * 1_000_003 + i
         if isinstance(config, LIFTConfig):
             out[name] = lift_indices(w, k, min(config.rank, min(w.shape)), a)
-        elif isinstance(config, SHiRAConfig):
-            out[name] = shira_indices(w, k, config.mask, seed, a)
-        elif isinstance(config, SparseLoRAConfig):
-            out[name] = shira_indices(w, k, config.support, seed, a)
+        elif isinstance(config, (SHiRAConfig, SparseLoRAConfig)):
+            how = config.mask if isinstance(config, SHiRAConfig) else config.support
+            out[name] = shira_indices(w, k, how, seed, a)
+            if how == "random" and a is None:
+                seeds[name] = seed
         else:  # SpIEL starts from a random set (the paper's initialisation), then prunes and regrows
             out[name] = shira_indices(w, k, "random", seed, a)
-    return out
+    return out, seeds
 
 
 def s2ft_plan(
@@ -288,10 +291,11 @@ def train_adapter(
             hooks.append(m.register_forward_hook(d.hook))
             params.append(d.values)
     elif not isinstance(config, LoRAConfig):
-        plan = element_indices(linears, config, n_sparse, keep)
+        plan, seeds = element_indices(linears, config, n_sparse, keep)
         for name, idx in plan.items():
             m = linears[name]
             d = ElementDelta(idx, m.weight.dtype)
+            d.seed = seeds.get(name)
             parametrize.register_parametrization(m, "weight", d, unsafe=True)
             elements[name] = d
             params.append(d.values)
@@ -342,7 +346,9 @@ def train_adapter(
     deltas: dict[str, TensorDelta] = {}
     for name, d in elements.items():
         m = linears[name]
-        deltas[name + ".weight"] = TensorDelta(tuple(m.weight.shape), d.values.detach().clone(), indices=d.idx.clone())
+        deltas[name + ".weight"] = TensorDelta(
+            tuple(m.weight.shape), d.values.detach().clone(), indices=d.idx.clone(), seed=d.seed
+        )
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)  # the original tensor: base bits
     for name, d in columns.items():
         m = linears[name]

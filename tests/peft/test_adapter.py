@@ -131,3 +131,32 @@ def test_masked_low_rank_keeps_zeros_and_bad_adapters_are_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "y.safetensors"))
     with pytest.raises(SparselandError, match="not a sparseland adapter"):
         load_adapter(tmp_path / "y.safetensors")
+
+
+def test_seeded_random_sets_store_only_the_seed(tmp_path):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sparseland.peft.select import shira_indices
+
+    shape = (64, 96)
+    idx = shira_indices(torch.empty(shape), 40, "random", seed=7)
+    values = torch.randn(40)
+    seeded = Adapter({"w": TensorDelta(shape, values, indices=idx, seed=7)})
+    plain = Adapter({"w": TensorDelta(shape, values, indices=idx)})
+    a = save_adapter(seeded, tmp_path / "seeded.safetensors")
+    b = save_adapter(plain, tmp_path / "plain.safetensors")
+    assert a.stat().st_size < b.stat().st_size
+    back = load_adapter(a).deltas["w"]
+    assert torch.equal(back.indices, idx) and torch.equal(back.values, values)
+    wrong = Adapter({"w": TensorDelta(shape, values, indices=idx, seed=8)})  # seed does not give these indices
+    assert "w.ef_low" in load_file(str(save_adapter(wrong, tmp_path / "w.safetensors")))  # stored explicitly
+    with safe_open(str(a), framework="pt") as f:
+        meta = f.metadata()
+    layout = _json.loads(meta["layout"])
+    layout["w"]["seed"] = 8  # a file whose seed no longer reproduces its indices is refused
+    save_file(load_file(str(a)), str(tmp_path / "t.safetensors"), metadata={**meta, "layout": _json.dumps(layout)})
+    with pytest.raises(SparselandError, match="regenerates differently"):
+        load_adapter(tmp_path / "t.safetensors")

@@ -280,6 +280,9 @@ def main() -> None:
     p.add_argument("--pruned", default=None, help="a 50%% pruned checkpoint for the sparsity-preserving part")
     p.add_argument("--methods", default=",".join(DENSE_METHODS))
     p.add_argument("--pruned-methods", default=",".join(PRUNED_METHODS))
+    p.add_argument(
+        "--wait-pruned", action="store_true", help="wait for --pruned's checkpoint to appear (prune running)"
+    )
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -308,6 +311,9 @@ def main() -> None:
     if args.pruned:
         parts.append(("pruned-50%", args.pruned, args.pruned_methods.split(","), True))
     for part, model, methods, runtime in parts:
+        if part != "dense" and args.wait_pruned:  # the checkpoint is being written by a prune started alongside
+            while not (Path(model) / "sparseland.json").is_file():
+                time.sleep(10)
         data["parts"][part] = run_child(args, model, methods, runtime)
         write_results(args.out, args.stem, data, markdown(data))  # partial results survive an interruption
     if args.pruned and "lora" in args.methods.split(","):

@@ -209,7 +209,9 @@ def markdown(data: dict) -> str:
         "",
     ]
     for part, rows in data["parts"].items():
-        base = next(r for r in rows if r["method"] == "base")
+        base = next((r for r in rows if r["method"] == "base"), None)
+        if base is None:
+            continue
         lines += [
             f"## {part}",
             "",
@@ -307,8 +309,8 @@ def main() -> None:
 
     command = "python benchmarks/bench_peft.py " + " ".join(sys.argv[1:])
     data: dict = {"command": command, "args": vars(args), "parts": {}}
-    parts = [("dense", args.model, args.methods.split(","), False)]
-    if args.pruned:
+    parts = [("dense", args.model, args.methods.split(","), False)] if "dense" in args.parts else []
+    if args.pruned and "pruned" in args.parts:
         parts.append(("pruned-50%", args.pruned, args.pruned_methods.split(","), True))
     for part, model, methods, runtime in parts:
         if part != "dense" and args.wait_pruned:  # the checkpoint is being written by a prune started alongside
@@ -316,14 +318,18 @@ def main() -> None:
                 time.sleep(10)
         data["parts"][part] = run_child(args, model, methods, runtime)
         write_results(args.out, args.stem, data, markdown(data))  # partial results survive an interruption
-    if args.pruned and "lora" in args.methods.split(","):
-        dense_lora = next(r for r in data["parts"]["dense"] if r["method"] == "lora")["target_ppl"]
-        prows = {r["method"]: r for r in data["parts"]["pruned-50%"]}
-        masked = prows["lora"]["target_ppl"]
-        gap = masked - dense_lora
+    dense_rows = data["parts"].get("dense")
+    if dense_rows is None and args.dense_results and Path(args.dense_results).is_file():
+        dense_rows = json.loads(Path(args.dense_results).read_text())["parts"].get("dense")
+        data["dense_results"] = args.dense_results
+    dense_lora = next((r for r in dense_rows or [] if r["method"] == "lora"), None)
+    prows = {r["method"]: r for r in data["parts"].get("pruned-50%", [])}
+    if dense_lora and "lora" in prows:
+        masked, ref = prows["lora"]["target_ppl"], dense_lora["target_ppl"]
+        gap = masked - ref
         data["recovery"] = {
             "note": f"gap = masked-LoRA target ppl on the pruned model ({masked:.3f}) - LoRA on the dense model "
-            f"({dense_lora:.3f}) = {gap:.3f}; recovered = (masked LoRA - method) / gap (target: >= 0.5).",
+            f"({ref:.3f}) = {gap:.3f}; recovered = (masked LoRA - method) / gap (target: >= 0.5).",
             "methods": {
                 m: {
                     "target_ppl": r["target_ppl"],

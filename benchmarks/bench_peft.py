@@ -285,6 +285,8 @@ def main() -> None:
     p.add_argument(
         "--wait-pruned", action="store_true", help="wait for --pruned's checkpoint to appear (prune running)"
     )
+    p.add_argument("--parts", default="dense,pruned", help="which parts to run (dense, pruned)")
+    p.add_argument("--dense-results", default=None, help="JSON of a dense run, for the recovery when --parts pruned")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)

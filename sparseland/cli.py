@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "sparseland.evaluate.cli",
     "sparseland.training.cli",
     "sparseland.serve.cli",
+    "sparseland.peft.cli",
 ]
 
 

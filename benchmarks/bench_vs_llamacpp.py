@@ -126,6 +126,48 @@ def llama_perplexity(tool: Path, gguf: Path, text: Path, ctx: int, threads: int,
     return {"ppl": float(m.group(1)), "ppl_stderr": float(m.group(2)), "chunks": int(n.group(1)) if n else None}
 
 
+def llama_kl_base(tool: Path, gguf: Path, text: Path, base: Path, ctx: int, threads: int, chunks: int | None) -> dict:
+    """llama-perplexity on the base model (F32) that also saves its logits for --kl-divergence."""
+    cmd = [str(tool), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
+    cmd += ["--kl-divergence-base", str(base)] + (["--chunks", str(chunks)] if chunks else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+    if proc.returncode != 0 or not m or not base.is_file():
+        what = f"llama-perplexity --kl-divergence-base failed on {gguf.name} (exit {proc.returncode})"
+        raise RuntimeError(f"{what}:\n{log[-2000:]}")
+    n = re.search(r"calculating perplexity over (\d+) chunks", log)
+    return {"ppl": float(m.group(1)), "ppl_stderr": float(m.group(2)), "chunks": int(n.group(1)) if n else None,
+            "kld_mean": 0.0, "kld_p99": 0.0, "same_top": 1.0}  # fmt: skip
+
+
+def llama_kl(tool: Path, gguf: Path, base: Path, threads: int, chunks: int | None) -> dict:
+    """llama-perplexity --kl-divergence against the saved base logits (same tokens and windows):
+    perplexity, KL(base || this) mean and 99th percentile per token, and the share of tokens whose top-1
+    token is the base's ("Same top p")."""
+    cmd = [str(tool), "-m", str(gguf), "-t", str(threads), "--kl-divergence-base", str(base), "--kl-divergence"]
+    cmd += ["--chunks", str(chunks)] if chunks else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+
+    def num(pattern: str) -> float | None:
+        m = re.search(pattern, log)
+        return float(m.group(1)) if m else None
+
+    res = {
+        "ppl": num(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)"),
+        "ppl_stderr": num(r"Mean PPL\(Q\)\s*:\s*[0-9.]+ \S+\s+([0-9.]+)"),
+        "ppl_ratio_to_base": num(r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*([0-9.]+)"),
+        "kld_mean": num(r"Mean\s+KLD:\s*([0-9.eE+-]+)"),
+        "kld_p99": num(r"99\.0%\s+KLD:\s*([0-9.eE+-]+)"),
+        "same_top": (num(r"Same top p:\s*([0-9.]+)") or float("nan")) / 100.0,
+    }
+    if proc.returncode != 0 or res["ppl"] is None or res["kld_mean"] is None:
+        what = f"llama-perplexity --kl-divergence failed on {gguf.name} (exit {proc.returncode})"
+        raise RuntimeError(f"{what}:\n{log[-2000:]}")
+    return res
+
+
 def llama_bench(tool: Path, gguf: Path, threads: int, new_tokens: int, reps: int) -> dict:
     """Decode tokens/s of one llama-bench run (mean over ``reps``, as llama-bench reports it)."""
     cmd = [str(tool), "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-t", str(threads), "-r", str(reps)]
@@ -139,22 +181,48 @@ def llama_bench(tool: Path, gguf: Path, threads: int, new_tokens: int, reps: int
 # ---------------------------------------------------------------- our side: one worker process per config
 
 
-def window_nll(model, windows, batch_size: int = 4):
-    """Per-prediction NLL ``(N, T-1)`` over token windows ``(N, T)``: sl.perplexity's definition
-    (``exp`` of the mean of all of it), kept per position so the llama.cpp scoring (the second half
-    of each window) comes from the same forward passes."""
+def window_scores(model, windows, base: Path, write_base: bool, batch_size: int = 4):
+    """Per-prediction NLL ``(N, T-1)`` over token windows ``(N, T)`` (sl.perplexity's definition: ``exp``
+    of the mean of all of it, kept per position so the llama.cpp scoring -- the second half of each
+    window -- comes from the same forward passes), and on that second half, as llama-perplexity
+    --kl-divergence computes them: KL(base || this) per prediction and whether the top-1 token is the
+    base's. ``write_base``: this model is the base; its log-probabilities of the second half go to
+    ``base`` (float32 .npy, N x (T - 1 - T/2) x V) and its KL is 0."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
-    rows = []
+    N, T = windows.shape
+    half = T // 2
+    nll_rows, kl_rows, top_rows = [], [], []
+    ref = None
+    if not write_base:
+        ref = np.load(base, mmap_mode="r")
+        if ref.shape[:2] != (N, T - 1 - half):
+            raise RuntimeError(f"{base}: base log-probs of shape {ref.shape}, windows {tuple(windows.shape)}")
+    out = None
     with torch.inference_mode():
-        for i in range(0, windows.shape[0], batch_size):
+        for i in range(0, N, batch_size):
             batch = windows[i : i + batch_size]  # (B, T)
-            logits = model(input_ids=batch).logits  # (B, T, V)
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # as sl.perplexity computes it
-            nll = F.cross_entropy(flat, batch[:, 1:].reshape(-1), reduction="none")
-            rows.append(nll.view(batch.shape[0], -1))  # (B, T-1)
-    return torch.cat(rows)
+            logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V), as sl.perplexity computes it
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+            nll_rows.append(nll.view(batch.shape[0], -1))
+            lp = F.log_softmax(logits[:, half:], dim=-1)  # (B, T-1-half, V)
+            if write_base:
+                if out is None:
+                    out = np.lib.format.open_memmap(base, mode="w+", dtype=np.float32, shape=(N, *lp.shape[1:]))
+                out[i : i + batch.shape[0]] = lp.numpy()
+                kl_rows.append(torch.zeros(lp.shape[:2]))
+                top_rows.append(torch.ones(lp.shape[:2], dtype=torch.bool))
+            else:
+                b = torch.from_numpy(np.ascontiguousarray(ref[i : i + batch.shape[0]]))
+                kl_rows.append((b.exp() * (b - lp)).sum(-1))
+                top_rows.append(b.argmax(-1) == lp.argmax(-1))
+            del logits, lp
+    if out is not None:
+        out.flush()
+        del out
+    return torch.cat(nll_rows), torch.cat(kl_rows), torch.cat(top_rows)
 
 
 def load_ours(spec: str, options: dict[str, str]):
@@ -214,11 +282,14 @@ def worker_main(spec: str, options: dict[str, str], threads: int) -> None:
         elif cmd["cmd"] == "perplexity":
             windows = torch.from_numpy(np.load(cmd["windows"], allow_pickle=False))
             t0 = time.perf_counter()
-            nll = window_nll(model, windows)  # (N, T-1)
+            nll, kl, top = window_scores(model, windows, Path(cmd["kl_base"]), cmd["write_base"])
             half = windows.shape[1] // 2  # llama-perplexity scores predictions from position T/2 on
             reply = {
                 "ppl": float(nll.mean().exp()),
                 "ppl_second_half": float(nll[:, half:].mean().exp()),
+                "kld_mean": float(kl.mean()),
+                "kld_p99": float(torch.quantile(kl.flatten().double(), 0.99)),
+                "same_top": float(top.float().mean()),
                 "windows": int(windows.shape[0]),
                 "seconds": time.perf_counter() - t0,
             }
@@ -289,23 +360,49 @@ def eval_text_and_windows(work: Path, seq_len: int, max_windows: int | None) -> 
 
 
 def perplexities(args, tools, files, workers, ev) -> dict[tuple[str, str], dict]:
-    """llama-perplexity per format (cached in the work dir by file, size and chunks), then our workers."""
+    """Perplexity and KL divergence to the engine's own base model, on each engine's windows.
+    llama.cpp: llama-perplexity --kl-divergence-base on F32 (saving its logits), then --kl-divergence
+    for every other format (cached in the work dir by file, size and chunks). Ours: the first --ours
+    writes its log-probs as the base, the others are scored against them."""
     from sparseland.io import write_text_atomic
 
     out = {}
-    cache_path = Path(ev["text"]).parent / "llama_perplexity_cache.json"
+    work = Path(ev["text"]).parent
+    cache_path = work / "llama_perplexity_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    for fmt, path in files.items():
-        key = f"{path.name}:{path.stat().st_size}:c512:chunks={args.ppl_windows}:text={ev['eval_tokens']}"
-        if key not in cache:
-            print(f"llama-perplexity {fmt}", file=sys.stderr)
-            tool = tools["llama-perplexity"]
-            cache[key] = llama_perplexity(tool, path, ev["text"], 512, args.threads, args.ppl_windows)
+    tool = tools["llama-perplexity"]
+    base_gguf = files.get("F32")
+    kl_base = work / f"llama_f32_c512_chunks{args.ppl_windows}.kld"
+    tag = f"c512:chunks={args.ppl_windows}:text={ev['eval_tokens']}"
+    if base_gguf is not None:
+        key = f"kl-base:{base_gguf.name}:{base_gguf.stat().st_size}:{tag}"
+        if key not in cache or not kl_base.is_file():
+            print("llama-perplexity F32 (KL base)", file=sys.stderr)
+            cache[key] = llama_kl_base(tool, base_gguf, ev["text"], kl_base, 512, args.threads, args.ppl_windows)
             write_text_atomic(cache_path, json.dumps(cache, indent=2))
+        out[("llama.cpp", "F32")] = cache[key]
+    for fmt, path in files.items():
+        if fmt == "F32":
+            continue
+        if base_gguf is None:  # no base: perplexity only
+            key = f"{path.name}:{path.stat().st_size}:{tag}"
+            if key not in cache:
+                print(f"llama-perplexity {fmt}", file=sys.stderr)
+                cache[key] = llama_perplexity(tool, path, ev["text"], 512, args.threads, args.ppl_windows)
+        else:
+            key = f"kl:{path.name}:{path.stat().st_size}:base={base_gguf.stat().st_size}:{tag}"
+            if key not in cache:
+                print(f"llama-perplexity --kl-divergence {fmt}", file=sys.stderr)
+                cache[key] = llama_kl(tool, path, kl_base, args.threads, args.ppl_windows)
+        write_text_atomic(cache_path, json.dumps(cache, indent=2))
         out[("llama.cpp", fmt)] = cache[key]
-    for name, w in workers.items():
+    ours_base = work / f"ours_base_logprobs_{ev['n_windows']}.npy"
+    for i, (name, w) in enumerate(workers.items()):
         print(f"perplexity {name}", file=sys.stderr)
-        out[("sparseland", name)] = w.ask(cmd="perplexity", windows=str(ev["windows"]))
+        out[("sparseland", name)] = w.ask(
+            cmd="perplexity", windows=str(ev["windows"]), kl_base=str(ours_base), write_base=i == 0
+        )
+    ours_base.unlink(missing_ok=True)  # ~0.8 GB for 16 windows
     return out
 
 
@@ -335,6 +432,7 @@ def summarize(args, files, workers, decode, ppl) -> list[dict]:
         tps = [d["tok_s"] for d in runs]
         ratios = [t / q for t, q in zip(tps, ref, strict=True)]
         p, b = ppl.get((engine, name)), base[engine]
+        key = "ppl" if engine == "llama.cpp" else "ppl_second_half"  # llama-perplexity's scoring for both
         row = {
             "engine": engine,
             "format": name,
@@ -345,7 +443,11 @@ def summarize(args, files, workers, decode, ppl) -> list[dict]:
             "ratio_to_ref_median": statistics.median(ratios),
             "ratio_to_ref_rounds": ratios,
             "perplexity": p,
-            "ppl_ratio": p["ppl"] / b["ppl"] if p and b else None,
+            "ppl_ratio": p[key] / b[key] if p and b else None,
+            "ppl_ratio_all_positions": p["ppl"] / b["ppl"] if p and b and engine == "sparseland" else None,
+            "kld_mean": p.get("kld_mean") if p else None,
+            "kld_p99": p.get("kld_p99") if p else None,
+            "same_top": p.get("same_top") if p else None,
         }
         if engine == "llama.cpp":
             row["size_mb"], row["size_kind"] = files[name].stat().st_size / 1e6, "GGUF file"
@@ -369,6 +471,24 @@ def ppl_scope(ev: dict | None) -> str:
     return f"the first {n} 512-token windows ({n * 512} tokens) of the {ev['eval_tokens']}-token evaluation part"
 
 
+RUNGS = ("Q8_0", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K")  # the ladder points of the dominance target
+
+
+def dominance(rows: list[dict], measure: str) -> list[dict]:
+    """For each llama.cpp rung: the fastest of our configurations whose ``measure`` (ppl_ratio or
+    kld_mean) is <= the rung's and whose decode median is >= the rung's, or None."""
+    ours = [r for r in rows if r["engine"] == "sparseland" and r.get(measure) is not None]
+    out = []
+    for rung in RUNGS:
+        lc = next((r for r in rows if r["engine"] == "llama.cpp" and r["format"] == rung), None)
+        if lc is None or lc.get(measure) is None:
+            continue
+        ok = [r for r in ours if r[measure] <= lc[measure] and r["decode_tok_s_median"] >= lc["decode_tok_s_median"]]
+        best = max(ok, key=lambda r: r["decode_tok_s_median"]) if ok else None
+        out.append({"rung": rung, "by": best["format"] if best else None})
+    return out
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# sparseland vs llama.cpp: decode speed and perplexity (embedded SmolLM2-135M)",
@@ -380,8 +500,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Perplexity: {ppl_scope(meta['eval'])}.",
         "",
         "| engine | format | decode tok/s | ratio to llama.cpp Q4_1 | PPL (llama.cpp scoring) | PPL (sparseland) "
-        "| PPL ratio vs own F32/dense | MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| PPL ratio vs own F32/dense | KL mean | KL p99 | same top-1 | MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r["perplexity"] or {}
@@ -391,41 +511,57 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['engine']} | {r['format']} | {r['decode_tok_s_median']:.1f} [{r['decode_tok_s_min']:.1f}-"
             f"{r['decode_tok_s_max']:.1f}] | {r['ratio_to_ref_median']:.2f} [{min(r['ratio_to_ref_rounds']):.2f}-"
             f"{max(r['ratio_to_ref_rounds']):.2f}] | {_fmt(lc, '.3f')} | {_fmt(sl_ppl, '.3f')} "
-            f"| {_fmt(r['ppl_ratio'], '.4f')} | {r['size_mb']:.0f} ({r['size_kind']}) |"
+            f"| {_fmt(r['ppl_ratio'], '.4f')} | {_fmt(r.get('kld_mean'), '.5f')} | {_fmt(r.get('kld_p99'), '.4f')} "
+            f"| {_fmt(r.get('same_top'), '.4f')} | {r['size_mb']:.0f} ({r['size_kind']}) |"
         )
+    for measure, label in (("ppl_ratio", "perplexity ratio"), ("kld_mean", "KL mean")):
+        dom = dominance(rows, measure)
+        if dom:
+            won = [d for d in dom if d["by"]]
+            lines += [
+                "",
+                f"Dominance by {label}: {len(won)}/{len(dom)} of llama.cpp's rungs have a sparseland configuration "
+                f"with {label} <= and decode tok/s (median) >= theirs: "
+                + "; ".join(f"{d['rung']}: {d['by'] or 'none'}" for d in dom)
+                + ".",
+            ]
     lines += ["", "Notes:", *[f"- {n}" for n in meta["notes"]], ""]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Decode tok/s (x) vs perplexity ratio to the engine's own F32/dense (y)."""
+    """Decode tok/s (x) vs perplexity ratio to the engine's own F32/dense (left) and vs KL divergence
+    to it (right, log scale; only where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ladder = [r for r in rows if r["engine"] == "llama.cpp" and r["ppl_ratio"] is not None]
-    ladder.sort(key=lambda r: LADDER.index(r["format"]))
-    ax.plot([r["decode_tok_s_median"] for r in ladder], [r["ppl_ratio"] for r in ladder], "o-", label="llama.cpp")
-    for r in ladder:
-        ax.annotate(r["format"], (r["decode_tok_s_median"], r["ppl_ratio"]), textcoords="offset points", xytext=(4, 4))
-    for r in rows:
-        if r["engine"] == "sparseland" and r["ppl_ratio"] is not None:
-            ax.plot(r["decode_tok_s_median"], r["ppl_ratio"], "s", color="C1")
-            ax.annotate(
-                r["format"],
-                (r["decode_tok_s_median"], r["ppl_ratio"]),
-                textcoords="offset points",
-                xytext=(4, -12),
-                color="C1",
-            )
-    ax.plot([], [], "s", color="C1", label="sparseland")
-    ax.set_xlabel("decode tokens/s (median over rounds)")
-    ax.set_ylabel("perplexity / own engine's F32 or dense")
-    ax.set_title("SmolLM2-135M, decode speed vs quality")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [("ppl_ratio", "perplexity / own engine's F32 or dense", False)]
+    if any(r.get("kld_mean") for r in rows):
+        panels.append(("kld_mean", "mean KL divergence to own F32 / dense", True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label, log) in zip(axes[0], panels, strict=True):
+        ladder = [r for r in rows if r["engine"] == "llama.cpp" and r.get(key)]
+        ladder.sort(key=lambda r: LADDER.index(r["format"]))
+        ax.plot([r["decode_tok_s_median"] for r in ladder], [r[key] for r in ladder], "o-", label="llama.cpp")
+        for r in ladder:
+            ax.annotate(r["format"], (r["decode_tok_s_median"], r[key]), textcoords="offset points", xytext=(4, 4))
+        for r in rows:
+            if r["engine"] == "sparseland" and r.get(key):
+                ax.plot(r["decode_tok_s_median"], r[key], "s", color="C1")
+                ax.annotate(
+                    r["format"], (r["decode_tok_s_median"], r[key]), textcoords="offset points", xytext=(4, -12),
+                    color="C1", fontsize=8,
+                )  # fmt: skip
+        ax.plot([], [], "s", color="C1", label="sparseland")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("decode tokens/s (median over rounds)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M, decode speed vs quality (2 threads)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -466,6 +602,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results directory (default: {RESULTS})")
     p.add_argument("--stem", default="vs_llamacpp", help="results file name stem (default: vs_llamacpp)")
+    p.add_argument(
+        "--rerender",
+        type=Path,
+        metavar="JSON",
+        help="re-render a saved results JSON with this script's ratio definition\n"
+        "(llama.cpp's scoring for both engines) and dominance lines; measures nothing",
+    )
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.ours = args.ours or [parse_ours(o) for o in DEFAULT_OURS]
@@ -506,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         spec, *opts = args._worker.split(",")
         worker_main(spec, dict(o.split("=", 1) for o in opts), args.threads)
         return 0
+    if args.rerender:
+        return rerender(args.rerender, args.out, args.stem)
     if args.llama_bin is None or find_tools(args.llama_bin) is None:
         print(f"error: {missing_tools_message(args.llama_bin or Path('(no --llama-bin given)'))}", file=sys.stderr)
         return 2
@@ -524,6 +669,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def rerender(path: Path, out: Path, stem: str) -> int:
+    """Rows of a saved results JSON with the ratio on llama.cpp's scoring for both engines (older files
+    had ours on every position), then the markdown, JSON and plot again; nothing is measured."""
+    from sparseland.io import write_results
+
+    data = json.loads(path.read_text())
+    rows, meta = data["rows"], data["meta"]
+    first = {}
+    for r in rows:
+        first.setdefault(r["engine"], r)
+    base = {"llama.cpp": next((r for r in rows if r["format"] == "F32"), first.get("llama.cpp")), **{
+        "sparseland": first.get("sparseland")}}  # fmt: skip
+    for r in rows:
+        p, b = r.get("perplexity"), (base.get(r["engine"]) or {}).get("perplexity")
+        key = "ppl" if r["engine"] == "llama.cpp" else "ppl_second_half"
+        r["ppl_ratio"] = p[key] / b[key] if p and b else None
+        r["ppl_ratio_all_positions"] = p["ppl"] / b["ppl"] if p and b and r["engine"] == "sparseland" else None
+        for k in ("kld_mean", "kld_p99", "same_top"):
+            r.setdefault(k, (p or {}).get(k))
+    note = (
+        f"Re-rendered {time.strftime('%Y-%m-%d %H:%M')} from the saved measurements "
+        f"(`python benchmarks/bench_vs_llamacpp.py --rerender {path.name}`; nothing re-measured): the ratio "
+        "is on llama.cpp's scoring for both engines."
+    )
+    meta["notes"] = [n for n in NOTES if not n.startswith("KL:") or any(r["kld_mean"] for r in rows)] + [note]
+    write_results(out, stem, {"meta": meta, "rows": rows}, markdown(rows, meta))
+    plot(rows, out / f"{stem}.png")
+    print(markdown(rows, meta))
+    return 0
+
+
 def sparseland_source() -> dict:
     """Which sparseland was measured: its package directory and that checkout's commit."""
     import sparseland
@@ -537,8 +713,13 @@ NOTES = [
     "Perplexity: the evaluation part of the embedded text (its last 25% of tokens). llama-perplexity "
     "(-c 512) scores the second half of each 512-token window; 'PPL (llama.cpp scoring)' for ours is the "
     "same scoring on our windows (from the same forward passes), 'PPL (sparseland)' is sl.perplexity's "
-    "definition (every position). The ratio column divides each engine's number by its own F32 / "
-    "first --ours baseline (llama.cpp scoring for llama.cpp, sparseland's for ours).",
+    "definition (every position). The ratio column divides each engine's llama.cpp-scoring perplexity by "
+    "that of its own F32 / first --ours baseline (the json also has ours on every position).",
+    "KL: llama-perplexity --kl-divergence-base on llama.cpp F32 (its logits of the scored half of each "
+    "window saved), then --kl-divergence for each other format: KL(F32 || format) per scored token, its "
+    "mean and 99th percentile, and 'same top-1' = llama.cpp's 'Same top p' (the share of tokens whose most "
+    "likely next token is the F32 model's). Ours: the same three numbers on the same half of our windows, "
+    "against our first --ours config (dense fp32), in float32 log-probabilities.",
     "The engines tokenize the text differently (llama.cpp's tokenizer merges runs of spaces that the "
     "tokenizer transformers builds from the GGUF splits; 28189 vs 28277 tokens for the evaluation text, "
     "diverging at token 264), so llama.cpp F32 and our dense fp32 score different token windows: compare "

@@ -1,0 +1,114 @@
+"""Why int4-g32 costs more than llama.cpp's Q4_1 on the same weights: the offset term.
+
+    python benchmarks/ablate_q4_offset.py [--windows 4]   -> benchmarks/results/q4_offset_ablation.{md,json}
+
+Both engines round x to int8 per block of 32 (scale max|x|/127). For an asymmetric 4-bit row
+(W = d q + m per group), llama.cpp's Q4_1 x Q8_1 takes the offset term from the rounded x's sum
+(Q8_1's s), so it computes W @ x_rounded: error sum W (x - x_rounded). The q4 kernel took it from the
+exact float sum of x: error sum (W - m)(x - x_rounded), with W - m = d q >= 0 about twice |W|.
+
+Simulated on the dense float32 embedded model, whose weights are exactly the int4-g32 grid (asserted):
+hooks on every decoder Linear round its input the kernels' way and, for "exact-x offset", add
+m * (sum x - sum x_rounded) per group. Scored as llama-perplexity scores (the second half of each
+512-token window): perplexity ratio, KL(float || variant) and top-1 agreement against the float model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparseland as sl
+from sparseland.io import write_results
+from sparseland.quant.scheme import quantize_rtn
+
+
+def xround(x: torch.Tensor) -> torch.Tensor:
+    sh = x.shape
+    xb = x.reshape(-1, sh[-1] // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax != 0, 127.0 / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(sh)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = sl.load_model("smollm2-135m")
+    model.eval()
+    windows = sl.load_corpus(tok).evaluation(seq_len=512, max_windows=args.windows)
+    mins = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
+            qw = quantize_rtn(m.weight.data, "int4-g32")
+            assert torch.equal(qw.dequantize(), m.weight.data), name  # the model's weights are the grid
+            mins[name] = qw.offset.float()  # (out, in/32)
+    hooks = []
+
+    def set_mode(mode: str) -> None:
+        for h in hooks:
+            h.remove()
+        hooks.clear()
+        if mode == "float":
+            return
+        for name, m in model.named_modules():
+            if name not in mins:
+                continue
+
+            def pre(mod, a):
+                xr = xround(a[0])
+                mod._sl_dx = a[0] - xr if mode == "exact-x offset" else None
+                return (xr,)
+
+            def post(mod, a, y, name=name):
+                if mod._sl_dx is None:
+                    return y
+                s = mod._sl_dx.reshape(*mod._sl_dx.shape[:-1], -1, 32).sum(-1)  # (..., G)
+                return y + s @ mins[name].T
+
+            hooks.extend([m.register_forward_pre_hook(pre), m.register_forward_hook(post)])
+
+    def logprobs() -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    F.log_softmax(model(input_ids=windows[i : i + 1]).logits[:, :-1].float(), -1)
+                    for i in range(len(windows))
+                ]
+            )
+
+    half = windows.shape[1] // 2 - 1  # predictions of positions T/2 .. T-2, as llama-perplexity
+    tgt = windows[:, 1:]
+    rows, base = [], None
+    for mode in ("float", "W @ x_rounded (llama.cpp Q4_1 x Q8_1)", "exact-x offset"):
+        t0 = time.perf_counter()
+        set_mode(mode)
+        lp = logprobs()
+        nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[:, half:]
+        base = base or (lp, nll)
+        kl = (base[0].exp() * (base[0] - lp)).sum(-1)[:, half:]
+        top = (base[0].argmax(-1) == lp.argmax(-1))[:, half:].float().mean()
+        ratio = float((nll.mean() - base[1].mean()).exp())
+        secs = time.perf_counter() - t0
+        row = {"variant": mode, "ppl_ratio": ratio, "kld_mean": float(kl.mean()), "same_top": float(top)}
+        rows.append({**row, "seconds": secs})
+        print(rows[-1], flush=True)
+    cmd = f"python benchmarks/ablate_q4_offset.py --windows {args.windows}"
+    md = [
+        f"# int4-g32 x int8-x: the offset term\n\nCommand: `{cmd}`\n",
+        "| variant | PPL ratio | KL mean | same top-1 |",
+    ]
+    md += ["|---|---:|---:|---:|"] + [
+        f"| {r['variant']} | {r['ppl_ratio']:.4f} | {r['kld_mean']:.5f} | {r['same_top']:.4f} |" for r in rows
+    ]
+    write_results("benchmarks/results", "q4_offset_ablation", {"command": cmd, "rows": rows}, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

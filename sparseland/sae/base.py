@@ -65,28 +65,34 @@ class SAE(nn.Module):
         w_dec = torch.randn(self.width, self.d_out, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)  # (m, d_out), rows unit norm
-        # encoder initialised to the decoder's transpose (Gao et al. 2024); a transcoder's differ in shape
-        w_enc = w_dec.T.clone() if self.d_in == self.d_out else torch.randn(d_in, self.width, generator=gen) / d_in**0.5
+        # an SAE's encoder starts as the decoder's transpose (Gao et al. 2024); a transcoder's input and
+        # output spaces differ, so its encoder starts as independent random unit columns
+        if config.transcoder:
+            w_enc = torch.randn(d_in, self.width, generator=gen)
+            w_enc /= w_enc.norm(dim=0, keepdim=True)
+        else:
+            w_enc = w_dec.T.clone()
         self.W_enc = nn.Parameter(w_enc)  # (d_in, m)
         self.b_enc = nn.Parameter(torch.zeros(self.width))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        # a transcoder's input is centred by its own learned bias (an SAE uses b_dec: input = output site)
+        self.b_in = nn.Parameter(torch.zeros(self.d_in)) if config.transcoder else None
         self.register_buffer("scale_in", torch.tensor(1.0))
         self.register_buffer("scale_out", torch.tensor(1.0))
 
     # ---- scaling and the shared linear maps ----
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
         """``(N, m)`` encoder pre-activations of normalized inputs (an SAE subtracts b_dec first)."""
-        if not self.config.transcoder:
-            x_n = x_n - self.b_dec
-        return x_n @ self.W_enc + self.b_enc
+        return self.centre(x_n) @ self.W_enc + self.b_enc
+
+    def centre(self, x_n: torch.Tensor) -> torch.Tensor:
+        return x_n - (self.b_in if self.config.transcoder else self.b_dec)
 
     def pre_acts_at(self, x_n: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Pre-activations of only the latents ``idx`` (N, k): gathers k encoder columns per row, so the
         backward touches k columns instead of all m (Gao et al.'s sparse kernels, in torch)."""
-        if not self.config.transcoder:
-            x_n = x_n - self.b_dec
         cols = F.embedding(idx, self.W_enc.T)  # (N, k, d_in)
-        return torch.bmm(cols, x_n.unsqueeze(-1)).squeeze(-1) + self.b_enc[idx]
+        return torch.bmm(cols, self.centre(x_n).unsqueeze(-1)).squeeze(-1) + self.b_enc[idx]
 
     def decode_n(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_dec
@@ -137,9 +143,15 @@ class SAE(nn.Module):
             g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
 
     @torch.no_grad()
+    def after_training(self, batches) -> None:
+        """Called once at the end with an iterable of normalized ``(x_n, y_n)`` training batches."""
+
+    @torch.no_grad()
     def init_from_data(self, x_n: torch.Tensor, y_n: torch.Tensor) -> None:
-        """b_dec starts at the mean of the (normalized) targets."""
+        """b_dec starts at the mean of the (normalized) targets (a transcoder's b_in at the inputs')."""
         self.b_dec.copy_(y_n.mean(0))
+        if self.b_in is not None:
+            self.b_in.copy_(x_n.mean(0))
 
 
 def mse_n(y_n: torch.Tensor, y_hat_n: torch.Tensor) -> torch.Tensor:

@@ -68,4 +68,14 @@ class BatchTopKSAE(SAE):
         loss = mse
         if self.config.aux_coeff > 0:
             loss = loss + self.config.aux_coeff * auxk_loss(self, x_n, (y_n - y_hat).detach(), dead, self.config.aux_k)
-        return loss, {"mse": float(mse), "l0": float(nz.sum()) / len(x_n), "fired": nz.any(0)}
+        return loss, {"mse": float(mse.detach()), "l0": float(nz.sum()) / len(x_n), "fired": nz.any(0)}
+
+    @torch.no_grad()
+    def after_training(self, batches) -> None:
+        mins = []
+        for x_n, _ in batches:
+            z = batch_topk(self.pre_acts(x_n), self.config.k)
+            if (z > 0).any():
+                mins.append(float(z[z > 0].min()))
+        if mins:
+            self.threshold.fill_(sum(mins) / len(mins))

@@ -195,9 +195,8 @@ def harvest(
             for b in range(0, len(w), batch_size):
                 wb = w[b : b + batch_size]
                 keep = keep_mask(wb, special, exclude_first)
-                with torch.inference_mode(), capture(model, layer, sites) as store:
-                    with contextlib.suppress(StopForward):
-                        model(input_ids=wb)
+                with torch.inference_mode(), capture(model, layer, sites) as store, contextlib.suppress(StopForward):
+                    model(input_ids=wb)
                 for site in sites:
                     acts[site].append(store[site][keep].to(torch.float16))
                 wi, pos = keep.nonzero(as_tuple=True)

@@ -4,7 +4,7 @@ sparseland sae harvest --model smollm2-135m --layer 15 --site resid --tokens 200
 sparseland sae train --cache cache/ --arch topk --width 9216 --k 32 --out sae-topk/
 sparseland sae eval --sae sae-topk/ --json
 sparseland sae sweep --cache cache/ --archs topk,batchtopk --ks 16,32,64 --width 2304 --out sweep/
-sparseland sae report --sweep sweep/ --out report/
+sparseland sae browse --sae sae-topk/ --out features.html
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def _harvest_command(args: argparse.Namespace) -> int:
     for split, s in stats.items():
         resumed = f" (resumed after {s.resumed_shards} shards)" if s.resumed_shards else ""
         print(
-            f"{split:6s} {s.tokens} new tokens in {s.seconds:.1f} s ({s.tokens_per_second:.0f} tokens/s), {s.shards} shards{resumed}"
+            f"{split:6s} {s.tokens} new tokens in {s.seconds:.1f} s ({s.tokens_per_second:.0f} tokens/s), "
+            f"{s.shards} shards{resumed}"
         )
     print(f"cache  {args.out}")
     return 0
@@ -118,7 +119,8 @@ def _train_command(args: argparse.Namespace) -> int:
     meta = _train_one(cache, config, args, Path(args.out))
     t = meta["train"]
     print(
-        f"trained {config.arch} width {config.width} on {t['tokens']} tokens in {t['seconds']:.1f} s ({t['tokens_per_second']:.0f} tokens/s)"
+        f"trained {config.arch} width {config.width} on {t['tokens']} tokens in {t['seconds']:.1f} s "
+        f"({t['tokens_per_second']:.0f} tokens/s)"
     )
     print(f"last batch: mse {t['final_mse']:.4f} (normalized units), L0 {t['final_l0']:.1f}")
     print(f"saved   {args.out}")
@@ -147,7 +149,7 @@ def _eval_one(sae_dir: str, args: argparse.Namespace, model=None, tokenizer=None
         seq_len=args.seq_len,
         progress=not args.json,
     )
-    return {"sae": str(sae_dir), "arch": meta["config"]["arch"] if "arch" in meta["config"] else sae.config.arch, **res}
+    return {"sae": str(sae_dir), "arch": sae.config.arch, **res}
 
 
 def _eval_command(args: argparse.Namespace) -> int:
@@ -160,13 +162,66 @@ def _eval_command(args: argparse.Namespace) -> int:
     print(f"dead           {res['dead_fraction'] * 100:.2f}%  (no firing over {res['dead_over_tokens']} tokens)")
     if res["delta_ce_nats"] is not None:
         print(
-            f"delta CE       {res['delta_ce_nats']:.4f} nats  (clean {res['ce_clean']:.4f}, spliced {res['ce_spliced']:.4f})"
+            f"delta CE       {res['delta_ce_nats']:.4f} nats  "
+            f"(clean {res['ce_clean']:.4f}, spliced {res['ce_spliced']:.4f})"
         )
         print(f"KL             {res['kl_nats']:.4f} nats")
         print(
-            f"CE recovered   {res['ce_recovered']:.4f} vs mean ablation, {res['ce_recovered_zero_ablation']:.4f} vs zero ablation"
+            f"CE recovered   {res['ce_recovered']:.4f} vs mean ablation, "
+            f"{res['ce_recovered_zero_ablation']:.4f} vs zero ablation"
         )
         print(f"splice text    {res['ce_text']}")
+    return 0
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    from sparseland.sae.cache import ActivationCache
+    from sparseland.sae.sweep import run_sweep
+
+    configs = {}
+    for arch in args.archs.split(","):
+        for k in args.ks:
+            ns = argparse.Namespace(**{**vars(args), "k": k})
+            configs[f"{arch}-k{k}"] = build_config(arch.strip(), ns)
+    cache = ActivationCache(args.cache)
+    model = tokenizer = None
+    if not args.no_splice:
+        from sparseland.models import load_model
+
+        model, tokenizer = load_model(cache.manifest["model"])
+    rows = run_sweep(
+        cache,
+        configs,
+        args.out,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        model=model,
+        tokenizer=tokenizer,
+        ce_windows=args.ce_windows,
+    )
+    for r in rows:
+        dce = "-" if r["delta_ce_nats"] is None else f"{r['delta_ce_nats']:.4f}"
+        print(
+            f"{r['name']:20s} L0 {r['l0']:7.2f}  FVU {r['fvu']:.4f}  dead {r['dead_fraction'] * 100:5.2f}%  dCE {dce}"
+        )
+    print(f"report  {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from sparseland.sae.cache import ActivationCache
+    from sparseland.sae.report import feature_browser
+    from sparseland.sae.train import load_sae
+
+    sae, meta = load_sae(args.sae)
+    cache = ActivationCache(args.cache or meta["cache"])
+    from sparseland.models import load_model
+
+    model, tokenizer = load_model(meta["model"])
+    path = feature_browser(
+        sae, cache.split("eval"), meta["in_site"], tokenizer, model=model, n_features=args.features, out=args.out
+    )
+    print(f"feature browser  {path}")
     return 0
 
 
@@ -204,7 +259,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def add_commands(subparsers) -> None:
     from sparseland.cli import ArgumentParser
 
-    top = subparsers.add_parser("sae", help="sparse autoencoders and transcoders: harvest, train, eval, sweep, report")
+    top = subparsers.add_parser("sae", help="sparse autoencoders and transcoders: harvest, train, eval, sweep, browse")
     sub = top.add_subparsers(dest="sae_command", required=True, metavar="SAE_COMMAND", parser_class=ArgumentParser)
 
     p = sub.add_parser("harvest", help="cache a site's activations (fp16 shards, resumable)")
@@ -230,3 +285,18 @@ def add_commands(subparsers) -> None:
     add_eval_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_eval_command)
+
+    p = sub.add_parser("sweep", help="architectures x k on one cache (resumable), with the FVU/dCE-vs-L0 report")
+    p.add_argument("--archs", default="topk,batchtopk", help="comma list of architectures (default: %(default)s)")
+    p.add_argument("--ks", type=_int_list, default=[16, 32, 64], help="comma list of k (default: 16,32,64)")
+    add_train_args(p)
+    add_eval_args(p)
+    p.add_argument("--out", required=True, help="sweep directory (re-running it resumes)")
+    p.set_defaults(func=_sweep_command)
+
+    p = sub.add_parser("browse", help="HTML feature browser of a trained SAE: top contexts and top logits per latent")
+    p.add_argument("--sae", required=True, help="directory written by `sparseland sae train`")
+    p.add_argument("--cache", default=None, help="cache whose eval split to read (default: the training one)")
+    p.add_argument("--features", type=positive_int, default=24, help="latents shown, most frequent first")
+    p.add_argument("--out", default="features.html", help="HTML file to write (default: %(default)s)")
+    p.set_defaults(func=_report_command)

@@ -42,8 +42,7 @@ def auxk_loss(sae: SAE, x_n: torch.Tensor, resid: torch.Tensor, dead: torch.Tens
     dead_idx = dead.nonzero().squeeze(1)
     if aux_k == 0 or dead_idx.numel() == 0:
         return x_n.new_zeros(())
-    xc = x_n if sae.config.transcoder else x_n - sae.b_dec
-    pre = xc @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]  # (N, n_dead)
+    pre = sae.centre(x_n) @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]  # (N, n_dead)
     vals, j = pre.topk(min(aux_k, dead_idx.numel()), dim=1)
     e_hat = F.embedding_bag(dead_idx[j], sae.W_dec, per_sample_weights=F.relu(vals), mode="sum")
     denom = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -75,4 +74,4 @@ class TopKSAE(SAE):
             loss = loss + self.config.aux_coeff * auxk_loss(self, x_n, (y_n - y_hat).detach(), dead, self.config.aux_k)
         fired = torch.zeros(self.width, dtype=torch.bool)
         fired[idx[vals > 0]] = True
-        return loss, {"mse": float(mse), "l0": float((vals > 0).sum()) / len(x_n), "fired": fired}
+        return loss, {"mse": float(mse.detach()), "l0": float((vals > 0).sum()) / len(x_n), "fired": fired}

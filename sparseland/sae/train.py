@@ -117,8 +117,10 @@ def train_sae(
                 bar.set_postfix(mse=f"{info['mse']:.4f}", l0=f"{info['l0']:.1f}", refresh=False)
         epoch += 1
     bar.close()
+    calib = split.iter_shuffled(sites, batch_size, seed=seed + 7, max_rows=32 * batch_size)
+    sae.after_training((b[0] / sae.scale_in, b[-1] / sae.scale_out) for b in calib)
     sae.eval()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0  # includes the after-training calibration
     dead_frac = float((since_fired >= min(dead_tokens, steps * batch_size)).float().mean())
     return sae, TrainResult(steps * batch_size, seconds, info["mse"], info["l0"], dead_frac)
 

@@ -109,9 +109,12 @@ def test_splice_keeps_position_zero_and_replaces_the_rest(tiny_llama):
     with torch.no_grad(), capture(tiny_llama, 0, ("resid",), stop=False) as clean:
         tiny_llama(input_ids=ids)
         ref = clean["resid"].clone()
-    with torch.no_grad(), splice(tiny_llama, 0, "resid", torch.zeros_like):
-        with capture(tiny_llama, 0, ("resid",), stop=False) as seen:
-            out_spliced = tiny_llama(input_ids=ids).logits
+    with (
+        torch.no_grad(),
+        splice(tiny_llama, 0, "resid", torch.zeros_like),
+        capture(tiny_llama, 0, ("resid",), stop=False) as seen,
+    ):
+        out_spliced = tiny_llama(input_ids=ids).logits
     # capture hooks run after the splice hook registered before them: the replaced value is what block 1 reads
     got = seen["resid"]
     assert torch.equal(got[:, 0], ref[:, 0]) and got[:, 1:].abs().max() == 0

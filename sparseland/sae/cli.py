@@ -198,6 +198,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
         model=model,
         tokenizer=tokenizer,
         ce_windows=args.ce_windows,
+        ce_text=args.ce_text,
+        seq_len=args.seq_len,
     )
     for r in rows:
         dce = "-" if r["delta_ce_nats"] is None else f"{r['delta_ce_nats']:.4f}"
@@ -225,8 +227,13 @@ def _report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", default=None, help="cache whose eval split to use (default: the one it was trained on)")
+def add_eval_args(p: argparse.ArgumentParser, with_cache: bool = True) -> None:
+    if with_cache:
+        p.add_argument(
+            "--cache",
+            default=None,
+            help="cache whose eval split to use (default: the one it was trained on)",
+        )
     p.add_argument(
         "--ce-text", default="embedded", help="text for delta CE / KL: embedded, stdlib or a file (eval part)"
     )
@@ -290,7 +297,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--archs", default="topk,batchtopk", help="comma list of architectures (default: %(default)s)")
     p.add_argument("--ks", type=_int_list, default=[16, 32, 64], help="comma list of k (default: 16,32,64)")
     add_train_args(p)
-    add_eval_args(p)
+    add_eval_args(p, with_cache=False)
     p.add_argument("--out", required=True, help="sweep directory (re-running it resumes)")
     p.set_defaults(func=_sweep_command)
 

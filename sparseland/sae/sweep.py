@@ -24,6 +24,8 @@ def run_sweep(
     model=None,
     tokenizer=None,
     ce_windows: int = 8,
+    ce_text: str = "embedded",
+    seq_len: int = 256,
     progress: bool = True,
 ) -> list[dict]:
     """Train and evaluate every ``name -> config`` into ``out/name``; returns the rows of the report."""
@@ -50,7 +52,15 @@ def run_sweep(
             meta["train"] = res.to_dict()
             save_sae(sae, run_dir, meta)
         ev = evaluate_sae(
-            sae, meta, cache.split("eval"), model=model, tokenizer=tokenizer, ce_windows=ce_windows, progress=progress
+            sae,
+            meta,
+            cache.split("eval"),
+            model=model,
+            tokenizer=tokenizer,
+            ce_windows=ce_windows,
+            ce_text=ce_text,
+            seq_len=seq_len,
+            progress=progress,
         )
         row = {
             "name": name,

@@ -93,7 +93,7 @@ class JumpReLUSAE(SAE):
         l0 = StepFn.apply(pre, theta, eps).sum(-1).mean()
         nz = z > 0
         return mse + self.config.l0_coeff * l0, {
-            "mse": float(mse),
+            "mse": float(mse.detach()),
             "l0": float(nz.sum()) / len(x_n),
             "fired": nz.any(0),
         }

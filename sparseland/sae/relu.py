@@ -39,7 +39,7 @@ class ReLUSAE(SAE):
         l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
         nz = z > 0
         return mse + self.config.l1_coeff * l1, {
-            "mse": float(mse),
+            "mse": float(mse.detach()),
             "l0": float(nz.sum()) / len(x_n),
             "fired": nz.any(0),
         }

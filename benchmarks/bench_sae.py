@@ -8,13 +8,14 @@
    added per run; the recompute runs themselves are not executed).
 
 The issue's budget is 2M tokens in 60 minutes on 2 free cores; the shared machine runs a scaled version
-(``--tokens``). Run under the lock:
-    flock /tmp/sparseland-heavy.lock python benchmarks/bench_sae.py --tokens 16000 --eval-tokens 4096
+(``--tokens``). Run from the repository root, under the lock:
+    PYTHONPATH=. flock /tmp/sparseland-heavy.lock python benchmarks/bench_sae.py --tokens 16000 --eval-tokens 4096
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -123,7 +124,8 @@ def main() -> None:
     sweep_on_cache = harvest_s + sum(r["wall_seconds"] for r in sweep)
     recompute = sum(harvest_s + r["wall_seconds"] for r in sweep)
     data = {
-        "command": "flock /tmp/sparseland-heavy.lock python benchmarks/bench_sae.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=. python benchmarks/bench_sae.py " + " ".join(sys.argv[1:]),
+        "under_lock": os.environ.get("SPARSELAND_BENCH_LOCKED") == "1",
         "layer": args.layer,
         "train_tokens_cached": n_train,
         "eval_tokens_cached": cache.split("eval").n_tokens,

@@ -22,6 +22,7 @@ from sparseland.sae import (
 )
 from sparseland.sae.evaluate import reconstruction_metrics
 from sparseland.sae.jumprelu import JumpReLUFn, StepFn
+from sparseland.sae.mpsae import MPConfig
 from sparseland.sae.topk import auxk_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,6 +176,7 @@ def _synthetic_cache(path, d=16, n_atoms=48, n=6144, seed=0):
         ReLUConfig(width=64, l1_coeff=0.3),
         JumpReLUConfig(width=64, l0_coeff=0.05, bandwidth=0.05, init_threshold=0.1),
         TopKConfig(width=64, k=3, transcoder=True),
+        MPConfig(width=64, k=3),
     ],
     ids=lambda c: c.arch + ("-transcoder" if c.transcoder else ""),
 )
@@ -194,3 +196,24 @@ def test_training_learns_a_sparse_dictionary(tmp_path, config):
     sae2, meta = load_sae(tmp_path / "s")
     x = torch.randn(5, 16)
     assert torch.allclose(sae(x), sae2(x)) and meta["layer"] == 0
+
+
+def test_matching_pursuit_residual_orthogonal_and_shrinking():
+    from sparseland.sae.mpsae import MPConfig, matching_pursuit
+
+    torch.manual_seed(0)
+    atoms = torch.randn(40, 8)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    x = torch.randn(6, 8)
+    prev = x.norm(dim=1)
+    for k in range(1, 6):
+        z, r = matching_pursuit(x, atoms, k)
+        assert torch.allclose(z @ atoms + r, x, atol=1e-5)  # codes and residual account for x exactly
+        assert (r.norm(dim=1) <= prev + 1e-6).all()
+        prev = r.norm(dim=1)
+    # one step: the residual is orthogonal to the atom chosen
+    z1, r1 = matching_pursuit(x, atoms, 1)
+    j = z1.argmax(1)
+    assert (r1 * atoms[j]).sum(1).abs().max() < 1e-5
+    sae = build_sae(MPConfig(width=40, k=3), 8)
+    assert ((sae.encode(x) != 0).sum(1) <= 3).all()

@@ -15,7 +15,6 @@ The issue's budget is 2M tokens in 60 minutes on 2 free cores; the shared machin
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -125,7 +124,6 @@ def main() -> None:
     recompute = sum(harvest_s + r["wall_seconds"] for r in sweep)
     data = {
         "command": "PYTHONPATH=. python benchmarks/bench_sae.py " + " ".join(sys.argv[1:]),
-        "under_lock": os.environ.get("SPARSELAND_BENCH_LOCKED") == "1",
         "layer": args.layer,
         "train_tokens_cached": n_train,
         "eval_tokens_cached": cache.split("eval").n_tokens,

@@ -1,7 +1,7 @@
 """Sparse autoencoders and transcoders on a model's activations: an activation cache, one small
 module per architecture, metrics defined exactly, training, evaluation, a sweep and a report."""
 
-from sparseland.sae import batchtopk, jumprelu, mpsae, relu, topk  # noqa: F401  (registers the architectures)
+from sparseland.sae import batchtopk, itda, jumprelu, mpsae, relu, topk  # noqa: F401  (registers the architectures)
 from sparseland.sae.base import ARCHS, SAE, SAEConfig, build_sae
 from sparseland.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from sparseland.sae.cache import ActivationCache, harvest

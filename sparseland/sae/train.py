@@ -95,6 +95,15 @@ def train_sae(
     t0 = time.perf_counter()
     step, epoch, info = 0, 0, {"mse": float("nan"), "l0": float("nan")}
     sae.train()
+    if getattr(sae, "gradient_free", False):  # ITDA: built from the batches, no optimizer
+
+        def _batches():
+            for batch in split.iter_shuffled(sites, batch_size, seed=seed + 100, max_rows=steps * batch_size):
+                bar.update(batch_size)
+                yield batch[0] / sae.scale_in, batch[-1] / sae.scale_out
+
+        sae.fit(_batches())
+        step = steps
     while step < steps:
         for batch in split.iter_shuffled(sites, batch_size, seed=seed + 100 + epoch):
             if step >= steps:

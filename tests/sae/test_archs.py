@@ -217,3 +217,22 @@ def test_matching_pursuit_residual_orthogonal_and_shrinking():
     assert (r1 * atoms[j]).sum(1).abs().max() < 1e-5
     sae = build_sae(MPConfig(width=40, k=3), 8)
     assert ((sae.encode(x) != 0).sum(1) <= 3).all()
+
+
+def test_itda_atoms_are_normalized_activations_and_cover_the_data(tmp_path):
+    from sparseland.sae.itda import ITDAConfig
+
+    cache = _synthetic_cache(tmp_path / "c")
+    sae, _ = train_sae(
+        cache, ITDAConfig(width=256, k=3, error_threshold=0.2), tokens=4096, batch_size=256, progress=False
+    )
+    n = int(sae.n_atoms)
+    assert 0 < n <= 256
+    atoms = sae.W_dec[:n]
+    assert torch.allclose(atoms.norm(dim=1), torch.ones(n), atol=1e-5)
+    train = torch.from_numpy(np.array(cache.split("train").shard(0, "resid"))).float() / sae.scale_in
+    train = train / train.norm(dim=1, keepdim=True)
+    # every atom is one of the (normalized) training activations
+    assert ((atoms @ train.T).max(dim=1).values > 1 - 1e-3).all()
+    m = reconstruction_metrics(sae, cache.split("eval"), "resid", "resid")
+    assert m["fvu"] < 0.5 and m["l0"] <= 3

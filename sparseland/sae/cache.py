@@ -52,7 +52,14 @@ def split_tokens_of(tokenizer, text: str, split: str, max_tokens: int | None = N
         from sparseland.data.stdlib import stdlib_text
 
         max_chars = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN_GUESS
-        ids = tokenize_text(tokenizer, stdlib_text(split, max_chars))
+        text_part = stdlib_text(split, max_chars)
+        ids = tokenize_text(tokenizer, text_part)
+        while max_chars is not None and len(ids) < max_tokens:  # cut at file boundaries: widen until enough
+            max_chars *= 4
+            wider = stdlib_text(split, max_chars)
+            if len(wider) == len(text_part):
+                break  # the split is exhausted
+            text_part, ids = wider, tokenize_text(tokenizer, wider)
     else:
         corpus = load_corpus(tokenizer, None if text == "embedded" else text)
         ids = corpus.calib if split == "train" else corpus.eval

@@ -18,7 +18,16 @@ from pathlib import Path
 from sparseland.errors import SparselandError
 
 SPLITS = ("train", "eval")
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "pydoc_data", "__pycache__"}
+_EXCLUDED_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "turtledemo",
+    "pydoc_data",
+    "__pycache__",
+}
 
 
 def stdlib_root() -> Path:

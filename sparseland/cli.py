@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "sparseland.training.cli",
     "sparseland.serve.cli",
     "sparseland.peft.cli",
+    "sparseland.sae.cli",
 ]
 
 

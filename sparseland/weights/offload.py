@@ -493,6 +493,19 @@ def prune_offload(
             for name, mod in block_linears(block, f"model.layers.{i}", filter_fn).items():
                 check_nm_shape(mod.in_features, nm[1], name)
     expected = set(shell.state_dict())
+    # Where each head tensor is stored: a tied lm_head/embedding pair may be saved under either name.
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    twin = {"model.embed_tokens.weight": "lm_head.weight", "lm_head.weight": "model.embed_tokens.weight"}
+    source = {}
+    for name in expected:
+        if name.startswith("model.layers."):
+            continue
+        if name in reader.where:
+            source[name] = name
+        elif tied and twin.get(name) in reader.where:
+            source[name] = twin[name]
+        else:
+            raise SparselandError(f"{model_dir}: the shards have no tensor {name!r} that the config needs")
     n_workers = len(workers) if workers else 1
     fp = _fingerprint(model_dir, config, calibration, calib_batch, n_workers)
 
@@ -546,22 +559,17 @@ def prune_offload(
     if state["done"] < 0:
         # The head tensors (embeddings, final norm, untied lm_head), dense in their stored dtype.
         head = {}
-        for name in reader.where:
-            if name.startswith("model.layers.") or name not in expected:
+        for name in sorted(n for n in expected if not n.startswith("model.layers.")):
+            if name == "lm_head.weight" and tied:
+                state["aliases"][name] = "model.embed_tokens.weight"
                 continue
-            rec, stored = _encode(name, reader.get(name), compress=False)
+            rec, stored = _encode(name, reader.get(source[name]), compress=False)
             state["records"][name] = rec
             head.update(stored)
-        for name in expected:
-            if not name.startswith("model.layers.") and name not in reader.where:
-                if name == "lm_head.weight" and getattr(hf_config, "tie_word_embeddings", False):
-                    state["aliases"][name] = "model.embed_tokens.weight"
-                else:
-                    raise SparselandError(f"{model_dir}: the shards have no tensor {name!r} that the config needs")
         _save_shard(work / "shards" / "head.safetensors", head)
         del head
         if shares is not None:
-            embed = reader.get("model.embed_tokens.weight").float()
+            embed = reader.get(source["model.embed_tokens.weight"]).float()
             state["n_batches"] = call("capture", per=[(s, calib_batch, embed) for s in shares])
             del embed
         state["done"] = 0
@@ -731,7 +739,16 @@ def _remote_call(workers):
 
     def call(method, *args, per=None):
         if per is not None:
-            return ray.get([getattr(w, method).remote(*a) for w, a in zip(workers, per, strict=True)])
+            put: dict[int, Any] = {}  # a tensor shared by every worker's arguments goes in once
+
+            def ref(a):
+                if not isinstance(a, torch.Tensor):
+                    return a
+                if id(a) not in put:
+                    put[id(a)] = ray.put(a)
+                return put[id(a)]
+
+            return ray.get([getattr(w, method).remote(*map(ref, a)) for w, a in zip(workers, per, strict=True)])
         refs = [ray.put(a) if isinstance(a, (dict, torch.Tensor)) else a for a in args]
         return ray.get([getattr(w, method).remote(*refs) for w in workers])
 

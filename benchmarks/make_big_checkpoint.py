@@ -95,7 +95,9 @@ def main(argv=None) -> None:
             total += t.numel() * t.element_size()
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         del tensors
-        print(f"{file}: {len(group)} tensors, {total / 1e9:.2f} GB so far, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"{file}: {len(group)} tensors, {total / 1e9:.2f} GB so far, {time.perf_counter() - t0:.0f} s", flush=True
+        )
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     cfg.save_pretrained(tmp)

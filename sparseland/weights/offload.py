@@ -422,24 +422,16 @@ def assemble_safetensors(shards: list[Path], out: Path) -> int:
     with open(out, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        current = None
-        src = None
-        try:
-            for shard, pos, size in entries:
-                if shard != current:
-                    if src is not None:
-                        src.close()
-                    src, current = open(shard, "rb"), shard
-                src.seek(pos)
-                while size:
-                    chunk = src.read(min(size, COPY_CHUNK))
-                    if not chunk:
-                        raise SparselandError(f"{shard} is truncated")
-                    f.write(chunk)
-                    size -= len(chunk)
-        finally:
-            if src is not None:
-                src.close()
+        for shard in shards:
+            with open(shard, "rb") as src:
+                for _, pos, size in (e for e in entries if e[0] == shard):
+                    src.seek(pos)
+                    while size:
+                        chunk = src.read(min(size, COPY_CHUNK))
+                        if not chunk:
+                            raise SparselandError(f"{shard} is truncated")
+                        f.write(chunk)
+                        size -= len(chunk)
         f.flush()
         os.fsync(f.fileno())
     return out.stat().st_size
@@ -556,7 +548,7 @@ def prune_offload(
         if len(shares) != len(workers):
             raise SparselandError(f"{len(workers)} workers need at least {len(workers)} calibration windows")
 
-    if state["done"] < 0:
+    def _start_run(state, commit) -> None:
         # The head tensors (embeddings, final norm, untied lm_head), dense in their stored dtype.
         head = {}
         for name in sorted(n for n in expected if not n.startswith("model.layers.")):
@@ -574,6 +566,13 @@ def prune_offload(
             del embed
         state["done"] = 0
         commit()
+
+    if state["done"] < 0:
+        try:
+            _start_run(state, commit)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # nothing a resume could use was recorded
+            raise
     elif shares is not None:
         call("attach_batches", per=[(nb,) for nb in state["n_batches"]])
 
@@ -611,7 +610,7 @@ def prune_offload(
             parity = i % 2
             sparsity = report.block_sparsity[i]
 
-            def prune(name: str, mod: torch.nn.Linear, stats: InputStats | None) -> None:
+            def prune(name, mod, stats, sparsity=sparsity, position=position) -> None:
                 from sparseland.weights.pruner import quantize_pruned_
 
                 W = mod.weight.data

@@ -754,9 +754,10 @@ def _remote_call(workers):
     return call
 
 
-def iter_checkpoint_blocks(path: str | Path):
+def iter_checkpoint_blocks(path: str | Path, blocks=None):
     """Yield ``(block index or None for the head, {name: dense tensor})`` from a sparse checkpoint, one
-    decoder block at a time (tensors read on demand), so a checkpoint bigger than memory can be checked."""
+    decoder block at a time (tensors read on demand), so a checkpoint bigger than memory can be checked;
+    ``blocks``: only these keys (a set of indices, None meaning the head)."""
     from sparseland.runtime.checkpoint import WEIGHTS_FILE, decode_tensor, read_manifest
     from sparseland.runtime.validate import validate_record
 
@@ -772,6 +773,8 @@ def iter_checkpoint_blocks(path: str | Path):
         key = int(parts[2]) if name.startswith("model.layers.") else None
         groups.setdefault(key, []).append(name)
     for key in sorted(groups, key=lambda k: -1 if k is None else k):
+        if blocks is not None and key not in blocks:
+            continue
         out = {}
         for name in groups[key]:
             rec = manifest["tensors"][name]

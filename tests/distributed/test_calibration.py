@@ -20,7 +20,7 @@ def src(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("cfg", [WandaConfig(), SparseGPTConfig(), SparseGPTConfig(pattern="2:4")], ids=str)
+@pytest.mark.parametrize("cfg", [WandaConfig(), SparseGPTConfig()], ids=["wanda", "sparsegpt"])
 def test_two_workers_equal_one_process(ray_local, src, tmp_path, cfg):
     from sparseland.distributed.calibration import prune_distributed
 

@@ -92,9 +92,10 @@ def _prune_offload_command(args: argparse.Namespace, config) -> int:
     if not args.resume:
         check_new_dir(args.out)
     from sparseland.data import load_corpus
-    from sparseland.weights.offload import model_dir_of, prune_offload
+    from sparseland.weights.offload import load_config, model_dir_of, prune_offload
 
     model_dir = model_dir_of(args.model)
+    load_config(model_dir)  # a directory without a model fails here, before the tokenizer
     from transformers import AutoTokenizer
 
     try:

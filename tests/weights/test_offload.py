@@ -165,3 +165,17 @@ def test_errors(src, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(SparselandError, match="already exists"):
         prune_offload(src, WandaConfig(), tmp_path / "exists", CALIB, progress=False)
+
+
+def test_cli_flags(src, tmp_path, capsys):
+    from sparseland.cli import main
+
+    assert main(["prune", "--model", str(src), "--resume", "--out", str(tmp_path / "o")]) == 2
+    assert "--offload" in capsys.readouterr().err
+    assert main(["prune", "--model", str(src), "--offload", "--eval", "--out", str(tmp_path / "o")]) == 2
+    assert "--eval" in capsys.readouterr().err
+    # the tiny model has no tokenizer to make calibration windows with: a one-line error saying so
+    assert main(["prune", "--model", str(src), "--offload", "--out", str(tmp_path / "o")]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tmp_path), "--offload", "--out", str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().err

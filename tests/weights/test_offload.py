@@ -42,7 +42,11 @@ def loaded(path):
     return load_sparse_checkpoint(path)[0].state_dict()
 
 
-@pytest.mark.parametrize("cfg", [WandaConfig(), SparseGPTConfig(pattern="2:4")], ids=["wanda", "sparsegpt-2:4"])
+@pytest.mark.parametrize(
+    "cfg",
+    [WandaConfig(), SparseGPTConfig(pattern="2:4"), SparseGPTConfig(quant="int4-g32")],
+    ids=["wanda", "sparsegpt-2:4", "sparsegpt-int4"],
+)
 def test_one_micro_batch_is_bit_identical_to_in_memory(src, tmp_path, cfg):
     report = prune_offload(src, cfg, tmp_path / "out", CALIB, calib_batch=CALIB.shape[0], progress=False)
     ref, got = in_memory(cfg), loaded(tmp_path / "out")

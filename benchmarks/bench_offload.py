@@ -190,6 +190,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="embedded case: tokens per window")
     p.add_argument("--calib-batch", type=int, default=2, help="embedded case: windows per micro-batch (offload)")
     p.add_argument("--big-calib", default="4x128", help="big models: WINDOWSxTOKENS of random ids")
+    p.add_argument("--stem", default="offload", help="results file stem in benchmarks/results (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (deleted after; default: a temp dir)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -202,10 +203,11 @@ def main(argv=None) -> None:
         return
     import platform
 
-    json_path = RESULTS / "offload.json"
+    json_path = RESULTS / f"{args.stem}.json"
     data = json.loads(json_path.read_text()) if json_path.is_file() else {"cases": {}}
     data["command"] = "python benchmarks/bench_offload.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs (load varies)"
+    load = ", ".join(f"{x:.0f}" for x in os.getloadavg())
+    data["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, shared; load average at start {load}"
     data["calib_batch"] = args.calib_batch
     tmp = Path(tempfile.mkdtemp(prefix="bench-offload-", dir=args.workdir))
     from sparseland.io import write_results
@@ -220,7 +222,7 @@ def main(argv=None) -> None:
                 data["embedded_max_abs_diff"], data["embedded_masks_equal"] = _compare_embedded(tmp)
             for sub in subcases:
                 shutil.rmtree(tmp / sub, ignore_errors=True)
-            write_results(RESULTS, "offload", data, _markdown(data))
+            write_results(RESULTS, args.stem, data, _markdown(data))
             print(_markdown(data), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

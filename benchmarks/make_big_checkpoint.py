@@ -42,6 +42,13 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--shard-gb", type=float, default=2.0, help="approximate shard size in GB")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fill",
+        choices=("randn", "tile"),
+        default="randn",
+        help="randn: every weight drawn independently; tile: slices of one 16M-value random pool at random "
+        "offsets (memory-bound, minutes faster on a loaded machine; as good for measuring memory and time)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists():
@@ -81,6 +88,7 @@ def main(argv=None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(args.seed)
+    pool = (torch.randn(1 << 24, generator=gen) * 0.02).to(dtype) if args.fill == "tile" else None
     weight_map, total, t0 = {}, 0, time.perf_counter()
     for k, group in enumerate(groups):
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -88,6 +96,13 @@ def main(argv=None) -> None:
         for name, shape in group:
             if len(shape) == 1:
                 t = torch.ones(shape, dtype=dtype)
+            elif pool is not None:
+                numel = torch.Size(shape).numel()
+                reps = -(-numel // pool.numel()) + 1
+                start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
+                t = pool.repeat(reps)[start : start + numel].view(shape).clone() if reps > 2 else None
+                if t is None:
+                    t = torch.cat([pool[start:], pool, pool])[:numel].view(shape).clone()
             else:
                 t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
             tensors[name] = t

@@ -67,7 +67,7 @@ def _child(case: str, args: argparse.Namespace, out: Path) -> dict:
             src = model_dir_of("smollm2-135m")
             tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
             calib = load_corpus(tok, None).calibration(args.calib_samples, args.seq_len, 0)
-            report = prune_offload(src, cfg, out, calib, calib_batch=args.calib_batch, progress=False)
+            report = prune_offload(src, cfg, out, calib, calib_batch=args.calib_batch, progress=True)
             rec = {"sparsity": report.overall_sparsity, "block_seconds": report.block_seconds}
         rec.update(calibration=f"{args.calib_samples} x {args.seq_len} tokens", method="wanda 50%")
     else:

@@ -53,7 +53,7 @@ def test_one_micro_batch_is_bit_identical_to_in_memory(src, tmp_path, cfg):
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
-    assert report.overall_sparsity == pytest.approx(0.5)
+    assert report.overall_sparsity >= 0.5 - 1e-9  # int4 rounding can zero a few more
     assert not work_dir_for(tmp_path / "out").exists()
 
 
@@ -116,7 +116,7 @@ prune_offload(sys.argv[1], WandaConfig(), sys.argv[2], calib, calib_batch=2, pro
 def test_resume_after_kill_9(src, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run([sys.executable, "-c", KILL, str(src), str(out)], env=env, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", KILL, str(src), str(out)], env=env, capture_output=True, timeout=900)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert not out.exists()
     report = prune_offload(src, WandaConfig(), out, CALIB, calib_batch=2, progress=False, resume=True)

@@ -117,7 +117,21 @@ def _run(args: argparse.Namespace, methods: str, sparsities: str, patterns: str,
     with open_store(out) as store:  # a bad --out or a foreign store fails here, before the model loads
         done = store.keys() & {fr.cell_key(c, settings, fr.speed_id(speed)) for c in cells}
     print(f"sparseland frontier: {len(cells)} cells ({len(done)} already stored) -> {out}/")
-    results = fr.run_frontier(cells, settings, out, measure_speed=speed, progress=not args.no_progress)
+    executor = getattr(args, "executor", "local")
+    if executor == "ray":
+        from sparseland.distributed import require_ray
+
+        require_ray()  # before any work: without Ray, say how to install it
+    results = fr.run_frontier(
+        cells,
+        settings,
+        out,
+        measure_speed=speed,
+        progress=not args.no_progress,
+        executor=executor,
+        address=getattr(args, "address", None),
+        cpus_per_cell=getattr(args, "cpus_per_cell", 1),
+    )
     paths = write_report(results, out, {**settings.key_dict(), "speed": fr.speed_id(speed)}, len(cells))
     print()
     print(text_table(results))
@@ -169,6 +183,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--patterns",
         default="unstructured,2:4",
         help="comma-separated: unstructured and/or N:M such as 2:4 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="run the cells here one after another, or as Ray tasks (pip install -e '.[ray]'); this process "
+        "stays the only writer of the results store (default: %(default)s)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: 'auto' (a cluster started here with `ray start --head`) or HOST:PORT of a "
+        "cluster's head; default: start a local Ray instance for this run",
+    )
+    p.add_argument(
+        "--cpus-per-cell",
+        type=float,
+        default=1,
+        help="with --executor ray: CPUs each cell's task declares (default: %(default)s)",
     )
     p.set_defaults(func=_frontier_command)
 

@@ -492,12 +492,19 @@ def run_frontier(
     measure_speed: SpeedFn | None = None,
     workload_fn: Callable[[FrontierSettings], Workload] | None = None,
     progress: bool = True,
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_cell: float = 1,
 ) -> list[dict[str, Any]]:
     """Run every cell not yet in ``out_dir``'s store, storing each as it finishes; return the grid's results.
 
     The model is loaded only if some cell is missing. An interruption (Ctrl-C, kill -9) loses at most
-    the cell in progress; the next call resumes from the store.
+    the cell in progress; the next call resumes from the store. ``executor="ray"`` runs the cells as
+    Ray tasks (``sparseland.distributed.executor``; ``address``: None starts a local Ray instance,
+    "auto" or HOST:PORT joins a cluster); this process stays the only writer of the store.
     """
+    if executor not in ("local", "ray"):
+        raise SparselandError(f"executor={executor!r} is not 'local' or 'ray'")
     sid = speed_id(measure_speed)
     keys = [cell_key(c, settings, sid) for c in cells]
     with open_store(out_dir) as store:
@@ -506,12 +513,11 @@ def run_frontier(
         done = store.keys()
         todo = [(k, c) for k, c in zip(keys, cells, strict=False) if k not in done]
         if todo:
-            workload = (workload_fn or load_workload)(settings)
-            base = workload.model.eval()
-            bar = tqdm(todo, desc="frontier", unit="cell", disable=not progress)
-            for key, cell in bar:
+            bar = tqdm(total=len(todo), desc=f"frontier ({executor})", unit="cell", disable=not progress)
+            for key, cell, result in _executed(todo, settings, measure_speed, workload_fn, executor, address,
+                                               cpus_per_cell, bar):  # fmt: skip
+                bar.update(1)
                 bar.set_postfix_str(cell.label)
-                result = run_cell(base, cell, workload, settings, measure_speed)
                 result.update(
                     key=key,
                     settings=settings.key_dict(),
@@ -522,3 +528,20 @@ def run_frontier(
                 store.put(result)
             bar.close()
         return store.results(keys)
+
+
+def _executed(todo, settings, measure_speed, workload_fn, executor, address, cpus_per_cell, bar):
+    """``(key, cell, result)`` of each cell of ``todo`` as it finishes: here, one after another, or as
+    Ray tasks (the caller stores each result: it is the store's only writer either way)."""
+    if executor == "ray":
+        from sparseland.distributed.executor import run_cells_ray
+
+        yield from run_cells_ray(
+            todo, settings, measure_speed, workload_fn, address=address, cpus_per_cell=cpus_per_cell
+        )
+        return
+    workload = (workload_fn or load_workload)(settings)
+    base = workload.model.eval()
+    for key, cell in todo:
+        bar.set_postfix_str(cell.label)
+        yield key, cell, run_cell(base, cell, workload, settings, measure_speed)

@@ -41,6 +41,10 @@ def _prune_command(args: argparse.Namespace) -> int:
         from sparseland.quant import QuantScheme
 
         QuantScheme.parse(args.quant_embeddings)
+    if args.resume and not args.offload:
+        raise SparselandError("--resume continues an interrupted --offload run; add --offload")
+    if args.offload:
+        return _prune_offload_command(args, config)
     check_new_dir(args.out)
     from sparseland import sparsify_
 
@@ -74,6 +78,61 @@ def _prune_command(args: argparse.Namespace) -> int:
     }
     path = save_sparse_checkpoint(model, tokenizer, args.out, metadata=json.loads(json.dumps(metadata)))
     print(f"saved       {path}")
+    return 0
+
+
+def _prune_offload_command(args: argparse.Namespace, config) -> int:
+    """``--offload``: block by block from the model directory's shards; the checkpoint is written as it goes."""
+    if args.eval or args.quant_embeddings:
+        flag = "--eval" if args.eval else "--quant-embeddings"
+        raise SparselandError(
+            f"{flag} needs the whole model in memory and is not available with --offload; run "
+            f"`sparseland eval --model {args.out}` on the checkpoint afterwards, or drop --offload"
+        )
+    if not args.resume:
+        check_new_dir(args.out)
+    from sparseland.data import load_corpus
+    from sparseland.weights.offload import load_config, model_dir_of, prune_offload
+
+    model_dir = model_dir_of(args.model)
+    load_config(model_dir)  # a directory without a model fails here, before the tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SparselandError(
+            f"{model_dir} has no loadable tokenizer ({type(exc).__name__}); the CLI makes calibration windows "
+            "with it: save the tokenizer next to the model, or call sparseland.weights.offload.prune_offload "
+            "with a calibration tensor"
+        ) from exc
+    corpus = load_corpus(tokenizer, args.text)
+    calib = corpus.calibration(args.calib_samples, args.seq_len, args.seed) if config.uses_calibration else None
+    metadata = {
+        "method": config.to_dict(),
+        "model": args.model,
+        "calibration": {"text": corpus.name, "samples": args.calib_samples, "seq_len": args.seq_len},
+        "offload": {"calib_batch": args.calib_batch},
+    }
+    report = prune_offload(
+        model_dir,
+        config,
+        args.out,
+        calib,
+        calib_batch=args.calib_batch,
+        resume=args.resume,
+        tokenizer=tokenizer,
+        metadata=metadata,
+    )
+    print(f"pruned      {config.kind} {config.pattern} target {config.sparsity:.4g} out of core")
+    print(f"sparsity    {report.overall_sparsity:.4f} of the decoder-block Linear weights")
+    if report.resumed_from:
+        print(f"resumed     from block {report.resumed_from}")
+    per = report.block_seconds
+    if per:
+        print(f"time        {report.seconds:.1f} s; per block {min(per):.2f}-{max(per):.2f} s")
+    print(f"peak RSS    {report.peak_rss_mb:.0f} MiB")
+    print(f"saved       {args.out} ({report.checkpoint_bytes / 2**20:.1f} MiB)")
     return 0
 
 
@@ -112,6 +171,23 @@ def add_commands(subparsers) -> None:
         "--quant-embeddings", default=None, help="quantize the embeddings (and the tied lm_head) too, e.g. int8"
     )
     p.add_argument("--eval", action="store_true", help="print the perplexity after pruning")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="prune out of core: one decoder block in memory at a time, read from the model directory's "
+        "safetensors shards, activations in a disk buffer, the checkpoint written block by block",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --offload: continue the run that was interrupted writing --out (its <out>.partial directory)",
+    )
+    p.add_argument(
+        "--calib-batch",
+        type=positive_int,
+        default=8,
+        help="with --offload: calibration windows per micro-batch of the statistics (default: %(default)s)",
+    )
     p.add_argument("--out", required=True, help="output directory of the sparse checkpoint")
     p.set_defaults(func=_prune_command)
 

@@ -18,7 +18,16 @@ from pathlib import Path
 from sparseland.errors import SparselandError
 
 SPLITS = ("train", "eval")
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "pydoc_data", "__pycache__"}
+_EXCLUDED_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "turtledemo",
+    "pydoc_data",
+    "__pycache__",
+}
 
 
 def stdlib_root() -> Path:
@@ -32,9 +41,7 @@ def stdlib_files(split: str = "train", eval_every: int = 10) -> list[Path]:
     if eval_every < 2:
         raise SparselandError(f"eval_every={eval_every} must be at least 2")
     root = stdlib_root()
-    files = sorted(
-        p for p in root.rglob("*.py") if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
-    )
+    files = sorted(p for p in root.rglob("*.py") if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
     if not files:
         raise SparselandError(f"no .py files found under {root}; is this Python's standard library installed?")
     want_eval = split == "eval"

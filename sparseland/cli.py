@@ -102,6 +102,12 @@ def load_with_calibration(args: argparse.Namespace, needs_calibration: bool):
 
 
 def _eval_command(args: argparse.Namespace) -> int:
+    if getattr(args, "against", None):
+        from sparseland.evaluate.cli import eval_against_command
+
+        return eval_against_command(args)
+    if getattr(args, "chat", False):
+        raise SparselandError("--chat compares on chat text against a reference; pass --against smollm2-135m too")
     from sparseland.data import load_corpus
     from sparseland.evaluate import perplexity
     from sparseland.models import load_model
@@ -131,9 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("eval", help="perplexity of a model on the embedded text or a text file")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a model on the embedded text or a text file; with --against M, KL divergence and "
+        "top-1 agreement with M",
+    )
     add_model_args(p)
     add_data_args(p)
+    from sparseland.evaluate.cli import add_eval_against_args
+
+    add_eval_against_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_eval_command)
 

@@ -84,3 +84,48 @@ def test_generate_without_template_continues_raw_text(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["chat_template"] is False
     assert main(["generate", "--model", str(ck), "--prompt", "w1", "--system", "w2"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def _calib_args(**kw):
+    import argparse
+
+    base = {"calib_samples": 4, "seq_len": 16, "seed": 0, "calib_text": None, "calib_chat": 0.0, "model": "m"}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_calibration_sources(tmp_path, monkeypatch):
+    from sparseland.cli import calibration_from_args
+    from sparseland.data.chat import chat_tokens, self_chat
+    from sparseland.data.text import load_corpus
+
+    monkeypatch.setenv("SPARSELAND_CACHE", str(tmp_path))
+    model, tok = make_tiny_llama(vocab=128), chat_tokenizer()
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(400)))
+    corpus = load_corpus(tok, text)
+    windows, info = calibration_from_args(_calib_args(), model, tok, corpus)
+    assert windows.equal(corpus.calibration(4, 16, 0)) and info["chat_share"] == 0  # the old default, unchanged
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"w{50 + i % 40}" for i in range(200)))
+    windows, info = calibration_from_args(_calib_args(calib_text=str(other)), model, tok, corpus)
+    assert (windows >= 53).all() and info["text"] == str(other)  # w50.. are ids 53..
+    windows, info = calibration_from_args(_calib_args(calib_chat=1.0), model, tok, corpus)
+    stream = chat_tokens(tok, self_chat(model, tok, "calib"))  # cached by the call above
+    starts = [i for i in range(len(stream) - 15) if stream[i : i + 16].equal(windows[0])]
+    assert starts and info["chat_conversations"] == len(self_chat(model, tok, "calib"))
+    windows, _ = calibration_from_args(_calib_args(calib_chat=0.5), model, tok, corpus)
+    in_text = [any(corpus.calib[i : i + 16].equal(w) for i in range(len(corpus.calib) - 15)) for w in windows]
+    assert sum(in_text) == 2
+
+
+def test_prune_calib_chat_needs_a_chat_template(tmp_path, capsys):
+    ck = save_sparse_checkpoint(make_tiny_llama(vocab=128), _word_tokenizer(), tmp_path / "ck", metadata={})
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(400)))
+    args = ["prune", "--model", str(ck), "--text", str(text), "--seq-len", "16", "--calib-samples", "2"]
+    assert main([*args, "--calib-chat", "--out", str(tmp_path / "o")]) == 2
+    assert "chat template" in capsys.readouterr().err
+    assert main([*args, "--calib-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--calib-chat", "1.5", "--out", str(tmp_path / "o")])

@@ -99,6 +99,7 @@ def test_calibration_sources(tmp_path, monkeypatch):
     from sparseland.data.text import load_corpus
 
     monkeypatch.setenv("SPARSELAND_CACHE", str(tmp_path))
+    monkeypatch.setattr("sparseland.data.chat.instructions", lambda split: ["w1 w2", "w3", "w4 w5 w6"])  # fast
     model, tok = make_tiny_llama(vocab=128), chat_tokenizer()
     text = tmp_path / "words.txt"
     text.write_text(" ".join(f"w{i % 50}" for i in range(400)))
@@ -129,3 +130,22 @@ def test_prune_calib_chat_needs_a_chat_template(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--calib-chat", "1.5", "--out", str(tmp_path / "o")])
+
+
+def test_finetune_on_chat_data(tmp_path, monkeypatch, capsys):
+    from sparseland.runtime.checkpoint import read_manifest
+
+    monkeypatch.setenv("SPARSELAND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("sparseland.data.chat.instructions", lambda split: ["w1 w2", "w3", "w4 w5 w6"])  # fast
+    teacher = make_tiny_llama(vocab=128)
+    dense = save_sparse_checkpoint(teacher, chat_tokenizer(), tmp_path / "dense", metadata={})
+    magnitude_prune_(teacher, 0.5)
+    pruned = save_sparse_checkpoint(teacher, chat_tokenizer(), tmp_path / "pruned", metadata={})
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 100}" for i in range(3000)))
+    args = ["finetune", "--model", str(pruned), "--teacher", str(dense), "--text", str(text), "--seq-len", "32"]
+    args += ["--steps", "2", "--batch-size", "2", "--eval-windows", "0", "--no-progress", "--chat", "0.5"]
+    assert main([*args, "--out", str(tmp_path / "ft")]) == 0
+    assert "50% of them from the teacher's own chat answers" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "ft")["metadata"]["data"]["chat_share"] == 0.5
+    assert list((tmp_path / "cache" / "chat").glob("*.json"))  # the teacher's answers, cached

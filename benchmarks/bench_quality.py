@@ -79,7 +79,8 @@ def markdown(data: dict) -> str:
         "# Calibration for a chat model: KL, top-1 agreement and the task suite (benchmarks/bench_quality.py)\n",
         f"Command: `{s['command']}`. Model {s['model']}; calibration {s['calib_samples']} x {s['seq_len']} "
         f"tokens (seed {s['seed']}); text = the calibration part of pydoc_data.topics, chat = the dense "
-        f"model's own greedy answers (chat template) to {s['chat_calib_conversations']} fixed instructions, "
+        f"model's own greedy answers (chat template, at most {s['chat_answer_tokens']} tokens) to "
+        f"{s['chat_calib_conversations']} fixed instructions, "
         "mix = half of each. Measured against the dense model on the evaluation part of the text "
         f"({s['text_tokens']} predictions) and on held-out chat text ({s['chat_tokens']} predictions: the "
         f"dense model's answers to {s['chat_eval_conversations']} instructions on other topics); task suite: "
@@ -120,7 +121,11 @@ def main(argv=None) -> int:
     ap.add_argument("--text-windows", type=int, default=8, help="evaluation windows of the text")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stem", default="quality")
-    ap.add_argument("--limit", type=int, default=None, help="task items (default: the whole suite)")
+    ap.add_argument("--task-stride", type=int, default=1, help="ask every k-th item of the suite (default: all)")
+    ap.add_argument("--chat-tokens", type=int, default=160, help="answer budget of the self-generated chat data")
+    ap.add_argument("--chat-calib", type=int, default=None, help="calib instructions used (default: all)")
+    ap.add_argument("--chat-eval", type=int, default=None, help="eval instructions used (default: all)")
+    ap.add_argument("--chat-windows", type=int, default=None, help="chat evaluation windows (default: all)")
     args = ap.parse_args(argv)
     cells = parse_cells(args.cells)
     path = RESULTS / f"{args.stem}.json"
@@ -129,16 +134,16 @@ def main(argv=None) -> int:
     dense, tok = sl.load_model(args.model)
     corpus = sl.load_corpus(tok)
     text_eval = corpus.evaluation(args.seq_len, args.text_windows)
-    chat_eval_convs = self_chat(dense, tok, "eval")
-    chat_eval = _windows(chat_tokens(tok, chat_eval_convs), args.seq_len)
-    chat_calib_convs = self_chat(dense, tok, "calib")
+    chat_eval_convs = self_chat(dense, tok, "eval", max_new_tokens=args.chat_tokens, limit=args.chat_eval)
+    chat_eval = _windows(chat_tokens(tok, chat_eval_convs), args.seq_len)[: args.chat_windows]
+    chat_calib_convs = self_chat(dense, tok, "calib", max_new_tokens=args.chat_tokens, limit=args.chat_calib)
     chat_stream = chat_tokens(tok, chat_calib_convs)
     calib = {
         "text": corpus.calibration(args.calib_samples, args.seq_len, args.seed),
         "chat": mix_calibration([(chat_stream, 1.0)], args.calib_samples, args.seq_len, args.seed),
         "mix": mix_calibration([(corpus.calib, 0.5), (chat_stream, 0.5)], args.calib_samples, args.seq_len, args.seed),
     }
-    items = task_suite(seed=0)[: args.limit]
+    items = task_suite(seed=0)[:: args.task_stride]
     if data is None or data["setup"]["task_items"] != len(items):
         dense_tasks = evaluate_tasks(dense, tok, items, label="dense")
         data = {
@@ -151,6 +156,7 @@ def main(argv=None) -> int:
                 "text_tokens": int(text_eval.shape[0] * (text_eval.shape[1] - 1)),
                 "chat_tokens": int(chat_eval.shape[0] * (chat_eval.shape[1] - 1)),
                 "chat_calib_conversations": len(chat_calib_convs),
+                "chat_answer_tokens": args.chat_tokens,
                 "chat_eval_conversations": len(chat_eval_convs),
                 "task_items": len(items),
                 "machine": f"{torch.get_num_threads()} torch threads, {platform.machine()}, torch {torch.__version__}",

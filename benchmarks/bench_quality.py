@@ -112,6 +112,30 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def rescore(data: dict, items: list) -> dict:
+    """Score every stored answer again with the current ``score`` (the answers themselves are kept), and
+    recompute the accuracies and paired comparisons: a parser fix needs no new generation."""
+    from sparseland.evaluate.tasks import score
+
+    def again(d: dict, label: str) -> TaskResult:
+        if len(d["outputs"]) != len(items):
+            raise SystemExit(f"{len(d['outputs'])} stored answers but {len(items)} items; pass the run's --task-stride")
+        return TaskResult(
+            label,
+            d["kinds"],
+            [score(i, o) for i, o in zip(items, d["outputs"], strict=True)],
+            d["outputs"],
+            d.get("seconds", 0.0),
+        )
+
+    dense = again(data["dense_tasks"], "dense")
+    data["dense_tasks"] = dense.to_dict()
+    for row in data["cells"]:
+        res = again(row["tasks"], row["tasks"]["label"])
+        row["tasks"], row["paired"] = res.to_dict(), paired(res, dense).to_dict()
+    return data
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -126,10 +150,15 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-calib", type=int, default=None, help="calib instructions used (default: all)")
     ap.add_argument("--chat-eval", type=int, default=None, help="eval instructions used (default: all)")
     ap.add_argument("--chat-windows", type=int, default=None, help="chat evaluation windows (default: all)")
+    ap.add_argument("--rescore", action="store_true", help="only score the stored answers again and re-render")
     args = ap.parse_args(argv)
     cells = parse_cells(args.cells)
     path = RESULTS / f"{args.stem}.json"
     data = json.loads(path.read_text()) if path.exists() else None
+    if args.rescore:
+        data = rescore(data, task_suite(seed=0)[:: args.task_stride])
+        write_results(RESULTS, args.stem, data, markdown(data))
+        return 0
 
     dense, tok = sl.load_model(args.model)
     corpus = sl.load_corpus(tok)
@@ -159,6 +188,7 @@ def main(argv=None) -> int:
                 "chat_answer_tokens": args.chat_tokens,
                 "chat_eval_conversations": len(chat_eval_convs),
                 "task_items": len(items),
+                "task_stride": args.task_stride,
                 "machine": f"{torch.get_num_threads()} torch threads, {platform.machine()}, torch {torch.__version__}",
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             },

@@ -4,15 +4,17 @@ Four kinds of items, generated from a seed with no download, each asked through 
 and answered greedily (the lean decode loop); the answer is parsed and checked by the machine:
 
 - ``python``: the value of a short generated Python expression; the expected value is what running
-  the expression gives, and an answer is right when it parses (``ast.literal_eval``) to an equal value
-  or reads exactly as the value's ``repr``/``str``;
-- ``arithmetic``: a sum, difference or product of two numbers; right when the first integer in the
-  answer is the result;
+  the expression gives, and an answer is right when the span stating it (the first backticked span,
+  what follows the first "is" or "=", or the whole first line) parses (``ast.literal_eval``) to an
+  equal value of the same type or reads exactly as the value's ``repr``/``str``;
+- ``arithmetic``: a sum, difference or product of two numbers; right when the integer the answer
+  states (after its last "=" or "is", or the answer alone) is the result;
 - ``facts``: which Python statement or string method the embedded text (``pydoc_data.topics``)
   describes, with the name blanked out of the description; right when the name is in the answer as a
   word and no other candidate name is;
 - ``choice``: the same kind of question with four lettered options (the right name and three
-  distractors from the same family); right when the first option letter in the answer is the right one.
+  distractors from the same family); right when the letter after "answer is", else the first option
+  letter in the answer, is the right one.
 
 Accuracy comes with its binomial standard error; two models on the same items are compared by the
 paired difference (its standard error from the per-item differences) and the flips (right to wrong,
@@ -209,28 +211,54 @@ def _clean(output: str) -> str:
     return line[:-1].strip() if line.endswith(".") and not line.endswith("..") else line
 
 
+def _python_candidates(output: str) -> list[str]:
+    """The spans of an answer that may state the value: the first backticked span, what follows the
+    first " is " or "=" of the first line (to the end of the sentence), and the whole first line."""
+    line = _clean(output)
+    spans = []
+    m = re.search(r"`([^`]+)`", output)
+    if m:
+        spans.append(m.group(1).strip())
+    m = re.search(r"(?:\bis\b|=)\s*(.+)$", line)
+    if m:
+        spans.append(m.group(1).strip().strip("`").rstrip(".").strip())
+    return spans + [line]
+
+
+def _matches_value(span: str, item: TaskItem) -> bool:
+    expected = ast.literal_eval(item.answer)
+    try:
+        got = ast.literal_eval(span)
+        if got == expected and type(got) is type(expected):
+            return True
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    return span in (item.answer, str(expected))
+
+
+def _stated_integer(output: str) -> str | None:
+    """The integer an arithmetic answer states: after the last "=" or " is " of the first line, or the
+    line itself when it is just a number; None otherwise (a restated question is not an answer)."""
+    line = _clean(output).replace(",", "")
+    parts = re.split(r"=|\bis\b", line)
+    tail = parts[-1] if len(parts) > 1 else line
+    m = re.match(r"\s*\**\s*(-?\d+)\b", tail)
+    if m and (len(parts) > 1 or re.fullmatch(r"\s*\**\s*-?\d+\s*\**\s*", tail)):
+        return m.group(1)
+    return None
+
+
 def score(item: TaskItem, output: str) -> bool:
     """Whether ``output`` answers ``item`` correctly (see the module docstring for each kind's rule)."""
     if item.kind == "python":
-        line = _clean(output)
-        for prefix in ("the value is", "the answer is", "answer:", "output:", "result:", "=", ">>>"):
-            if line.lower().startswith(prefix):
-                line = line[len(prefix) :].strip()
-        expected = ast.literal_eval(item.answer)
-        try:
-            if ast.literal_eval(line) == expected and type(ast.literal_eval(line)) is type(expected):
-                return True
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            pass
-        return line in (item.answer, str(expected))
+        return any(_matches_value(span, item) for span in _python_candidates(output))
     if item.kind == "arithmetic":
-        m = re.search(r"-?\d+", output.replace(",", ""))
-        return m is not None and m.group(0) == item.answer
+        return _stated_integer(output) == item.answer
     if item.kind == "facts":
         found = {n for n in item.candidates if re.search(rf"\b{re.escape(n)}\b", output, re.I)}
         return found == {item.answer}
     if item.kind == "choice":
-        m = re.search(r"\b([A-D])\b", output)
+        m = re.search(r"answer is:?\s*\**\(?([A-D])\b", output) or re.search(r"\b([A-D])\b", output)
         return m is not None and m.group(1) == item.answer
     raise SparselandError(f"unknown task kind {item.kind!r}; choose from {', '.join(KINDS)}")
 

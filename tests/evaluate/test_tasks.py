@@ -94,6 +94,14 @@ def test_facts_come_from_the_embedded_text_with_the_name_blanked():
         ("arithmetic", "-35", "-35", True),
         ("arithmetic", "-35", "35", False),
         ("arithmetic", "1,234", "", False),
+        ("arithmetic", "126", "39 + 48 = 126", True),  # the stated result, not the restated operands
+        ("arithmetic", "21", "42 - 21", False),  # a restated question states nothing
+        ("arithmetic", "22", "75 - 33 is 22.", True),
+        ("arithmetic", "84", "To add 63 and 21, we need to combine the numbers", False),
+        ("python", "3", "The value of this Python expression is 3.", True),
+        ("python", "'hello'", "The value of this Python expression is `'hello'`.", True),
+        ("python", "'olleh'", "The value of this Python expression is `'hello'`.", False),
+        ("python", "5", "The expression `max([5, 7, 8, 3]) - min([5, 7,", False),
     ],
 )
 def test_score_python_and_arithmetic(kind, answer, output, right):
@@ -107,6 +115,7 @@ def test_score_facts_and_choice():
     choice = TaskItem("choice", "q", "C", ["isascii", "endswith", "count", "istitle"])
     assert score(choice, "C") and score(choice, "C) count") and score(choice, "The answer is C.")
     assert not score(choice, "B") and not score(choice, "count")
+    assert score(choice, "A) isascii\n\nThe correct answer is C)") and not score(choice, "C) count\nThe answer is: B")
     with pytest.raises(SparselandError, match="unknown task kind"):
         score(TaskItem("essay", "q", "x"), "x")
 

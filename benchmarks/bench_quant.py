@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import sparseland as sl
+from sparseland.evaluate.agreement import compare
 from sparseland.io import write_results
 from sparseland.quant import QuantConfig
 from sparseland.runtime.checkpoint import checkpoint_bytes, save_sparse_checkpoint
@@ -65,34 +63,20 @@ def build(name: str, base: torch.nn.Module, tok, calib: torch.Tensor, out: Path)
     return save_sparse_checkpoint(model, tok, path, metadata=meta)
 
 
-@torch.inference_mode()
 def quality(models: dict[str, torch.nn.Module], dense: torch.nn.Module, windows: torch.Tensor) -> dict[str, dict]:
     """Perplexity of each model and its KL divergence / top-1 agreement with ``dense``: one pass over the
-    windows, the dense logits computed once per window."""
-    acc = {k: {"nll": 0.0, "kl": [], "agree": 0.0} for k in models}
-    n = 0
-    for w in tqdm(windows.split(1), desc="quality", unit="window"):
-        ref = dense(w).logits[0, :-1].float()  # (T-1, V)
-        ref_logp = F.log_softmax(ref, -1)
-        n += ref.shape[0]
-        for name, model in models.items():
-            logits = ref if model is dense else model(w).logits[0, :-1].float()
-            logp = F.log_softmax(logits, -1)
-            a = acc[name]
-            a["nll"] += float(F.nll_loss(logp, w[0, 1:], reduction="sum"))
-            a["kl"].append((ref_logp.exp() * (ref_logp - logp)).sum(-1))  # KL(dense || model) per position
-            a["agree"] += float((logits.argmax(-1) == ref.argmax(-1)).sum())
-    out = {}
-    for name, a in acc.items():
-        kl = torch.cat(a["kl"])
-        out[name] = {
-            "perplexity": math.exp(a["nll"] / n),
-            "kl_mean": float(kl.mean()),
-            "kl_p99": float(torch.quantile(kl, 0.99)),
-            "top1_agreement": a["agree"] / n,
-            "predictions": n,
+    windows, the dense logits computed once per window (``sparseland.evaluate.agreement.compare``)."""
+    res = compare(models, dense, windows, batch_size=1)
+    return {
+        name: {
+            "perplexity": r.perplexity,
+            "kl_mean": r.kl_mean,
+            "kl_p99": r.kl_p99,
+            "top1_agreement": r.top1_agreement,
+            "predictions": r.n_tokens,
         }
-    return out
+        for name, r in res.items()
+    }
 
 
 def bits_per_weight(model: torch.nn.Module) -> float:

@@ -17,7 +17,7 @@ from sparseland.bench import run_frontier
 from sparseland.config import SparsityConfig
 from sparseland.data import load_corpus
 from sparseland.errors import SparselandError
-from sparseland.evaluate import evaluate_longctx, perplexity
+from sparseland.evaluate import agreement, evaluate_longctx, evaluate_tasks, perplexity, task_suite
 from sparseland.models import load_model
 from sparseland.quant import QuantConfig, QuantScheme
 from sparseland.registry import make_config
@@ -49,6 +49,9 @@ from sparseland.weights import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "agreement",
+    "evaluate_tasks",
+    "task_suite",
     "BlockSparseConfig",
     "FlexPrefillConfig",
     "H2OConfig",

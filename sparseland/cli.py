@@ -90,9 +90,68 @@ def check_new_dir(out: str) -> None:
         raise SparselandError(f"--out {out} already exists; choose a new directory or delete it first")
 
 
+def share(text: str) -> float:
+    """argparse type: a share in [0, 1], e.g. of the calibration windows taken from chat data."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a share such as 0.5") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]; pass a share such as 0.5 (1: chat only)")
+    return value
+
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """``--calib-text`` and ``--calib-chat``: where the calibration windows come from (see
+    ``calibration_from_args``)."""
+    p.add_argument(
+        "--calib-text",
+        default=None,
+        metavar="FILE",
+        help="calibrate on this UTF-8 text file (all of it) instead of the calibration part of --text or the "
+        "embedded text",
+    )
+    p.add_argument(
+        "--calib-chat",
+        type=share,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="SHARE",
+        help="take this share of the calibration windows from chat-formatted answers the model generates for "
+        "itself to a fixed set of instructions (self-calibration; cached after the first run); the flag alone "
+        "means 1 (chat only), 0.5 a half-and-half mixture with the text (default: 0)",
+    )
+
+
+def calibration_from_args(args: argparse.Namespace, model, tokenizer, corpus):
+    """``(windows, description)``: ``--calib-samples`` windows of ``--seq-len`` tokens (seed ``--seed``)
+    from the calibration text (``--calib-text`` or the corpus's calibration part) and, with
+    ``--calib-chat S``, a share S of them from the model's own chat answers."""
+    from sparseland.data.text import calibration_windows, read_text_file, tokenize_text
+
+    calib_text, chat = getattr(args, "calib_text", None), getattr(args, "calib_chat", 0.0) or 0.0
+    name = corpus.name + " (calibration part)"
+    text = corpus.calib
+    if calib_text is not None:
+        name, text = calib_text, tokenize_text(tokenizer, read_text_file(calib_text))
+    info = {"text": name, "chat_share": chat, "samples": args.calib_samples, "seq_len": args.seq_len}
+    if chat == 0:
+        return calibration_windows(text, args.calib_samples, args.seq_len, args.seed), info
+    from sparseland.data.chat import chat_tokens, has_chat_template, mix_calibration, self_chat
+
+    if tokenizer is None or not has_chat_template(tokenizer):
+        raise SparselandError(f"--calib-chat needs a tokenizer with a chat template; {args.model}'s has none")
+    convs = self_chat(model, tokenizer, "calib")
+    info["chat_conversations"] = len(convs)
+    sources = [(text, 1.0 - chat), (chat_tokens(tokenizer, convs), chat)]
+    return mix_calibration(sources, args.calib_samples, args.seq_len, args.seed), info
+
+
 def load_with_calibration(args: argparse.Namespace, needs_calibration: bool):
     """``(model, tokenizer, corpus, calibration or None, load seconds)`` for a command that changes a
-    model: ``--model``, ``--text``, and ``--calib-samples`` windows of ``--seq-len`` (seed ``--seed``)."""
+    model: ``--model``, ``--text``, and ``--calib-samples`` windows of ``--seq-len`` (seed ``--seed``),
+    from ``--calib-text`` / ``--calib-chat`` when the command has them (``calibration_from_args``)."""
     from sparseland.data import load_corpus
     from sparseland.models import load_model
 
@@ -100,11 +159,17 @@ def load_with_calibration(args: argparse.Namespace, needs_calibration: bool):
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t0
     corpus = load_corpus(tokenizer, args.text)
-    calib = corpus.calibration(args.calib_samples, args.seq_len, args.seed) if needs_calibration else None
+    calib = calibration_from_args(args, model, tokenizer, corpus)[0] if needs_calibration else None
     return model, tokenizer, corpus, calib, load_s
 
 
 def _eval_command(args: argparse.Namespace) -> int:
+    if getattr(args, "against", None):
+        from sparseland.evaluate.cli import eval_against_command
+
+        return eval_against_command(args)
+    if getattr(args, "chat", False):
+        raise SparselandError("--chat compares on chat text against a reference; pass --against smollm2-135m too")
     from sparseland.data import load_corpus
     from sparseland.evaluate import perplexity
     from sparseland.models import load_model
@@ -134,9 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("eval", help="perplexity of a model on the embedded text or a text file")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a model on the embedded text or a text file; with --against M, KL divergence and "
+        "top-1 agreement with M",
+    )
     add_model_args(p)
     add_data_args(p)
+    from sparseland.evaluate.cli import add_eval_against_args
+
+    add_eval_against_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_eval_command)
 

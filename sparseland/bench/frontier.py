@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -422,7 +423,7 @@ def run_cell(
     its median round, so a load change on the shared machine hits both sides alike.
     """
     from sparseland.activations.sites import counting_zeros, get_state
-    from sparseland.evaluate import perplexity
+    from sparseland.evaluate.agreement import compare
 
     model = copy.deepcopy(base)
     runner = get_runner(cell.method)
@@ -433,7 +434,11 @@ def run_cell(
     sparse_attention = "attention" in runner.families
     batch = 1 if sparse_attention else settings.batch_size  # sparse attention: batch 1
     with counting_zeros(model) as counts:  # activation sparsity: the zeros the hooks make on the eval data
-        ppl = perplexity(model, workload.eval_windows, seq_len=settings.seq_len, batch_size=batch, progress=False)
+        # perplexity, and KL / top-1 agreement with the dense model on the same windows (dense logits
+        # recomputed per batch, never kept whole)
+        ppl = compare(
+            {"cell": model}, base, workload.eval_windows, seq_len=settings.seq_len, batch_size=batch, progress=False
+        )["cell"]
     weight_sparsity = measured_sparsity(model)
     activation_sparsity = attn_sparsity = None
     if get_state(model) is not None:
@@ -466,7 +471,10 @@ def run_cell(
         "label": cell.label,
         "family": runner.family,
         "perplexity": ppl.perplexity,
-        "nll": ppl.nll,
+        "nll": math.log(ppl.perplexity),
+        "kl_mean": ppl.kl_mean,  # KL(dense || cell) per next token, nats
+        "kl_p99": ppl.kl_p99,
+        "top1_agreement": ppl.top1_agreement,  # share of next tokens with the dense model's argmax
         "eval_windows": ppl.n_windows,
         "eval_tokens": ppl.n_tokens,
         "eval_seconds": ppl.seconds,

@@ -207,6 +207,8 @@ def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         "measured",
         "perplexity",
         "vs dense",
+        "KL",
+        "top-1",
         "method s",
         "MB",
         "size vs dense",
@@ -225,6 +227,8 @@ def table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                 _measured(r),
                 _num(r["perplexity"]),
                 _num(r["perplexity"] / dense["perplexity"]) + "x" if dense else "-",
+                f"{r['kl_mean']:.4f}" if r.get("kl_mean") is not None else "-",  # cells stored before KL: -
+                f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "-",
                 f"{r['method_seconds']:.1f}",
                 f"{r['model_bytes'] / 1e6:.1f}",
                 f"{r['model_bytes'] / dense['model_bytes']:.2f}x" if dense else "-",

@@ -188,3 +188,144 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--out", default=None, help="also write the JSON result to this file (atomically)")
     p.set_defaults(func=_run)
+    _add_tasks_command(sub)
+
+
+# ---------------------------------------------------------------- eval --against, and the task suite
+
+
+def agreement_text(args: argparse.Namespace, reference, tokenizer, progress: bool = True):
+    """``(name, 1-D tokens)`` to compare on: the evaluation part of the text (``--text`` or the embedded
+    one), or with ``--chat`` the reference's own answers to the held-out chat instructions."""
+    if getattr(args, "chat", False):
+        from sparseland.data.chat import chat_tokens, self_chat
+
+        convs = self_chat(reference, tokenizer, "eval", progress=progress)
+        return f"self-generated chat ({len(convs)} conversations, eval instructions)", chat_tokens(tokenizer, convs)
+    from sparseland.data import load_corpus
+
+    corpus = load_corpus(tokenizer, args.text)
+    return f"{corpus.name} (evaluation part)", corpus.eval
+
+
+def eval_against_command(args: argparse.Namespace) -> int:
+    """``sparseland eval --against R``: perplexity, KL (mean, p99) and top-1 agreement of --model against R."""
+    import time
+
+    from sparseland.evaluate.agreement import agreement
+    from sparseland.evaluate.perplexity import _windows
+    from sparseland.models import load_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    reference, ref_tok = load_model(args.against)
+    load_s = time.perf_counter() - t0
+    if tokenizer is None and ref_tok is None:
+        raise SparselandError(f"neither {args.model} nor {args.against} has a tokenizer; save one with the model")
+    tokenizer = ref_tok or tokenizer
+    name, tokens = agreement_text(args, reference, tokenizer, progress=not args.json)
+    windows = _windows(tokens, args.seq_len)[: args.max_windows]
+    res = agreement(model, reference, windows, batch_size=args.batch_size, progress=not args.json)
+    out = {"model": args.model, "against": args.against, "text": name, "load_seconds": load_s, **res.to_dict()}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"model       {args.model}")
+    print(f"against     {args.against}")
+    print(f"text        {name}: {res.n_windows} x {res.seq_len} tokens ({res.n_tokens} predictions)")
+    print(
+        f"perplexity  {res.perplexity:.3f}   (reference {res.reference_perplexity:.3f}, ratio "
+        f"{res.perplexity / res.reference_perplexity:.3f})"
+    )
+    print(
+        f"KL          mean {res.kl_mean:.4f}   p99 {res.kl_p99:.3f}   max {res.kl_max:.3f} nats  "
+        "(KL(reference || model) per next token)"
+    )
+    print(f"top-1       {100 * res.top1_agreement:.2f}% of next tokens the same as the reference's")
+    print(f"time        load {load_s:.1f} s, compare {res.seconds:.1f} s")
+    return 0
+
+
+def _tasks_command(args: argparse.Namespace) -> int:
+    from sparseland.data.chat import has_chat_template
+    from sparseland.evaluate.tasks import KINDS, evaluate_tasks, format_table, paired, task_suite
+    from sparseland.models import load_model
+
+    kinds = [k for v in (args.kinds or []) for k in v.split(",") if k] or list(KINDS)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise SparselandError(f"unknown task kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    items = [i for i in task_suite(seed=args.seed) if i.kind in kinds][: args.limit]
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None or not has_chat_template(tokenizer):
+        raise SparselandError(f"{args.model} has no tokenizer with a chat template; the task suite asks through it")
+    results, reference = [], None
+    if args.against:
+        ref_model, _ = load_model(args.against)
+        reference = evaluate_tasks(
+            ref_model, tokenizer, items, label=args.against, system=args.system, progress=not args.json
+        )
+        del ref_model
+        results.append(reference)
+    results.append(
+        evaluate_tasks(model, tokenizer, items, label=args.model, system=args.system, progress=not args.json)
+    )
+    out = {
+        "model": args.model,
+        "against": args.against,
+        "seed": args.seed,
+        "items": [i.__dict__ for i in items],
+        "results": [r.to_dict() for r in results],
+        "paired": paired(results[-1], reference).to_dict() if reference else None,
+    }
+    if args.out:
+        from sparseland.io import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps(out, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(format_table(results, reference))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_eval_against_args(p: argparse.ArgumentParser) -> None:
+    """``--against`` and ``--chat`` for ``sparseland eval`` (registered in ``sparseland.cli``)."""
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="M",
+        help="compare with the reference model M (e.g. smollm2-135m): KL divergence of the next-token "
+        "distributions (mean, p99) and top-1 agreement, beside both perplexities",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="with --against: compare on chat-formatted text, the reference's own answers to a fixed set of "
+        "held-out instructions (generated once, then cached) instead of the evaluation part of the text",
+    )
+
+
+def _add_tasks_command(sub) -> None:
+    from sparseland.cli import add_model_args, positive_int
+    from sparseland.evaluate.tasks import KINDS
+
+    p = sub.add_parser(
+        "tasks",
+        help="the offline task suite: Python expressions, arithmetic, facts and multiple choice, through the "
+        "chat template, scored exactly",
+        description="Ask every item of the offline task suite through the chat template, decode greedily and "
+        "score the parsed answer exactly; with --against R also run R on the same items and report the paired "
+        "difference with its standard error and the flips (right to wrong, wrong to right).",
+    )
+    add_model_args(p)
+    p.add_argument("--against", default=None, metavar="M", help="reference model run on the same items")
+    p.add_argument("--kinds", nargs="+", default=None, help=f"task kinds (default: all of {', '.join(KINDS)})")
+    p.add_argument("--limit", type=positive_int, default=None, help="ask at most this many items")
+    p.add_argument("--seed", type=int, default=0, help="suite seed (default: %(default)s)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file (atomically)")
+    p.set_defaults(func=_tasks_command)

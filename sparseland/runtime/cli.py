@@ -35,13 +35,20 @@ def _generate_command(args: argparse.Namespace) -> int:
     report = None
     if args.sparse_runtime:
         report = to_sparse_runtime_(model, format=args.format, value_dtype=args.value_dtype, lm_head_dtype="float32")
-    ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    from sparseland.data.chat import chat_ids, has_chat_template
+
+    chat = not args.raw and has_chat_template(tok)
+    if args.system is not None and not chat:
+        why = "--raw continues text as-is" if args.raw else f"{args.model}'s tokenizer has no chat template"
+        raise SparselandError(f"--system needs the chat template ({why}); drop --system or --raw")
+    ids = chat_ids(tok, args.prompt, args.system) if chat else tok(args.prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise SparselandError(f"--prompt {args.prompt!r} gives no tokens with this tokenizer; pass some words")
     res = greedy_generate(model, ids, args.max_new_tokens, kv_dtype=args.kv_dtype)
     text = tok.decode(res.tokens, skip_special_tokens=True)
     out = {
         "model": args.model,
+        "chat_template": chat,
         "sparse_runtime": bool(args.sparse_runtime),
         "kv_dtype": args.kv_dtype,
         "formats": report.formats if report else None,
@@ -55,7 +62,7 @@ def _generate_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(args.prompt + text)
+        print(text if chat else args.prompt + text)
         print(
             f"-- {len(res.tokens)} tokens; prefill {res.prefill_tokens_per_s:.1f} tok/s, "
             f"decode {res.decode_tokens_per_s:.1f} tok/s ({res.path} step"
@@ -188,9 +195,18 @@ def _bench_command(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="greedy text generation with the lean decode loop")
+    p = sub.add_parser(
+        "generate", help="greedy generation with the lean decode loop (through the chat template unless --raw)"
+    )
     add_model_args(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="the user's message, asked through the model's chat template when its tokenizer has one (the "
+        "answer is printed); with --raw, text to continue",
+    )
+    p.add_argument("--raw", action="store_true", help="continue --prompt as raw text, without the chat template")
+    p.add_argument("--system", default=None, help="system prompt for the chat template (default: the template's own)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default: %(default)s)")
     p.add_argument("--sparse-runtime", action="store_true", help="run Linear layers on sparseland's kernels")
     p.add_argument("--format", default="auto", help=FORMAT_HELP)

@@ -84,10 +84,23 @@ def _finetune_command(args: argparse.Namespace) -> int:
         source_meta = read_manifest(args.model)["metadata"]
     corpus = load_corpus(tokenizer, args.text)
     n_windows = args.calib_windows or cfg.steps * cfg.batch_size
-    windows = corpus.calibration(n_windows, args.seq_len, cfg.seed)  # (N, T)
+    chat = args.chat or 0.0
+    if chat:  # a share of the windows from the teacher's own chat answers (the "calib" instructions)
+        from sparseland.data.chat import chat_tokens, has_chat_template, mix_calibration, self_chat
+
+        if not has_chat_template(tokenizer):
+            raise SparselandError(f"--chat needs a tokenizer with a chat template; {args.model}'s has none")
+        convs = self_chat(teacher, tokenizer, "calib")
+        sources = [(corpus.calib, 1.0 - chat), (chat_tokens(tokenizer, convs), chat)]
+        windows = mix_calibration(sources, n_windows, args.seq_len, cfg.seed)  # (N, T)
+    else:
+        windows = corpus.calibration(n_windows, args.seq_len, cfg.seed)  # (N, T)
     print(f"student     {args.model}: density {masks.density():.4f} of the decoder-block Linear weights")
     print(f"teacher     {args.teacher}")
-    print(f"data        {n_windows} x {args.seq_len} tokens from the calibration part of {corpus.name}")
+    print(
+        f"data        {n_windows} x {args.seq_len} tokens from the calibration part of {corpus.name}"
+        + (f", {chat:.0%} of them from the teacher's own chat answers" if chat else "")
+    )
 
     evaluation: dict = {}
     ev_windows = corpus.evaluation(args.eval_seq_len, args.eval_windows) if args.eval_windows else None
@@ -109,7 +122,7 @@ def _finetune_command(args: argparse.Namespace) -> int:
 
     metadata = {
         "source": {"model": args.model, "teacher": args.teacher, "metadata": source_meta},
-        "data": {"text": corpus.name, "windows": n_windows, "seq_len": args.seq_len},
+        "data": {"text": corpus.name, "windows": n_windows, "seq_len": args.seq_len, "chat_share": chat},
         "evaluation": evaluation,
     }
     t0 = time.perf_counter()
@@ -164,6 +177,18 @@ def add_commands(sub) -> None:
     p.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window sampling and order (default: 0)")
     p.add_argument("--text", default=None, help="UTF-8 text file to use instead of the embedded text")
+    from sparseland.cli import share
+
+    p.add_argument(
+        "--chat",
+        type=share,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="SHARE",
+        help="distil on chat-formatted data too: this share of the windows from the teacher's own greedy "
+        "answers to a fixed set of instructions (generated once, cached); the flag alone means 1 (default: 0)",
+    )
     p.add_argument(
         "--calib-windows",
         type=positive_int,

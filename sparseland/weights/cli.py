@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from sparseland.cli import add_data_args, add_model_args, check_new_dir, load_with_calibration, positive_int
+from sparseland.cli import (
+    add_calibration_args,
+    add_data_args,
+    add_model_args,
+    calibration_from_args,
+    check_new_dir,
+    positive_int,
+)
 from sparseland.errors import SparselandError
 
 METHODS = ("magnitude", "random", "wanda", "sparsegpt")
@@ -48,7 +55,22 @@ def _prune_command(args: argparse.Namespace) -> int:
     check_new_dir(args.out)
     from sparseland import sparsify_
 
-    model, tokenizer, corpus, calib, load_s = load_with_calibration(args, config.uses_calibration)
+    if args.calib_text is not None:
+        from sparseland.data.text import read_text_file
+
+        read_text_file(args.calib_text)  # a bad file fails before the slow model load
+    import time
+
+    from sparseland.data import load_corpus
+    from sparseland.models import load_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    corpus = load_corpus(tokenizer, args.text)
+    calib, calib_info = (
+        calibration_from_args(args, model, tokenizer, corpus) if config.uses_calibration else (None, None)
+    )
     report = sparsify_(model, config, calibration=calib)
     if args.quant_embeddings:
         from sparseland.quant import quantize_embeddings_
@@ -74,7 +96,7 @@ def _prune_command(args: argparse.Namespace) -> int:
         "method": config.to_dict(),
         "report": report.to_dict(),
         "model": args.model,
-        "calibration": {"text": corpus.name, "samples": args.calib_samples, "seq_len": args.seq_len},
+        "calibration": calib_info,
     }
     path = save_sparse_checkpoint(model, tokenizer, args.out, metadata=json.loads(json.dumps(metadata)))
     print(f"saved       {path}")
@@ -160,6 +182,7 @@ def add_commands(subparsers) -> None:
         default=32,
         help="calibration windows of --seq-len tokens (default: %(default)s)",
     )
+    add_calibration_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random pruning")
     p.add_argument(
         "--quant",

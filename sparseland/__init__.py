@@ -19,6 +19,7 @@ from sparseland.data import load_corpus
 from sparseland.errors import SparselandError
 from sparseland.evaluate import evaluate_longctx, perplexity
 from sparseland.models import load_model
+from sparseland.moe import MoEfyConfig
 from sparseland.quant import QuantConfig, QuantScheme
 from sparseland.runtime import (
     greedy_generate,
@@ -71,6 +72,7 @@ __all__ = [
     "sparse_soup",
     "DSnoTConfig",
     "MagnitudeConfig",
+    "MoEfyConfig",
     "RandomConfig",
     "SparseGPTConfig",
     "SparselandError",

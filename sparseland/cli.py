@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "sparseland.attention.cli",
     "sparseland.evaluate.cli",
     "sparseland.training.cli",
+    "sparseland.moe.cli",
 ]
 
 

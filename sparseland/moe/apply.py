@@ -139,11 +139,14 @@ def moefy_model(
     calibration: torch.Tensor | None = None,
     filter_fn: FilterFn | None = None,
     progress: bool = True,
+    inputs: list[torch.Tensor] | None = None,
 ) -> MoEfyReport:
-    """Replace every decoder block's MLP (those ``filter_fn(mlp, name)`` accepts) by a ``MoEMLP``."""
+    """Replace every decoder block's MLP (those ``filter_fn(mlp, name)`` accepts) by a ``MoEMLP``.
+    ``inputs``: the per-layer MLP inputs ``capture_mlp_inputs`` returned for this calibration (reused
+    across configs by benchmarks); None captures them."""
     from sparseland.weights.pruner import decoder_layers, num_threads
 
-    if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
+    if inputs is None and (calibration is None or not isinstance(calibration, torch.Tensor) or calibration.dim() != 2):
         raise SparselandError(
             "MoEfyConfig needs calibration data: pass calibration=corpus.calibration(16, 512) "
             "(a (N, T) LongTensor of token windows)"
@@ -161,7 +164,11 @@ def moefy_model(
     report = MoEfyReport(config.construction, config.router, config.routing, config.experts, config.n_shared)
     was_training = model.training
     model.eval()
-    xs = capture_mlp_inputs(model, layers, calibration, config.calib_tokens, config.seed)
+    xs = (
+        inputs
+        if inputs is not None
+        else capture_mlp_inputs(model, layers, calibration, config.calib_tokens, config.seed)
+    )
     mlp_weights = router_weights = 0
     bar = tqdm(chosen, desc=f"moefy {config.construction}/{config.router}", unit="layer", disable=not progress)
     ctx = num_threads(1) if config.router == "learned" else contextlib.nullcontext()

@@ -53,6 +53,7 @@ def recover_(
         raise SparselandError(f"windows must be a (N, T>=2) LongTensor of token ids; got {tuple(windows.shape)}")
     cfg = FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, temperature=temperature, seed=seed)
     params = {n: p for n, p in trainable_parameters(student).items() if ".router." not in n}
+    was = {n: p.requires_grad for n, p in student.named_parameters()}
     for name, p in student.named_parameters():
         p.requires_grad_(name in params)
     teacher.eval().requires_grad_(False)
@@ -87,6 +88,6 @@ def recover_(
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             break
     student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
+    for n, p in student.named_parameters():
+        p.requires_grad_(was[n])
     return RecoveryResult(steps=len(losses), seconds=time.perf_counter() - t0, losses=losses)

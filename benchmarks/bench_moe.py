@@ -103,12 +103,14 @@ def jobs(args) -> list[tuple]:
     fr = sorted((float(f) for f in args.fractions.split(",")), key=lambda f: abs(f - 0.5))
     out = []
     for f in fr:
-        out += [("moe", f, c, "analytic") for c in args.constructions.split(",")]
+        out += [("moe", f, c, "analytic") for c in args.constructions.split(",") if c]
         out += [
             ("moe", f, c, "learned")
             for c in (args.learned.split(",") if args.learned else [])
             if f == 0.5 or args.learned_all
         ]
+        if args.no_baselines:
+            continue
         if 1.5 * (1 - f) < 1:  # CATS keeps the gate dense: reads >= 1/3
             out.append(("act", 1.5 * (1 - f), "cats", None))
         out.append(("act", 1 - f, "teal", None))

@@ -130,13 +130,21 @@ class MoEMLP(nn.Module):
             elif not decode:
                 self._reuse, self._reuse_left = None, 0  # a new prompt: routing starts afresh
         self._record(sel)
-        if decode and x.dtype == torch.float32:
+        if decode and self._kernel_ready(x):
             from sparseland.runtime.moe import moe_mlp, segments
 
             y = moe_mlp(flat, self.gate_proj.weight, self.up_proj.weight, self.down_t(), segments(self, sel[0]))
             return y.view_as(x)
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (..., I)
         return self.down_proj(h * self.neuron_mask(sel.view(*x.shape[:-1], -1)).to(h.dtype))
+
+    def _kernel_ready(self, x: torch.Tensor) -> bool:
+        """The expert-skipping kernel needs plain float32 Linear weights; projections swapped for runtime
+        formats (``to_sparse_runtime_``) take the masked path, correct but without skipped reads."""
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        return x.dtype == torch.float32 and all(
+            type(p) is nn.Linear and p.weight.dtype == torch.float32 for p in projs
+        )
 
     def down_t(self) -> torch.Tensor:
         """down_proj.weight transposed, (I, H) contiguous: an expert is a block of whole rows. Cached

@@ -5,6 +5,7 @@
 // active experts' rows are read. The active rows are split evenly across threads; each thread computes
 // its rows' gate/up dot products and adds its rows of WdT into its own partial sum (no barrier between
 // the two phases); the partial sums are added at the end. Reference: sparseland/runtime/moe.py.
+#include <torch/library.h>
 #include <cmath>
 #include "common.h"
 #include "matvec.h"

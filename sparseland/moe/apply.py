@@ -3,7 +3,6 @@ build the experts and the router per layer, and swap the block's ``mlp`` for a `
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -171,8 +170,7 @@ def moefy_model(
     )
     mlp_weights = router_weights = 0
     bar = tqdm(chosen, desc=f"moefy {config.construction}/{config.router}", unit="layer", disable=not progress)
-    ctx = num_threads(1) if config.router == "learned" else contextlib.nullcontext()
-    with ctx:
+    with num_threads(1):  # k-means and router fitting are loops of small ops: one thread
         for i in bar:
             budget = config.layer_budget(i, len(layers))
             new = moefy_mlp(layers[i].mlp, xs[i], config, budget, config.seed * 1000 + i, report)

@@ -142,9 +142,7 @@ class MoEMLP(nn.Module):
         """The expert-skipping kernel needs plain float32 Linear weights; projections swapped for runtime
         formats (``to_sparse_runtime_``) take the masked path, correct but without skipped reads."""
         projs = (self.gate_proj, self.up_proj, self.down_proj)
-        return x.dtype == torch.float32 and all(
-            type(p) is nn.Linear and p.weight.dtype == torch.float32 for p in projs
-        )
+        return x.dtype == torch.float32 and all(type(p) is nn.Linear and p.weight.dtype == torch.float32 for p in projs)
 
     def down_t(self) -> torch.Tensor:
         """down_proj.weight transposed, (I, H) contiguous: an expert is a block of whole rows. Cached

@@ -19,6 +19,7 @@ from sparseland.data import load_corpus
 from sparseland.errors import SparselandError
 from sparseland.evaluate import agreement, evaluate_longctx, evaluate_tasks, perplexity, task_suite
 from sparseland.models import load_model
+from sparseland.moe import MoEfyConfig
 from sparseland.quant import QuantConfig, QuantScheme
 from sparseland.registry import make_config
 from sparseland.runtime import (
@@ -75,6 +76,7 @@ __all__ = [
     "sparse_soup",
     "DSnoTConfig",
     "MagnitudeConfig",
+    "MoEfyConfig",
     "RandomConfig",
     "SparseGPTConfig",
     "SparselandError",

@@ -27,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "sparseland.serve.cli",
     "sparseland.peft.cli",
     "sparseland.sae.cli",
+    "sparseland.moe.cli",
 ]
 
 

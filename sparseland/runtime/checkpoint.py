@@ -246,6 +246,10 @@ def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str 
         "aliases": aliases,
         "tensors": records,
     }
+    from sparseland.moe.checkpoint import moe_spec
+
+    if moe := moe_spec(model):  # MoE-fied MLPs: their layout, so the loader can rebuild them
+        manifest["moe"] = moe
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
@@ -309,6 +313,10 @@ def _build_config(path: Path, manifest: dict[str, Any]):
         raise SparselandError(
             f"{path}/sparseland.json: its config does not build a model ({type(exc).__name__}: {msg}); {RESAVE}"
         ) from exc
+    from sparseland.moe.checkpoint import install_moe_
+
+    with torch.device("meta"):
+        install_moe_(meta, manifest.get("moe"), f"{path}/sparseland.json")
     return config, {k: tuple(v.shape) for k, v in meta.state_dict().items()}
 
 
@@ -342,6 +350,9 @@ def load_sparse_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32)
     validate_shapes(manifest["tensors"], manifest["aliases"], expected, str(path))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from sparseland.moe.checkpoint import install_moe_
+
+    install_moe_(model, manifest.get("moe"), f"{path}/sparseland.json")
     from sparseland.quant.apply import attach
 
     quantized = {

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from sparseland.io import write_text_atomic
-from sparseland.runtime import fastpath
-from sparseland.runtime.bench import time_decode
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sparseland, not an installed one
+from sparseland.io import write_text_atomic  # noqa: E402
+from sparseland.runtime import fastpath  # noqa: E402
+from sparseland.runtime.bench import time_decode  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = dict(

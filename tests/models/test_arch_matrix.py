@@ -165,7 +165,8 @@ def test_fused_step_equals_python_or_says_why(models, family):
     if not fastpath.available():
         assert dec.path == "python" and "not built" in dec.fast_reason
         return
-    extras = family in ("qwen2", "qwen3") and fastpath.extras_supported()  # biases / per-head q/k norms
+    assert fastpath.extras_supported()  # the extension is built from this checkout: it has set_layer_extras
+    extras = family in ("qwen2", "qwen3")  # biases / per-head q/k norms run in the fused step
     if family == "llama" or extras:
         assert dec.path == "fused" and dec.fast_reason is None
     else:

@@ -1,7 +1,8 @@
 // Fused decode step (T == 1) for Llama-style models: every decoder layer in one call, no allocation.
 //
 // Per layer (the lean loop's Python step, generate.py, in the same order):
-//   x = rmsnorm(h) ; q, k, v = Wq x, Wk x, Wv x ; RoPE(q, k) with the position's cos/sin ;
+//   x = rmsnorm(h) ; q, k, v = Wq x, Wk x, Wv x ; [+ q/k/v biases (Qwen2) ; per-head rmsnorm of q and k
+//   (Qwen3): set_layer_extras] ; RoPE(q, k) with the position's cos/sin ;
 //   k, v -> cache[layer, :, pos] ; o = softmax(q K^T * scale) V over positions [0, pos] (GQA) ;
 //   h += Wo o ; x = rmsnorm(h) ; h += Wd (silu(Wg x) * Wu x)
 // Each W is a dense fp32/bf16 matrix, a bitmask or a 4-per-byte N:M format (matvec.h kernels), or,
@@ -123,6 +124,10 @@ struct Layer {
   Lin q, k, v, o, gate, up, down;
   const float* gate_thr = nullptr;  // (I,) gate_act site threshold on |silu(gate)|, or none
   bool act = false;                 // any activation-sparse kind or site in this layer
+  // set_layer_extras (Qwen2 / Qwen3): q, k, v biases (H*D,), (KVH*D,), (KVH*D,) and per-head q / k
+  // RMSNorm weights (D,) with their eps, each null when the layer has none
+  const float *bq = nullptr, *bk = nullptr, *bv = nullptr, *qn = nullptr, *kn = nullptr;
+  float qk_eps = 0;
 };
 
 // Per-thread scratch of the activation-sparse path: up to 3 active-input lists (q, k, v).
@@ -170,6 +175,20 @@ void rmsnorm(const float* h, const float* w, float eps, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) ss += double(h[i]) * h[i];
   const float r = 1.0f / std::sqrt(float(ss / double(n)) + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (h[i] * r);
+}
+
+// Step 1b of a layer with extras: q, k, v += their biases; q and k heads RMS-normed per head (Qwen3).
+void qkv_extras(const Layer& ly, float* q, float* k, float* v, int64_t H, int64_t KVH, int64_t D) {
+  if (ly.bq != nullptr)
+    for (int64_t i = 0; i < H * D; ++i) q[i] += ly.bq[i];
+  if (ly.bk != nullptr)
+    for (int64_t i = 0; i < KVH * D; ++i) k[i] += ly.bk[i];
+  if (ly.bv != nullptr)
+    for (int64_t i = 0; i < KVH * D; ++i) v[i] += ly.bv[i];
+  if (ly.qn != nullptr)
+    for (int64_t hh = 0; hh < H; ++hh) rmsnorm(q + hh * D, ly.qn, ly.qk_eps, q + hh * D, D);
+  if (ly.kn != nullptr)
+    for (int64_t kh = 0; kh < KVH; ++kh) rmsnorm(k + kh * D, ly.kn, ly.qk_eps, k + kh * D, D);
 }
 
 // In place: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
@@ -500,6 +519,26 @@ class DecodeStep : public torch::CustomClassHolder {
 
   int64_t num_layers() const { return L_; }
 
+  // Layer l's q/k/v biases and per-head q/k norm weights (empty tensors: none), kept alive here.
+  void set_layer_extras(int64_t l, at::Tensor bq, at::Tensor bk, at::Tensor bv, at::Tensor qn, at::Tensor kn,
+                        double eps) {
+    TORCH_CHECK(l >= 0 && l < L_, "DecodeStep.set_layer_extras: layer ", l, " is outside [0, ", L_, ")");
+    Layer& ly = layers_[l];
+    auto take = [&](const at::Tensor& t, int64_t n, const char* what) -> const float* {
+      if (t.numel() == 0) return nullptr;
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
+                  "DecodeStep.set_layer_extras: ", what, " must be contiguous float32 with ", n, " elements");
+      extras_.push_back(t);
+      return t.data_ptr<float>();
+    };
+    ly.bq = take(bq, H_ * D_, "q bias");
+    ly.bk = take(bk, KVH_ * D_, "k bias");
+    ly.bv = take(bv, KVH_ * D_, "v bias");
+    ly.qn = take(qn, D_, "q norm weight");
+    ly.kn = take(kn, D_, "k norm weight");
+    ly.qk_eps = float(eps);
+  }
+
   // Run on an int8 KV cache instead of the float one (the constructor's float caches are then unused,
   // e.g. (L, KVH, 0, D) placeholders): codes (L, KVH, T_max, D) int8, scales (L, KVH, T_max) float32.
   void set_int8_cache(at::Tensor k_codes, at::Tensor v_codes, at::Tensor k_scale, at::Tensor v_scale) {
@@ -763,6 +802,7 @@ class DecodeStep : public torch::CustomClassHolder {
       // Step 2: RoPE on q and k; k, v into the cache at pos
       if (int8_) {
         ex.single([&] {
+          qkv_extras(ly, q, k, v, H_, KVH_, D_);
           for (int64_t hh = 0; hh < H_; ++hh) rope(q + hh * D_, cos, sin, D_);
           const int64_t base = l * KVH_ * Tmax_;  // (KVH, T_max) of layer l
           for (int64_t kh = 0; kh < KVH_; ++kh) {
@@ -775,6 +815,7 @@ class DecodeStep : public torch::CustomClassHolder {
         attend_int8(ex, l, q, p1);
       } else {
       ex.single([&] {
+        qkv_extras(ly, q, k, v, H_, KVH_, D_);
         for (int64_t hh = 0; hh < H_; ++hh) rope(q + hh * D_, cos, sin, D_);
         for (int64_t kh = 0; kh < KVH_; ++kh) {
           rope(k + kh * D_, cos, sin, D_);
@@ -853,6 +894,7 @@ class DecodeStep : public torch::CustomClassHolder {
   }
 
   std::vector<at::Tensor> tensors_;  // keeps every weight alive
+  std::vector<at::Tensor> extras_;   // and the layers' biases / q-k norm weights
   at::Tensor k_cache_, v_cache_;
   // int8 KV cache (set_int8_cache): codes (L, KVH, T_max, D) and scales (L, KVH, T_max)
   bool int8_ = false;
@@ -884,6 +926,7 @@ TORCH_LIBRARY_FRAGMENT(sparseland, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, at::Tensor, at::Tensor>())
       .def("step", &sparseland::DecodeStep::step)
       .def("num_layers", &sparseland::DecodeStep::num_layers)
+      .def("set_layer_extras", &sparseland::DecodeStep::set_layer_extras)
       .def("set_quest", &sparseland::DecodeStep::set_quest)
       .def("invalidate", &sparseland::DecodeStep::invalidate)
       .def("set_int8_cache", &sparseland::DecodeStep::set_int8_cache);

@@ -514,9 +514,10 @@ def build_fast_step(
         empty = torch.empty(len(layers), KVH, 0, D)
         step = torch.classes.sparseland.DecodeStep(tensors, meta, feps, empty, empty)
         step.set_int8_cache(k_cache, v_cache, *scales)
+    has_qk_norm = describe(model).family.qk_norm == "head"  # the layout says so, not a stray attribute
     for i, layer in enumerate(layers):  # q/k/v biases (Qwen2), per-head q/k norms (Qwen3)
         attn, none = layer.self_attn, torch.empty(0)
-        qn = getattr(attn, "q_norm", None)
+        qn = getattr(attn, "q_norm", None) if has_qk_norm else None
         biases = [_bias(m, n) for m, n in ((attn.q_proj, H * D), (attn.k_proj, KVH * D), (attn.v_proj, KVH * D))]
         if qn is None and all(b.numel() == 0 for b in biases):
             continue

@@ -39,7 +39,10 @@ def test_kernel_equals_reference(H, I, cuts, on, threads, seed):
         y = torch.ops.sparseland.moe_mlp(x, wg, wu, wdt, segs)
     finally:
         torch.set_num_threads(old)
-    torch.testing.assert_close(y, moe_mlp_reference(x, wg, wu, wdt, segs), atol=1e-4, rtol=1e-4)
+    ref = moe_mlp_reference(x.double(), wg.double(), wu.double(), wdt.double(), segs).float()
+    # float32 sums in another order: the error grows with the sum of |terms| over the active neurons
+    scale = float(ref.abs().max()) + 1.0
+    torch.testing.assert_close(y, ref, atol=2e-6 * scale * max(H, 1) ** 0.5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not has_op, reason="the C++ extension with moe_mlp is not built")

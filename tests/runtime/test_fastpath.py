@@ -110,8 +110,13 @@ def test_ineligible_models_fall_back():
 
     m = base()
     attn = m.model.layers[0].self_attn
+    attn.o_proj = torch.nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=True)
+    assert not _eligible(m)  # the fused step adds q/k/v biases only
+
+    m = base()
+    attn = m.model.layers[0].self_attn
     attn.q_proj = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=True)
-    assert not _eligible(m)
+    assert _eligible(m)  # a q/k/v bias (Qwen2) runs fused: DecodeStep.set_layer_extras
 
     m = base()
     m.model.layers[0].mlp.act_fn = torch.nn.GELU()
@@ -119,7 +124,7 @@ def test_ineligible_models_fall_back():
 
     m = base()
     m.model.layers[1].self_attn.q_norm = torch.nn.Identity()
-    assert not _eligible(m)
+    assert _eligible(m)  # Llama's forward never calls a q_norm: the architecture layer, not attributes, decides
 
     m = base()
     to_sparse_runtime_(m, format="actsparse")

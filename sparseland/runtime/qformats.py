@@ -67,7 +67,10 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ref_q4_mm(
     codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int, x: torch.Tensor
 ) -> torch.Tensor:
-    """The Q4 kernel's math in float64: sum_k d_g(k) dx_k sum_c q xq + sum_g m_g sum_{c in g} x."""
+    """The Q4 kernel's math in float64: sum_k d_g(k) dx_k sum_c q xq + sum_g m_g S_g, with S_g =
+    sum_{k in g} dx_k sum_c xq the sum of the *rounded* x (llama.cpp's Q8_1 ``s``): W @ x_rounded exactly.
+    (The exact float sum of x would leave the error sum (W - m)(x - x_rounded), several times larger:
+    ``benchmarks/ablate_q4_offset.py``.)"""
     q = unpack_q4(codes).double()  # (out, in)
     out, inp = q.shape
     xq, dx = quantize_x(x)  # (B, nblk, 32), (B, nblk)
@@ -76,7 +79,7 @@ def ref_q4_mm(
     d = scale.double().repeat_interleave(group // BLOCK, dim=1)  # (out, nblk)
     y = (isum * dx.double().unsqueeze(1) * d.unsqueeze(0)).sum(-1)  # (B, out)
     m = -8.0 * scale.double() if offset is None else offset.double()  # (out, G)
-    sx = x.double().reshape(B, inp // group, group).sum(-1)  # (B, G)
+    sx = (xq.double().sum(-1) * dx.double()).reshape(B, inp // group, group // BLOCK).sum(-1)  # (B, G)
     return (y + sx @ m.T).float()
 
 

@@ -34,15 +34,16 @@ def _expanded_offsets(f) -> torch.Tensor:
 def _bounds(f, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, out) tolerances: ``tight`` for kernel vs the exact emulation (float32 rounding of the
     per-block products, ~1e-7 of the terms' magnitude A; 1e-6 A is still below the effect of one xq
-    off by one, |w| |x| / 127, for in < ~7000), and ``xround`` for kernel vs x @ W^T: the integer part
-    sums d*q = W - m over columns, each x off by at most dx/2, so |error| <= sum_c |W - m| dx/2."""
+    off by one, |w| |x| / 127, for in < ~7000), and ``xround`` for kernel vs x @ W^T: the kernels
+    compute W @ x_rounded (the q4 offset term too takes the rounded x's sums), each x off by at most
+    dx/2, so |error| <= sum_c |W| dx/2."""
     w = f.to_dense()
     wm = (w - _expanded_offsets(f)).abs()  # |d * q|
     A = x.abs() @ (w.abs() + wm).T
     _, dx = Q.quantize_x(x)  # (B, nblk)
     half = (dx / 2).repeat_interleave(Q.BLOCK, dim=1)[:, : x.shape[1]]  # (B, in)
     tight = 1e-6 * A + 1e-6
-    return tight, half @ wm.T + tight
+    return tight, half @ w.abs().T + tight
 
 
 def _run(f, x, threads):

@@ -44,7 +44,7 @@ namespace {
 struct QX {  // one quantized x vector (views into a QXBuf)
   const int8_t* xq;
   const float* dxe;
-  const float* sx;  // Q4: float sum of x per group (padded to a multiple of 8 with zeros)
+  const float* sx;  // Q4: sum of the rounded x per group (padded to a multiple of 8 with zeros)
   float c;          // Q8: 128 * sum_k dx_k * sum(xq_k)
 };
 
@@ -126,7 +126,7 @@ void quantize_q4(const float* x, int64_t in, int64_t group, int8_t* xq, float* d
     int is = 0;
     if (k < nblk) {
       quant_block(x + 32 * k, 32, blk, dx, fs, is);
-      sx[k / bpg] += fs;
+      sx[k / bpg] += dx * float(is);  // the rounded block's sum: y = W @ x_rounded exactly (llama.cpp's Q8_1 s)
     } else {
       std::memset(blk, 0, 32);
     }

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.sae.test_cli import tiny_dir  # noqa: F401  (fixture)
+from tests.sae.test_cli import harvest, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -28,29 +28,7 @@ def test_report_and_browser_render_in_chromium(tiny_dir):  # noqa: F811
     from sparseland.cli import main
 
     d = tiny_dir
-    assert (
-        main(
-            [
-                "sae",
-                "harvest",
-                "--model",
-                str(d / "m"),
-                "--layer",
-                "1",
-                "--text",
-                str(d / "t.txt"),
-                "--tokens",
-                "400",
-                "--eval-tokens",
-                "150",
-                "--seq-len",
-                "16",
-                "--out",
-                str(d / "cache"),
-            ]
-        )
-        == 0
-    )
+    assert harvest(d, 400) == 0
     assert (
         main(
             [

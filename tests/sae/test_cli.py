@@ -22,31 +22,16 @@ def tiny_dir(tmp_path, tiny_llama):
     return tmp_path
 
 
+def harvest(d, tokens: int) -> int:
+    """``sparseland sae harvest`` of the tiny model's layer 1 into ``d/cache`` (16-token windows)."""
+    args = ["--model", str(d / "m"), "--layer", "1", "--text", str(d / "t.txt"), "--tokens", str(tokens)]
+    return main(["sae", "harvest", *args, "--eval-tokens", "150", "--seq-len", "16", "--out", str(d / "cache")])
+
+
 def test_harvest_train_eval_sweep_browse(tiny_dir, capsys):
     d = tiny_dir
     common = ["--seq-len", "16"]
-    assert (
-        main(
-            [
-                "sae",
-                "harvest",
-                "--model",
-                str(d / "m"),
-                "--layer",
-                "1",
-                "--text",
-                str(d / "t.txt"),
-                "--tokens",
-                "600",
-                "--eval-tokens",
-                "150",
-                *common,
-                "--out",
-                str(d / "cache"),
-            ]
-        )
-        == 0
-    )
+    assert harvest(d, 600) == 0
     assert "tokens/s" in capsys.readouterr().out
     assert (
         main(
@@ -91,56 +76,16 @@ def test_harvest_train_eval_sweep_browse(tiny_dir, capsys):
     for key in ("fvu", "l0", "dead_fraction", "delta_ce_nats", "kl_nats", "ce_recovered"):
         assert isinstance(res[key], float), key
     assert res["l0"] <= 4 and res["kl_nats"] >= 0
-    assert (
-        main(
-            [
-                "sae",
-                "sweep",
-                "--cache",
-                str(d / "cache"),
-                "--archs",
-                "topk,batchtopk",
-                "--ks",
-                "2,4",
-                "--width",
-                "32",
-                "--batch-size",
-                "64",
-                "--no-splice",
-                "--out",
-                str(d / "sweep"),
-            ]
-        )
-        == 0
-    )
+    sweep = ["sae", "sweep", "--cache", str(d / "cache"), "--archs", "topk,batchtopk", "--ks", "2,4"]
+    sweep += ["--width", "32", "--batch-size", "64", "--no-splice", "--out", str(d / "sweep")]
+    assert main(sweep) == 0
     out = capsys.readouterr().out
     assert "batchtopk-k4" in out and (d / "sweep" / "fvu_vs_l0.png").is_file()
     rows = json.loads((d / "sweep" / "report.json").read_text())
     assert len(rows) == 4
     # resumable: a second run trains nothing (the eval.json of each run is kept)
     mtime = (d / "sweep" / "topk-k2" / "sae.safetensors").stat().st_mtime
-    assert (
-        main(
-            [
-                "sae",
-                "sweep",
-                "--cache",
-                str(d / "cache"),
-                "--archs",
-                "topk,batchtopk",
-                "--ks",
-                "2,4",
-                "--width",
-                "32",
-                "--batch-size",
-                "64",
-                "--no-splice",
-                "--out",
-                str(d / "sweep"),
-            ]
-        )
-        == 0
-    )
+    assert main(sweep) == 0
     assert (d / "sweep" / "topk-k2" / "sae.safetensors").stat().st_mtime == mtime
     assert main(["sae", "browse", "--sae", str(d / "sae"), "--features", "5", "--out", str(d / "f.html")]) == 0
     page = (d / "f.html").read_text()

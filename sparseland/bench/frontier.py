@@ -16,19 +16,25 @@ by one as they finish (``store.ResultStore``); a rerun skips every cell whose ke
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from sparseland.bench.cells import (  # noqa: F401  (re-exported)
+    LONGCTX_TASKS,
+    Calibration,
+    Cell,
+    FrontierSettings,
+    Workload,
+    parse_pattern,
+)
 from sparseland.bench.measure import (  # noqa: F401  (re-exported: the measurements used to live here)
     GreedyDecodeSpeed,
     RuntimeDecodeSpeed,
@@ -39,272 +45,19 @@ from sparseland.bench.measure import (  # noqa: F401  (re-exported: the measurem
     model_bytes,
     speed_id,
 )
+from sparseland.bench.runners import (  # noqa: F401  (re-exported)
+    FAMILY_ORDER,
+    RUNNERS,
+    Runner,
+    _jsonable,
+    get_runner,
+    register_runner,
+)
 from sparseland.bench.store import open_store
 from sparseland.errors import SparselandError
 
 FRONTIER_VERSION = "2"  # bump when the measurement protocol changes: invalidates every cell
 BASELINES = ("dense", "random", "magnitude")  # always in the grid
-LONGCTX_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")  # the tasks dense solves at 1k-2k
-Calibration = Callable[[], torch.Tensor]  # () -> (n, T) LongTensor, computed on first use
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"N:M"`` -> ``(N, M)``; ``"unstructured"`` -> ``None``; anything else is a clear error."""
-    if pattern == "unstructured":
-        return None
-    n, sep, m = pattern.partition(":")
-    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
-        return int(n), int(m)
-    raise SparselandError(f"pattern {pattern!r} is not 'unstructured' or 'N:M' with 0 < N < M (e.g. 2:4)")
-
-
-@dataclass
-class Cell:
-    """One grid point. ``pattern``: "dense", "unstructured" or "N:M"; ``options`` go to the method config."""
-
-    method: str
-    sparsity: float
-    pattern: str = "unstructured"
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "sparsity": round(float(self.sparsity), 6),
-            "pattern": self.pattern,
-            "options": dict(sorted(self.options.items())),
-        }
-
-    @property
-    def label(self) -> str:
-        if self.pattern == "dense":
-            return self.method
-        opts = "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.method} {self.sparsity:.0%} {self.pattern}{opts}"
-
-
-@dataclass(frozen=True)
-class FrontierSettings:
-    """What every cell shares: the model, the text and how much of it is used.
-
-    ``longctx_length`` > 0 adds long-context accuracy (the RULER-style suite of ``sparseland longctx``,
-    ``longctx_samples`` per task) to the cells where it is relevant: dense and every cell with sparse
-    attention. It is part of the key of those cells only.
-    """
-
-    model: str = "smollm2-135m"
-    text: str | None = None  # None: the embedded text
-    seq_len: int = 512
-    eval_windows: int = 16
-    calib_windows: int = 16
-    seed: int = 0
-    batch_size: int = 4  # not part of the cell key: it does not change the numbers
-    longctx_length: int = 0  # 0: no long-context accuracy
-    longctx_samples: int = 1
-    longctx_tasks: tuple[str, ...] = LONGCTX_TASKS
-
-    def key_dict(self, longctx: bool = True) -> dict[str, Any]:
-        """The settings that decide a cell's numbers (the long-context ones only if ``longctx`` and on)."""
-        d = dataclasses.asdict(self)
-        d.pop("batch_size")
-        if not (longctx and self.longctx_length):
-            for k in ("longctx_length", "longctx_samples", "longctx_tasks"):
-                d.pop(k)
-        else:
-            d["longctx_tasks"] = list(self.longctx_tasks)
-        return d
-
-
-@dataclass
-class Workload:
-    """The loaded dense model plus its data: evaluation windows, a lazy calibration set and (for
-    long-context accuracy) the tokenizer."""
-
-    model: torch.nn.Module
-    eval_windows: torch.Tensor  # (N, T)
-    calibration: Calibration
-    seed: int = 0  # for seeded methods (random pruning)
-    tokenizer: Any = None
-    _longctx: list = field(default_factory=list, repr=False)
-
-    def longctx_samples(self, settings: FrontierSettings) -> list:
-        """The long-context samples of ``settings`` (generated once, seeded)."""
-        if not self._longctx:
-            if self.tokenizer is None:
-                raise SparselandError("long-context accuracy needs the tokenizer in the workload; pass tokenizer=")
-            from sparseland.data.longctx import generate_samples
-            from sparseland.models.loader import model_context_length
-
-            self._longctx.extend(
-                generate_samples(
-                    self.tokenizer,
-                    [settings.longctx_length],
-                    settings.longctx_tasks,
-                    settings.longctx_samples,
-                    seed=settings.seed,
-                    max_context=model_context_length(self.model),
-                )
-            )
-        return self._longctx
-
-
-# -- runners -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Runner:
-    """How to apply one method: ``apply(model, cell, workload)`` edits the model in place and may
-    return a JSON-able report. ``version`` is part of the cell key: bump it when the method changes."""
-
-    apply: Callable[[torch.nn.Module, Cell, Workload], Any]
-    version: str = "1"
-    family: str = "weights"
-    nm_patterns: bool = True  # False: the grid gives this method unstructured cells only
-    parts: tuple[str, ...] = ()  # the families a combined runner applies, in order
-    quant_scheme: str | None = None  # quant runners: the scheme (a weights+quant combination prunes and quantizes)
-    sparsity_free: bool = False  # the grid gives this method one cell, whatever the sparsities
-
-    @property
-    def families(self) -> tuple[str, ...]:
-        return self.parts or (self.family,)
-
-
-RUNNERS: dict[str, Runner] = {}
-
-
-def register_runner(method: str, runner: Runner) -> None:
-    """Make ``method`` usable in grid cells (replaces an earlier runner of that name)."""
-    RUNNERS[method] = runner
-
-
-def get_runner(method: str) -> Runner:
-    """The runner of ``method``; ``"a+b"`` combines registered runners of different families (e.g.
-    ``wanda+teal``: Wanda weights, then TEAL activations calibrated on the pruned model)."""
-    if method not in RUNNERS and "+" in method:
-        return _combined_runner(method)
-    if method not in RUNNERS:
-        raise SparselandError(
-            f"unknown frontier method {method!r}; known: {', '.join(sorted(RUNNERS))}, "
-            "or a combination of different families joined by '+' (e.g. wanda+teal)"
-        )
-    return RUNNERS[method]
-
-
-FAMILY_ORDER = ("weights", "quant", "activations", "attention")  # a combination applies its parts in this order
-
-
-def _combined_runner(method: str) -> Runner:
-    """One runner applying each part of ``"a+b[+c]"`` to the same model with the cell's sparsity: weights
-    first (so activation thresholds are calibrated on the pruned model), then activations, then attention."""
-    names = [n.strip() for n in method.split("+")]
-    if any(not n for n in names):
-        raise SparselandError(f"method {method!r} has an empty part; write combinations like wanda+teal")
-    runners = {n: get_runner(n) for n in names}
-    families = [runners[n].family for n in names]
-    if any(f not in FAMILY_ORDER for f in families) or len(set(families)) != len(families):
-        raise SparselandError(
-            f"method {method!r} combines {', '.join(f'{n} ({f})' for n, f in zip(names, families, strict=True))}; "
-            "a combination takes at most one method per family (weights, activations, attention), e.g. wanda+teal"
-        )
-    order = sorted(names, key=lambda n: FAMILY_ORDER.index(runners[n].family))
-    version = "+".join(f"{n}:{runners[n].version}" for n in order)
-    quant = next((runners[n] for n in order if runners[n].family == "quant"), None)
-    joint = quant is not None and "weights" in families  # prune + quantize in one pass (SparseGPT: jointly)
-    if joint:
-        order = [n for n in order if runners[n].family != "quant"]
-
-    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
-        reports = {}
-        for n in order:
-            part = cell if runners[n].family == "weights" else dataclasses.replace(cell, pattern="unstructured")
-            if joint and runners[n].family == "weights":
-                part = dataclasses.replace(part, options={**part.options, "quant": quant.quant_scheme})
-            reports[n] = _jsonable(runners[n].apply(model, dataclasses.replace(part, method=n), workload))
-        return reports
-
-    weights = [runners[n] for n in order if runners[n].family == "weights"]
-    return Runner(
-        apply=apply,
-        version=version,
-        family="combined",
-        nm_patterns=bool(weights) and weights[0].nm_patterns,
-        parts=tuple(runners[n].family for n in order),
-    )
-
-
-def _weights_runner(method: str) -> Runner:
-    """A runner for a weight-pruning method of the registry (``sparseland.registry``); the cell's
-    pattern and options (and the workload's seed) go into its config."""
-
-    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
-        from sparseland.api import sparsify_
-        from sparseland.registry import make_config
-
-        config = make_config(method, cell.sparsity, pattern=cell.pattern, **{"seed": workload.seed, **cell.options})
-        needs = getattr(config, "uses_calibration", getattr(config, "needs_calibration", True))
-        return sparsify_(model, config, calibration=workload.calibration() if needs else None)
-
-    return Runner(apply=apply, version="1", family="weights")
-
-
-def _activation_runner(method: str) -> Runner:
-    """A runner for an activation-sparsity method of the registry; its cells are unstructured only, and
-    the sparsity is the fraction of zeroed activations the method targets."""
-
-    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
-        from sparseland.api import sparsify_
-        from sparseland.registry import make_config
-
-        config = make_config(method, cell.sparsity, **cell.options)
-        return sparsify_(model, config, calibration=workload.calibration())
-
-    return Runner(apply=apply, version="1", family="activations", nm_patterns=False)
-
-
-def _quant_runner(method: str) -> Runner:
-    """A runner for weight quantization of the registry (``int4``, ``gptq4-g64``, ...): one cell (no
-    sparsity of its own); in a combination with a weights method (``sparsegpt+int4``) the pruning
-    config quantizes the kept weights (SparseGPT: jointly in its OBS loop)."""
-    from sparseland.registry import make_config
-
-    scheme = make_config(method).scheme
-
-    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
-        from sparseland.api import sparsify_
-
-        config = make_config(method, **cell.options)
-        return sparsify_(model, config, calibration=workload.calibration() if config.needs_calibration else None)
-
-    return Runner(apply=apply, version="1", family="quant", nm_patterns=False, quant_scheme=scheme, sparsity_free=True)
-
-
-def _attention_runner(method: str) -> Runner:
-    """A runner for a sparse-attention method of the registry; the sparsity is the fraction of attention
-    it is asked to skip (perplexity windows are short: long-context accuracy is ``sparseland longctx``'s
-    job)."""
-
-    def apply(model: torch.nn.Module, cell: Cell, workload: Workload) -> Any:
-        from sparseland.api import sparsify_
-        from sparseland.registry import make_config
-
-        return sparsify_(model, make_config(method, cell.sparsity, **cell.options))
-
-    return Runner(apply=apply, version="1", family="attention", nm_patterns=False)
-
-
-def _register_from_registry() -> None:
-    """Every registry name of the weights, activations and quant families is a frontier method, and the
-    prefill attention methods (decode-only methods do not change perplexity over whole windows)."""
-    from sparseland import registry
-
-    makers = {"weights": _weights_runner, "activations": _activation_runner, "quant": _quant_runner}
-    for family, make in makers.items():
-        for name in registry.names(family):
-            register_runner(name, make(name))
-    for name in ("streaming", "flexprefill", "vertical_slash", "block_sparse", "xattention"):
-        register_runner(name, _attention_runner(name))
-
-
-register_runner("dense", Runner(apply=lambda model, cell, workload: None, family="dense"))
-_register_from_registry()
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -375,17 +128,6 @@ def load_workload(settings: FrontierSettings) -> Workload:
     return Workload(model=model, eval_windows=windows, calibration=calibration, seed=settings.seed, tokenizer=tokenizer)
 
 
-def _jsonable(value: Any) -> Any:
-    """A JSON-safe copy of a method's report (``to_dict`` objects and dataclasses are converted)."""
-    if value is None:
-        return None
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    return json.loads(json.dumps(value, default=str))
-
-
 def _median_run(runs: list[dict]) -> dict | None:
     """The run with the median tokens/s (the upper median for an even count), with every round's value."""
     if not runs:
@@ -407,6 +149,23 @@ def _longctx_record(model, cell: Cell, workload: Workload, settings: FrontierSet
         "samples": len(res.samples),
         "seconds": sum(x.seconds for x in res.samples),
     }
+
+
+def _paired_speed(model, base, cell: Cell, measure_speed: SpeedFn, speed_rounds: int) -> tuple:
+    """``(dense median run, cell median run)``: dense timed alternately with the cell, so each speedup
+    is a side-by-side ratio."""
+    dense_runs, runs = [], []
+    for _ in range(max(1, speed_rounds)):
+        if cell.method != "dense":
+            run = measure_speed(model)
+            # dense on the same decode path as the cell (fused C++ step or Python step), if the
+            # speed function can choose it
+            path = run.get("path") if getattr(measure_speed, "supports_path", False) else None
+            dense_runs.append(measure_speed(base, path=path) if path else measure_speed(base))
+            runs.append(run)
+        else:
+            runs.append(measure_speed(model))
+    return _median_run(dense_runs), _median_run(runs)
 
 
 def run_cell(
@@ -453,19 +212,8 @@ def run_cell(
     longctx = _longctx_record(model, cell, workload, settings) if wants_longctx(cell, settings) else None
     nbytes, source = model_bytes(model)
     speed = dense_speed = None
-    if measure_speed is not None:  # dense timed alternately with the cell: side-by-side ratios
-        dense_runs, runs = [], []
-        for _ in range(max(1, speed_rounds)):
-            if cell.method != "dense":
-                run = measure_speed(model)
-                # dense on the same decode path as the cell (fused C++ step or Python step), if the
-                # speed function can choose it
-                path = run.get("path") if getattr(measure_speed, "supports_path", False) else None
-                dense_runs.append(measure_speed(base, path=path) if path else measure_speed(base))
-                runs.append(run)
-            else:
-                runs.append(measure_speed(model))
-        dense_speed, speed = _median_run(dense_runs), _median_run(runs)
+    if measure_speed is not None:
+        dense_speed, speed = _paired_speed(model, base, cell, measure_speed, speed_rounds)
     return {
         "cell": cell.to_dict(),
         "label": cell.label,

@@ -22,6 +22,7 @@ import math
 import time
 import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +235,170 @@ def _spiel_step(
     return swapped
 
 
+@dataclasses.dataclass
+class _Attached:
+    """The trainable parts attached to the model for one run: peft's LoRA model (if any), element
+    deltas (parametrizations), column deltas (forward hooks) and the parameters AdamW steps."""
+
+    linears: dict[str, torch.nn.Linear]
+    keep: bool
+    params: list[torch.nn.Parameter] = dataclasses.field(default_factory=list)
+    elements: dict[str, ElementDelta] = dataclasses.field(default_factory=dict)
+    columns: dict[str, ColumnDelta] = dataclasses.field(default_factory=dict)
+    hooks: list = dataclasses.field(default_factory=list)
+    peft_model: Any = None
+    model_view: torch.nn.Module | None = None  # the model under peft's wrapper (or the model itself)
+    n_lora: int = 0
+
+    @property
+    def n_trained(self) -> int:
+        n = self.n_lora + sum(d.values.numel() for d in self.elements.values())
+        return n + sum(int(d.keep.sum()) if d.keep is not None else d.values.numel() for d in self.columns.values())
+
+
+def _check_training_args(windows: torch.Tensor, steps: int, batch_size: int) -> None:
+    if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[1] < 2:
+        raise SparselandError(
+            f"training windows must be a (N, T>=2) LongTensor; got {windows.dtype} {tuple(windows.shape)}"
+        )
+    if steps <= 0 or batch_size <= 0:
+        raise SparselandError(f"steps={steps} and batch_size={batch_size} must be positive")
+
+
+def _attach_lora(model: torch.nn.Module, config: PeftConfig, n: int, att: _Attached) -> int:
+    """Wrap the model with peft's LoRA (LoRA, or SparseLoRA's low-rank share); returns the budget left
+    for sparse deltas."""
+    if not isinstance(config, (LoRAConfig, SparseLoRAConfig)):
+        att.model_view = model
+        return n
+    import peft  # Hugging Face peft (absolute import: the top-level package, not this one)
+
+    lora_cfg = config if isinstance(config, LoRAConfig) else None
+    lt = config.targets if lora_cfg else config.lora_targets
+    lin = target_linears(model, lt)
+    share = n if lora_cfg else int(n * config.lora_share)
+    r = (lora_cfg.rank if lora_cfg and lora_cfg.rank else None) or lora_rank(lin, share)
+    pc = peft.LoraConfig(r=r, lora_alpha=config.alpha_over_rank * r, target_modules=list(lt), lora_dropout=0.0)
+    att.peft_model = peft.get_peft_model(model, pc)
+    lora_params = [p for name, p in att.peft_model.named_parameters() if "lora_" in name]
+    att.n_lora = sum(p.numel() for p in lora_params)
+    att.params += lora_params
+    att.model_view = att.peft_model.base_model.model
+    return n - att.n_lora
+
+
+def _attach_sparse(model: torch.nn.Module, config: PeftConfig, n_sparse: int, att: _Attached) -> None:
+    """S2FT's column deltas (forward hooks) or the element deltas of the other sparse methods."""
+    linears, keep = att.linears, att.keep
+    if isinstance(config, S2FTConfig):
+        plan = s2ft_plan(model, linears, config, n_sparse, keep)
+        for name, cols in plan.items():
+            m = linears[name]
+            mask = (m.weight.detach()[:, cols] != 0) if keep else None
+            d = ColumnDelta(cols, m.out_features, m.weight.dtype, mask)
+            att.columns[name] = d
+            att.hooks.append(m.register_forward_hook(d.hook))
+            att.params.append(d.values)
+    elif not isinstance(config, LoRAConfig):
+        plan, seeds = element_indices(linears, config, n_sparse, keep)
+        for name, idx in plan.items():
+            m = linears[name]
+            d = ElementDelta(idx, m.weight.dtype)
+            d.seed = seeds.get(name)
+            parametrize.register_parametrization(m, "weight", d, unsafe=True)
+            att.elements[name] = d
+            att.params.append(d.values)
+
+
+def _train_step(step: int, steps: int, att: _Attached, runner, opt, sched, spiel, allowed, x) -> torch.Tensor:
+    """One AdamW step (with SpIEL's gradient accumulation and index swaps on their schedule); returns the loss."""
+    if spiel is not None and (step + spiel.accumulate) % spiel.update_every == 0 and step + 1 < steps:
+        for name, d in att.elements.items():
+            d.grad_acc = torch.zeros_like(att.linears[name].parametrizations.weight.original)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, sched)
+    opt.zero_grad(set_to_none=True)
+    loss = runner(input_ids=x, labels=x, use_cache=False).loss
+    loss.backward()
+    for d in att.columns.values():  # pruned S2FT: masked entries get no gradient, so Adam never moves them
+        if d.keep is not None and d.values.grad is not None:
+            d.values.grad.mul_(d.keep)
+    torch.nn.utils.clip_grad_norm_(att.params, 1.0)
+    opt.step()
+    return loss
+
+
+def _train_loop(att: _Attached, config: PeftConfig, windows, steps: int, batch_size: int, progress: bool, on_step):
+    """``(losses, swaps, seconds)`` of ``steps`` AdamW steps over the attached parameters."""
+    allowed = {name: (att.linears[name].weight != 0) if att.keep else None for name in att.elements}
+    opt = torch.optim.AdamW(att.params, lr=config.lr, weight_decay=0.0)
+    sched = types.SimpleNamespace(lr=config.lr, steps=steps, warmup_steps=max(1, round(0.05 * steps)))
+    spiel = config if isinstance(config, SpIELConfig) else None
+    runner = att.peft_model if att.peft_model is not None else att.model_view
+    runner.train()
+    losses: list[dict[str, float]] = []
+    swaps: list[int] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"peft {config.method}", unit="step", disable=not progress)
+    try:
+        for step in range(steps):
+            x = windows[batch_indices(step, windows.shape[0], batch_size, config.seed)]
+            loss = _train_step(step, steps, att, runner, opt, sched, spiel, allowed, x)
+            if spiel is not None and (step + 1) % spiel.update_every == 0 and step + 1 < steps:
+                frac = spiel.swap_fraction * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+                swaps.append(_spiel_step(att.elements, allowed, opt, frac))
+            rec = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "loss": float(loss.detach())}
+            losses.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step + 1, rec)
+    finally:
+        bar.close()
+        seconds = time.perf_counter() - t0
+        runner.eval()
+        for h in att.hooks:
+            h.remove()
+    return losses, swaps, seconds
+
+
+def _detach_sparse(att: _Attached) -> dict[str, TensorDelta]:
+    """The trained element and column deltas; the parametrizations removed (base weights' bits kept)."""
+    deltas: dict[str, TensorDelta] = {}
+    for name, d in att.elements.items():
+        m = att.linears[name]
+        deltas[name + ".weight"] = TensorDelta(
+            tuple(m.weight.shape), d.values.detach().clone(), indices=d.idx.clone(), seed=d.seed
+        )
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)  # the original tensor: base bits
+    for name, d in att.columns.items():
+        m = att.linears[name]
+        deltas[name + ".weight"] = TensorDelta(tuple(m.weight.shape), d.block().detach().clone(), cols=d.cols.clone())
+    return deltas
+
+
+def _detach_lora(model: torch.nn.Module, config: PeftConfig, att: _Attached) -> tuple[dict, int | None]:
+    """``(low-rank deltas, peft's adapter file bytes)``; peft's layers unloaded from the model."""
+    low_rank: dict[str, LowRankDelta] = {}
+    if att.peft_model is None:
+        return low_rank, None
+    peft_bytes = _peft_file_bytes(att.peft_model)
+    lora_cfg = config if isinstance(config, LoRAConfig) else None
+    mask = att.keep if (lora_cfg is None or lora_cfg.mask_merge is None) else lora_cfg.mask_merge
+    for name, m in att.model_view.named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            low_rank[name + ".weight"] = LowRankDelta(
+                m.lora_A["default"].weight.detach().clone(),
+                m.lora_B["default"].weight.detach().clone(),
+                float(m.scaling["default"]),
+                bool(mask),
+            )
+    base = att.peft_model.unload()  # the LoRA layers removed, base weights untouched
+    if base is not model:
+        raise SparselandError("peft returned a different model object on unload")  # pragma: no cover
+    return low_rank, peft_bytes
+
+
 def train_adapter(
     model: torch.nn.Module,
     config: PeftConfig,
@@ -246,129 +411,18 @@ def train_adapter(
 ) -> TrainResult:
     """Train ``config``'s adapter on ``windows`` (N, T) token ids for ``steps`` AdamW steps (linear warm-up,
     cosine decay); returns the adapter. The model's own weights are never changed."""
-    if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[1] < 2:
-        raise SparselandError(
-            f"training windows must be a (N, T>=2) LongTensor; got {windows.dtype} {tuple(windows.shape)}"
-        )
-    if steps <= 0 or batch_size <= 0:
-        raise SparselandError(f"steps={steps} and batch_size={batch_size} must be positive")
+    _check_training_args(windows, steps, batch_size)
     n = budget_params(model, config)
     linears = target_linears(model, config.targets)
     keep = is_pruned(model, linears) if config.keep_sparsity is None else config.keep_sparsity
     model.requires_grad_(False)
-    base = model
-    params: list[torch.nn.Parameter] = []
-    elements: dict[str, ElementDelta] = {}
-    columns: dict[str, ColumnDelta] = {}
-    hooks = []
-    peft_model = None
-    n_lora = 0
-    lora_cfg = config if isinstance(config, LoRAConfig) else None
-    if isinstance(config, (LoRAConfig, SparseLoRAConfig)):
-        import peft  # Hugging Face peft (absolute import: the top-level package, not this one)
-
-        lt = config.targets if lora_cfg else config.lora_targets
-        lin = target_linears(model, lt)
-        share = n if lora_cfg else int(n * config.lora_share)
-        r = (lora_cfg.rank if lora_cfg and lora_cfg.rank else None) or lora_rank(lin, share)
-        pc = peft.LoraConfig(r=r, lora_alpha=config.alpha_over_rank * r, target_modules=list(lt), lora_dropout=0.0)
-        peft_model = peft.get_peft_model(model, pc)
-        lora_params = [p for name, p in peft_model.named_parameters() if "lora_" in name]
-        n_lora = sum(p.numel() for p in lora_params)
-        params += lora_params
-        n_sparse = n - n_lora
-        model_view = peft_model.base_model.model
-    else:
-        n_sparse = n
-        model_view = model
-    if isinstance(config, S2FTConfig):
-        plan = s2ft_plan(model, linears, config, n_sparse, keep)
-        for name, cols in plan.items():
-            m = linears[name]
-            mask = (m.weight.detach()[:, cols] != 0) if keep else None
-            d = ColumnDelta(cols, m.out_features, m.weight.dtype, mask)
-            columns[name] = d
-            hooks.append(m.register_forward_hook(d.hook))
-            params.append(d.values)
-    elif not isinstance(config, LoRAConfig):
-        plan, seeds = element_indices(linears, config, n_sparse, keep)
-        for name, idx in plan.items():
-            m = linears[name]
-            d = ElementDelta(idx, m.weight.dtype)
-            d.seed = seeds.get(name)
-            parametrize.register_parametrization(m, "weight", d, unsafe=True)
-            elements[name] = d
-            params.append(d.values)
-    allowed = {name: (linears[name].weight != 0) if keep else None for name in elements}
-    n_trained = n_lora + sum(d.values.numel() for d in elements.values())
-    n_trained += sum(int(d.keep.sum()) if d.keep is not None else d.values.numel() for d in columns.values())
-
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    sched = types.SimpleNamespace(lr=config.lr, steps=steps, warmup_steps=max(1, round(0.05 * steps)))
-    spiel = config if isinstance(config, SpIELConfig) else None
-    runner = peft_model if peft_model is not None else model
-    runner.train()
-    losses: list[dict[str, float]] = []
-    swaps: list[int] = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"peft {config.method}", unit="step", disable=not progress)
-    try:
-        for step in range(steps):
-            if spiel is not None and (step + spiel.accumulate) % spiel.update_every == 0 and step + 1 < steps:
-                for name, d in elements.items():
-                    d.grad_acc = torch.zeros_like(linears[name].parametrizations.weight.original)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, sched)
-            opt.zero_grad(set_to_none=True)
-            x = windows[batch_indices(step, windows.shape[0], batch_size, config.seed)]
-            loss = runner(input_ids=x, labels=x, use_cache=False).loss
-            loss.backward()
-            for d in columns.values():  # pruned S2FT: masked entries get no gradient, so Adam never moves them
-                if d.keep is not None and d.values.grad is not None:
-                    d.values.grad.mul_(d.keep)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if spiel is not None and (step + 1) % spiel.update_every == 0 and step + 1 < steps:
-                frac = spiel.swap_fraction * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
-                swaps.append(_spiel_step(elements, allowed, opt, frac))
-            rec = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "loss": float(loss.detach())}
-            losses.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            bar.update(1)
-            if on_step is not None:
-                on_step(step + 1, rec)
-    finally:
-        bar.close()
-        seconds = time.perf_counter() - t0
-        runner.eval()
-        for h in hooks:
-            h.remove()
-    deltas: dict[str, TensorDelta] = {}
-    for name, d in elements.items():
-        m = linears[name]
-        deltas[name + ".weight"] = TensorDelta(
-            tuple(m.weight.shape), d.values.detach().clone(), indices=d.idx.clone(), seed=d.seed
-        )
-        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)  # the original tensor: base bits
-    for name, d in columns.items():
-        m = linears[name]
-        deltas[name + ".weight"] = TensorDelta(tuple(m.weight.shape), d.block().detach().clone(), cols=d.cols.clone())
-    low_rank: dict[str, LowRankDelta] = {}
-    peft_bytes = None
-    if peft_model is not None:
-        peft_bytes = _peft_file_bytes(peft_model)
-        mask = keep if (lora_cfg is None or lora_cfg.mask_merge is None) else lora_cfg.mask_merge
-        for name, m in model_view.named_modules():
-            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-                low_rank[name + ".weight"] = LowRankDelta(
-                    m.lora_A["default"].weight.detach().clone(),
-                    m.lora_B["default"].weight.detach().clone(),
-                    float(m.scaling["default"]),
-                    bool(mask),
-                )
-        base = peft_model.unload()  # the LoRA layers removed, base weights untouched
-        if base is not model:
-            raise SparselandError("peft returned a different model object on unload")  # pragma: no cover
+    att = _Attached(linears, keep)
+    n_sparse = _attach_lora(model, config, n, att)
+    _attach_sparse(model, config, n_sparse, att)
+    n_trained = att.n_trained
+    losses, swaps, seconds = _train_loop(att, config, windows, steps, batch_size, progress, on_step)
+    deltas = _detach_sparse(att)
+    low_rank, peft_bytes = _detach_lora(model, config, att)
     model.requires_grad_(False)
     meta = {"config": config.to_dict(), "n_params": n_trained, "budget_params": n, "keep_sparsity": bool(keep)}
     return TrainResult(Adapter(deltas, low_rank, meta), losses, seconds, n_trained, n, peft_bytes, swaps)

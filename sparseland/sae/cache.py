@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +114,143 @@ def _manifest_base(model_name, layer, sites, d_model, seq_len, text, exclude_fir
     }
 
 
+@dataclass
+class _Harvest:
+    """What every split and shard of one harvest shares."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    layer: int
+    sites: tuple[str, ...]
+    text: str
+    seq_len: int
+    batch_size: int
+    shard_windows: int
+    exclude_first: bool
+    special: set[int]
+    manifest_path: Path
+    manifest: dict
+    progress: bool
+    token_fn: Any
+    new_shards: int = 0  # shards written by this call (``kill_after_shards`` counts these)
+
+    def save_manifest(self) -> None:
+        write_text_atomic(self.manifest_path, json.dumps(self.manifest, indent=2))
+
+
+def _open_manifest(out: Path, base: dict) -> dict:
+    """The cache's manifest: the existing one (its settings must be ``base``'s: a resume) or a new one."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        return {**base, "splits": {}}
+    manifest = json.loads(manifest_path.read_text())
+    old = {k: manifest.get(k) for k in base}
+    if old != base:
+        diff = {k: (old[k], base[k]) for k in base if old[k] != base[k]}
+        raise SparselandError(
+            f"cache {out} was harvested with other settings {diff} (cached, asked); "
+            "pass a new --out or the same settings to resume"
+        )
+    return manifest
+
+
+def _split_windows(job: _Harvest, split: str, want: int, sdir: Path) -> tuple[dict, torch.Tensor]:
+    """``(the split's manifest entry, its windows)``; the windows are cut and saved on the first run
+    (or when the split's target changed)."""
+    info = job.manifest["splits"].get(split)
+    if info is None or info.get("target_tokens") != want:
+        if job.token_fn is not None:
+            ids = job.token_fn(split, want * 2)
+        else:
+            ids = split_tokens_of(job.tokenizer, job.text, split, max_tokens=want * 2)
+        # each window caches at most seq_len - 1 tokens; take enough windows for `want` rows
+        seq_len = job.seq_len
+        n_windows = min(len(ids) // seq_len, math.ceil(want / (seq_len - 1)))
+        if n_windows == 0:
+            raise SparselandError(f"text {job.text!r} ({split}) has fewer than seq_len={seq_len} tokens")
+        windows = ids[: n_windows * seq_len].view(n_windows, seq_len).to(torch.int32)
+        _save_npy_atomic(sdir / "windows.npy", windows.numpy())
+        info = {"target_tokens": want, "windows": n_windows, "shards": [], "tokens": 0, "complete": False}
+        job.manifest["splits"][split] = info
+        job.save_manifest()
+    return info, torch.from_numpy(np.load(sdir / "windows.npy")).long()
+
+
+def _shard_activations(job: _Harvest, w: torch.Tensor, s: int, bar) -> tuple[dict[str, list], list]:
+    """The kept activations of each site over the windows ``w`` of shard ``s``, and their (window,
+    position) index."""
+    acts: dict[str, list[torch.Tensor]] = {site: [] for site in job.sites}
+    index = []
+    for b in range(0, len(w), job.batch_size):
+        wb = w[b : b + job.batch_size]
+        keep = keep_mask(wb, job.special, job.exclude_first)
+        with (
+            torch.inference_mode(),
+            capture(job.model, job.layer, job.sites) as store,
+            contextlib.suppress(StopForward),
+        ):
+            job.model(input_ids=wb)
+        for site in job.sites:
+            acts[site].append(store[site][keep].to(torch.float16))
+        wi, pos = keep.nonzero(as_tuple=True)
+        index.append(torch.stack([wi + s * job.shard_windows + b, pos], 1).to(torch.int32))
+        bar.update(int(keep.sum()))
+    return acts, index
+
+
+def _write_shard(job: _Harvest, sdir: Path, s: int, acts: dict[str, list], index: list) -> tuple[str, int]:
+    """Save shard ``s``'s float16 activations (one file per site) and its index; ``(stem, rows)``."""
+    stem = f"shard-{s:05d}"
+    rows = 0
+    for site in job.sites:
+        a = torch.cat(acts[site]).numpy()
+        if not np.isfinite(a).all():
+            raise SparselandError(
+                f"{site} activations of layer {job.layer} overflow float16 in shard {s}; "
+                "this cache stores float16 only, pick another layer or site"
+            )
+        _save_npy_atomic(sdir / f"{stem}.{site}.npy", a)
+        rows = len(a)
+    _save_npy_atomic(sdir / f"{stem}.index.npy", torch.cat(index).numpy())
+    return stem, rows
+
+
+def _harvest_split(job: _Harvest, out: Path, split: str, want: int, kill_after_shards) -> HarvestStats | None:
+    """Harvest the missing shards of ``split``; None when stopped by ``kill_after_shards``."""
+    sdir = out / split
+    sdir.mkdir(parents=True, exist_ok=True)
+    info, windows = _split_windows(job, split, want, sdir)
+    n_shards = math.ceil(len(windows) / job.shard_windows)
+    done = len(info["shards"])
+    t0 = time.perf_counter()
+    new_tokens = 0
+    bar = tqdm(
+        total=int(keep_mask(windows, job.special, job.exclude_first).sum()),
+        initial=info["tokens"],
+        desc=f"harvest {split}",
+        unit="tok",
+        unit_scale=True,
+        disable=not job.progress,
+    )
+    for s in range(done, n_shards):
+        if kill_after_shards is not None and job.new_shards >= kill_after_shards:
+            bar.close()
+            return None
+        w = windows[s * job.shard_windows : (s + 1) * job.shard_windows]
+        acts, index = _shard_activations(job, w, s, bar)
+        stem, rows = _write_shard(job, sdir, s, acts, index)
+        info["shards"].append({"stem": stem, "rows": rows})
+        info["tokens"] += rows
+        info["complete"] = s == n_shards - 1
+        job.save_manifest()
+        new_tokens += rows
+        job.new_shards += 1
+    bar.close()
+    info["complete"] = True
+    job.save_manifest()
+    return HarvestStats(new_tokens, time.perf_counter() - t0, n_shards, done)
+
+
 def harvest(
     model: torch.nn.Module,
     tokenizer,
@@ -144,93 +282,20 @@ def harvest(
     out = Path(out)
     d_model = model.config.hidden_size
     base = _manifest_base(model_name, layer, sites, d_model, seq_len, text, exclude_first)
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        old = {k: manifest.get(k) for k in base}
-        if old != base:
-            diff = {k: (old[k], base[k]) for k in base if old[k] != base[k]}
-            raise SparselandError(
-                f"cache {out} was harvested with other settings {diff} (cached, asked); "
-                "pass a new --out or the same settings to resume"
-            )
-    else:
-        manifest = {**base, "splits": {}}
+    manifest = _open_manifest(out, base)
     special = set(tokenizer.all_special_ids or [])
+    job = _Harvest(
+        model, tokenizer, layer, sites, text, seq_len, batch_size, shard_windows, exclude_first, special,
+        out / "manifest.json", manifest, progress, token_fn,
+    )  # fmt: skip
     stats = {}
-    new_shards = 0
     for split, want in (("train", tokens), ("eval", eval_tokens)):
         if want <= 0:
             continue
-        sdir = out / split
-        sdir.mkdir(parents=True, exist_ok=True)
-        info = manifest["splits"].get(split)
-        if info is None or info.get("target_tokens") != want:
-            if token_fn is not None:
-                ids = token_fn(split, want * 2)
-            else:
-                ids = split_tokens_of(tokenizer, text, split, max_tokens=want * 2)
-            # each window caches at most seq_len - 1 tokens; take enough windows for `want` rows
-            n_windows = min(len(ids) // seq_len, math.ceil(want / (seq_len - 1)))
-            if n_windows == 0:
-                raise SparselandError(f"text {text!r} ({split}) has fewer than seq_len={seq_len} tokens")
-            windows = ids[: n_windows * seq_len].view(n_windows, seq_len).to(torch.int32)
-            _save_npy_atomic(sdir / "windows.npy", windows.numpy())
-            info = {"target_tokens": want, "windows": n_windows, "shards": [], "tokens": 0, "complete": False}
-            manifest["splits"][split] = info
-            write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
-        windows = torch.from_numpy(np.load(sdir / "windows.npy")).long()
-        n_shards = math.ceil(len(windows) / shard_windows)
-        done = len(info["shards"])
-        t0 = time.perf_counter()
-        new_tokens = 0
-        bar = tqdm(
-            total=int(keep_mask(windows, special, exclude_first).sum()),
-            initial=info["tokens"],
-            desc=f"harvest {split}",
-            unit="tok",
-            unit_scale=True,
-            disable=not progress,
-        )
-        for s in range(done, n_shards):
-            if kill_after_shards is not None and new_shards >= kill_after_shards:
-                bar.close()
-                return stats
-            w = windows[s * shard_windows : (s + 1) * shard_windows]
-            acts: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-            index = []
-            for b in range(0, len(w), batch_size):
-                wb = w[b : b + batch_size]
-                keep = keep_mask(wb, special, exclude_first)
-                with torch.inference_mode(), capture(model, layer, sites) as store, contextlib.suppress(StopForward):
-                    model(input_ids=wb)
-                for site in sites:
-                    acts[site].append(store[site][keep].to(torch.float16))
-                wi, pos = keep.nonzero(as_tuple=True)
-                index.append(torch.stack([wi + s * shard_windows + b, pos], 1).to(torch.int32))
-                bar.update(int(keep.sum()))
-            stem = f"shard-{s:05d}"
-            rows = 0
-            for site in sites:
-                a = torch.cat(acts[site]).numpy()
-                if not np.isfinite(a).all():
-                    raise SparselandError(
-                        f"{site} activations of layer {layer} overflow float16 in shard {s}; "
-                        "this cache stores float16 only, pick another layer or site"
-                    )
-                _save_npy_atomic(sdir / f"{stem}.{site}.npy", a)
-                rows = len(a)
-            _save_npy_atomic(sdir / f"{stem}.index.npy", torch.cat(index).numpy())
-            info["shards"].append({"stem": stem, "rows": rows})
-            info["tokens"] += rows
-            info["complete"] = s == n_shards - 1
-            write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
-            new_tokens += rows
-            new_shards += 1
-        bar.close()
-        info["complete"] = True
-        write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
-        stats[split] = HarvestStats(new_tokens, time.perf_counter() - t0, n_shards, done)
+        result = _harvest_split(job, out, split, want, kill_after_shards)
+        if result is None:
+            return stats
+        stats[split] = result
     return stats
 
 

@@ -36,6 +36,39 @@ def _current_columns(
     return torch.cat([inside, after], dim=1)
 
 
+def _check_args(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor | None, blocksize: int) -> None:
+    out_f, in_f = W.shape
+    if H.shape != (in_f, in_f):
+        raise SparselandError(f"H has shape {tuple(H.shape)}, expected ({in_f}, {in_f})")
+    if mask is not None and tuple(mask.shape) != (out_f, in_f):
+        raise SparselandError(f"mask has shape {tuple(mask.shape)}, expected ({out_f}, {in_f})")
+    if blocksize < 1:
+        raise SparselandError(f"blocksize={blocksize} must be positive")
+
+
+def _static_grids(W, keep, scheme: QuantScheme, g: int, scale: torch.Tensor, offset: torch.Tensor | None) -> list:
+    """Act-order's "static groups": groups stay contiguous in the original column order (the storage
+    format), so their grids are fixed up front from the unquantized weights, as round-to-nearest would
+    choose them; fills ``scale``/``offset`` and returns each group's float32 ``(d, m)``."""
+    for k in range(scale.shape[1]):
+        sl = slice(k * g, (k + 1) * g)
+        d16, m16 = group_params(W[:, sl], scheme, None if keep is None else keep[:, sl])
+        scale[:, k] = d16
+        if offset is not None:
+            offset[:, k] = m16
+    return [_grid(scale[:, k], None if offset is None else offset[:, k], scheme) for k in range(scale.shape[1])]
+
+
+def _quantize_column(w, d, m, scheme: QuantScheme, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, values)`` of column ``w`` on the grid ``(d, m)``; pruned entries: code 0, value 0."""
+    c = quantize_codes(w.unsqueeze(1), d, m, scheme).squeeze(1)
+    q = d * c.float() + m
+    if keep is not None:
+        c = torch.where(keep, c, torch.zeros_like(c))
+        q = torch.where(keep, q, torch.zeros_like(q))
+    return c, q
+
+
 @torch.no_grad()
 def _gptq(
     W: torch.Tensor,
@@ -48,13 +81,8 @@ def _gptq(
 ) -> tuple[QuantizedWeight, torch.Tensor]:
     """``gptq_quantize`` that also returns the final float32 weight the loop produced (for checks)."""
     scheme = QuantScheme.parse(scheme)
+    _check_args(W, H, mask, blocksize)
     out_f, in_f = W.shape
-    if H.shape != (in_f, in_f):
-        raise SparselandError(f"H has shape {tuple(H.shape)}, expected ({in_f}, {in_f})")
-    if mask is not None and tuple(mask.shape) != (out_f, in_f):
-        raise SparselandError(f"mask has shape {tuple(mask.shape)}, expected ({out_f}, {in_f})")
-    if blocksize < 1:
-        raise SparselandError(f"blocksize={blocksize} must be positive")
     g = scheme.group_size(in_f)
     G = in_f // g
     W = W.detach().clone().float()
@@ -71,16 +99,8 @@ def _gptq(
     perm = torch.arange(in_f)
     static = None
     if act_order:
-        # Act-order (Section 4, "static groups" variant): columns in decreasing order of [H]_jj. Groups
-        # stay contiguous in the original column order (the storage format), so their grids are fixed
-        # up front from the unquantized weights, as round-to-nearest would choose them.
-        for k in range(G):
-            sl = slice(k * g, (k + 1) * g)
-            d16, m16 = group_params(W[:, sl], scheme, None if keep is None else keep[:, sl])
-            scale[:, k] = d16
-            if offset is not None:
-                offset[:, k] = m16
-        static = [_grid(scale[:, k], None if offset is None else offset[:, k], scheme) for k in range(G)]
+        # Act-order (Section 4, "static groups" variant): columns in decreasing order of [H]_jj.
+        static = _static_grids(W, keep, scheme, g, scale, offset)
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
         keep = None if keep is None else keep[:, perm]
@@ -110,11 +130,7 @@ def _gptq(
                 d, m = _grid(d16, m16, scheme)
             # Step 3: quantize column j (pruned entries: code 0, value 0).
             w = W1[:, i]
-            c = quantize_codes(w.unsqueeze(1), d, m, scheme).squeeze(1)
-            q = d * c.float() + m
-            if keep is not None:
-                c = torch.where(keep[:, j], c, torch.zeros_like(c))
-                q = torch.where(keep[:, j], q, torch.zeros_like(q))
+            c, q = _quantize_column(w, d, m, scheme, None if keep is None else keep[:, j])
             codes[:, j] = c
             Q1[:, i] = q
             # Step 4: spread the error over the block's later columns.

@@ -21,6 +21,15 @@ def reconstruction_error(W_dense: torch.Tensor, W_sparse: torch.Tensor, H: torch
     return ((D @ H.double()) * D).sum(1)
 
 
+def _nm_prune_candidates(r, j, m: int, kept, Wc, mu, sign0, importance) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, has_k)``: for each row ``r`` growing column ``j``, the least important kept weight of j's
+    group of M whose removal moves e toward zero, and whether the group has one (N:M keeps N per group)."""
+    grp = (j // m).reshape(-1, 1) * m + torch.arange(m).reshape(1, -1)  # (R, M) columns of the group
+    ok = kept[r.reshape(-1, 1), grp] & (torch.sign(Wc[r.reshape(-1, 1), grp] * mu[0, grp]) == -sign0[r])
+    choice = torch.where(ok, importance[r.reshape(-1, 1), grp], torch.tensor(float("inf"))).argmin(1)
+    return grp[torch.arange(len(r)), choice], ok.any(1)
+
+
 @torch.no_grad()
 def dsnot_refine(
     W_dense: torch.Tensor,
@@ -78,12 +87,7 @@ def dsnot_refine(
             k = prune_order[r, pp[r]]  # Step 2 (prune)
             has_k = torch.ones_like(j, dtype=torch.bool)
         else:  # N:M: prune within j's group of M so every group keeps N
-            m = nm[1]
-            grp = (j // m).reshape(-1, 1) * m + torch.arange(m).reshape(1, -1)  # (R, M) columns of the group
-            ok = kept[r.reshape(-1, 1), grp] & (torch.sign(Wc[r.reshape(-1, 1), grp] * mu[0, grp]) == -sign0[r])
-            choice = torch.where(ok, importance[r.reshape(-1, 1), grp], inf).argmin(1)
-            k = grp[torch.arange(len(r)), choice]
-            has_k = ok.any(1)
+            k, has_k = _nm_prune_candidates(r, j, nm[1], kept, Wc, mu, sign0, importance)
         # Step 3: exact change of dW H dW^T for dW_j -> 0 and dW_k -> dW_k + Wc_k.
         dj = -D[r, j].double()
         dk = Wc[r, k].double()

@@ -321,6 +321,99 @@ def owl_block_sparsities(model, layers, batches, config: PruningConfig, filter_f
     return owl_allocation(ratios, config.sparsity, config.owl_lambda)
 
 
+def _check_nm_shapes(model, layers, config: PruningConfig, filter_fn) -> None:
+    """Fail early (before any work) on shapes an N:M pattern cannot cover."""
+    if config.nm is None:
+        return
+    for i, block in enumerate(layers):
+        for name, mod in block_linears(block, block_prefix(model, i), filter_fn, router_names(model)).items():
+            check_nm_shape(mod.in_features, config.nm[1], name)
+
+
+def _first_block_inputs(model, layers, calibration, config: PruningConfig):
+    """``(checked calibration, the first block's inputs)``; ``(calibration, None)`` without calibration."""
+    if not config.uses_calibration:
+        return calibration, None
+    calibration = _check_calibration(calibration, config)
+    was_training = model.training
+    model.eval()
+    batches = capture_block_inputs(model, layers, calibration, batch_size=calibration.shape[0])
+    model.train(was_training)
+    return calibration, batches
+
+
+@dataclass
+class _Tally:
+    """Zeros counted as the Linears (and experts' matrices) are pruned, into the report."""
+
+    report: PruningReport
+    zeros: int = 0
+    total: int = 0
+
+    def add(self, name: str, zeros: int, numel: int) -> None:
+        self.report.layer_sparsity[name] = zeros / numel
+        self.zeros += zeros
+        self.total += numel
+
+
+def _block_experts(model, block, i: int, moe, filter_fn):
+    """The block's fused MoE experts module to prune (None: no MoE, or left out by ``filter_fn``)."""
+    if moe is None:
+        return None
+    experts = block.get_submodule(moe.experts)
+    if filter_fn is not None and not filter_fn(experts, f"{block_prefix(model, i)}.{moe.experts}"):
+        return None
+    return experts
+
+
+def _prune_one_block(model, i, block, linears, batches, config, sparsity, index, tally, experts, prefix, last):
+    """Prune block ``i``'s Linears (and experts) in place; returns ``(next block's inputs, expert
+    matrices pruned)``. ``index``: the block's first Linear's position (seeds of random pruning)."""
+    position = {name: index + k for k, name in enumerate(linears)}
+    expert_done: dict[str, tuple[int, int]] = {}
+    base = index + len(linears)
+
+    def prune_matrix(name, W, stats):
+        rule = config
+        if stats is None and config.needs_calibration:  # an expert no calibration token reached
+            rule = MagnitudeConfig(sparsity=config.sparsity, pattern=config.pattern)
+        expert = int(name.rpartition(".")[2])  # gate_up_proj.e / down_proj.e: seeds of random pruning
+        return prune_weight(W, rule, sparsity, stats, name, base + 2 * expert + ("down_proj" in name))
+
+    def stats_of(x):
+        if x is None:
+            return None
+        st = InputStats(x.shape[-1], config.needs_hessian)
+        st.add(x)
+        return st
+
+    def prune(name, mod, stats):
+        W = mod.weight.data
+        if config.quant is not None:
+            quantize_pruned_(mod, config, sparsity, stats, name, position[name])
+        else:
+            W.copy_(prune_weight(W, config, sparsity, stats, name, position[name]))
+        tally.add(name, int((W == 0).sum()), W.numel())
+
+    if config.needs_calibration:
+        hook = expert_hook(experts, prefix, prune_matrix, stats_of, expert_done) if experts is not None else None
+        try:
+            batches = prune_block_in_one_pass(block, linears, batches, config.needs_hessian, prune)
+        finally:
+            if hook is not None:
+                hook.remove()
+    else:
+        for name, mod in linears.items():
+            prune(name, mod, None)
+        if experts is not None:
+            expert_done.update(prune_experts_(experts, prefix, prune_matrix, lambda x: None))
+        if batches is not None and not last:
+            batches = run_block(block, batches)
+    for name, (z, n) in expert_done.items():
+        tally.add(name, z, n)
+    return batches, len(expert_done)
+
+
 @torch.no_grad()
 def prune_model(
     model: torch.nn.Module,
@@ -333,19 +426,8 @@ def prune_model(
     start = time.perf_counter()
     layers = decoder_layers(model)
     n_blocks = len(layers)
-    nm = config.nm
-    # Fail early (before any work) on shapes an N:M pattern cannot cover.
-    if nm is not None:
-        for i, block in enumerate(layers):
-            for name, mod in block_linears(block, block_prefix(model, i), filter_fn, router_names(model)).items():
-                check_nm_shape(mod.in_features, nm[1], name)
-    batches = None
-    if config.uses_calibration:
-        calibration = _check_calibration(calibration, config)
-        was_training = model.training
-        model.eval()
-        batches = capture_block_inputs(model, layers, calibration, batch_size=calibration.shape[0])
-        model.train(was_training)
+    _check_nm_shapes(model, layers, config, filter_fn)
+    calibration, batches = _first_block_inputs(model, layers, calibration, config)
     if config.allocation == "owl":
         block_sparsity = owl_block_sparsities(model, layers, batches, config, filter_fn, progress)
     else:
@@ -359,7 +441,7 @@ def prune_model(
         block_sparsity=block_sparsity,
         calibration_windows=0 if calibration is None or not config.uses_calibration else int(calibration.shape[0]),
     )
-    zeros = total = 0
+    tally = _Tally(report)
     index = 0
     moe = describe(model).moe if is_known(model) else None
     if moe is not None and config.quant is not None:
@@ -369,65 +451,14 @@ def prune_model(
         )
     for i, block in enumerate(tqdm(layers, desc=f"prune {config.kind}", unit="block", disable=not progress)):
         linears = block_linears(block, block_prefix(model, i), filter_fn, router_names(model))
-        position = {name: index + k for k, name in enumerate(linears)}  # seeds of random pruning
-        experts = block.get_submodule(moe.experts) if moe is not None else None
-        if (
-            experts is not None
-            and filter_fn is not None
-            and not filter_fn(experts, f"{block_prefix(model, i)}.{moe.experts}")
-        ):
-            experts = None
-        expert_done: dict[str, tuple[int, int]] = {}
-
-        base = index + len(linears)
-
-        def prune_matrix(name, W, stats, sparsity=block_sparsity[i], base=base):
-            rule = config
-            if stats is None and config.needs_calibration:  # an expert no calibration token reached
-                rule = MagnitudeConfig(sparsity=config.sparsity, pattern=config.pattern)
-            expert = int(name.rpartition(".")[2])  # gate_up_proj.e / down_proj.e: seeds of random pruning
-            return prune_weight(W, rule, sparsity, stats, name, base + 2 * expert + ("down_proj" in name))
-
-        def stats_of(x):
-            if x is None:
-                return None
-            st = InputStats(x.shape[-1], config.needs_hessian)
-            st.add(x)
-            return st
-
-        def prune(name, mod, stats, sparsity=block_sparsity[i], position=position):
-            nonlocal zeros, total
-            W = mod.weight.data
-            if config.quant is not None:
-                quantize_pruned_(mod, config, sparsity, stats, name, position[name])
-            else:
-                W.copy_(prune_weight(W, config, sparsity, stats, name, position[name]))
-            z = int((W == 0).sum())
-            report.layer_sparsity[name] = z / W.numel()
-            zeros += z
-            total += W.numel()
-
+        experts = _block_experts(model, block, i, moe, filter_fn)
         prefix = f"{block_prefix(model, i)}.{moe.experts}" if experts is not None else ""
-        if config.needs_calibration:
-            hook = expert_hook(experts, prefix, prune_matrix, stats_of, expert_done) if experts is not None else None
-            try:
-                batches = prune_block_in_one_pass(block, linears, batches, config.needs_hessian, prune)
-            finally:
-                if hook is not None:
-                    hook.remove()
-        else:
-            for name, mod in linears.items():
-                prune(name, mod, None)
-            if experts is not None:
-                expert_done.update(prune_experts_(experts, prefix, prune_matrix, lambda x: None))
-            if batches is not None and i + 1 < n_blocks:
-                batches = run_block(block, batches)
-        for name, (z, n) in expert_done.items():
-            report.layer_sparsity[name] = z / n
-            zeros += z
-            total += n
-        index += len(linears) + len(expert_done)
-    report.overall_sparsity = zeros / total if total else 0.0
+        batches, n_expert = _prune_one_block(
+            model, i, block, linears, batches, config, block_sparsity[i], index, tally, experts, prefix,
+            last=i + 1 == n_blocks,
+        )  # fmt: skip
+        index += len(linears) + n_expert
+    report.overall_sparsity = tally.zeros / tally.total if tally.total else 0.0
     report.seconds = time.perf_counter() - start
     return report
 

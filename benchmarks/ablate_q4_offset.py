@@ -34,6 +34,87 @@ def xround(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * (amax / 127.0)).reshape(sh)
 
 
+def grid_offsets(model) -> dict[str, torch.Tensor]:
+    """Each Linear's int4-g32 group offsets (the model's weights are checked to be that grid exactly)."""
+    mins = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
+            qw = quantize_rtn(m.weight.data, "int4-g32")
+            assert torch.equal(qw.dequantize(), m.weight.data), name  # the model's weights are the grid
+            mins[name] = qw.offset.float()  # (out, in/32)
+    return mins
+
+
+def set_mode(model, mins: dict[str, torch.Tensor], hooks: list, mode: str) -> None:
+    """Hook the Linears to see the rounded x ("float": no hooks); "exact-x offset" adds back the offset
+    term of the rounding error, sum(x - xq) * offset, per group."""
+    for h in hooks:
+        h.remove()
+    hooks.clear()
+    if mode == "float":
+        return
+    for name, m in model.named_modules():
+        if name not in mins:
+            continue
+
+        def pre(mod, a):
+            xr = xround(a[0])
+            mod._sl_dx = a[0] - xr if mode == "exact-x offset" else None
+            return (xr,)
+
+        def post(mod, a, y, name=name):
+            if mod._sl_dx is None:
+                return y
+            s = mod._sl_dx.reshape(*mod._sl_dx.shape[:-1], -1, 32).sum(-1)  # (..., G)
+            return y + s @ mins[name].T
+
+        hooks.extend([m.register_forward_pre_hook(pre), m.register_forward_hook(post)])
+
+
+def logprobs(model, windows: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat(
+            [F.log_softmax(model(input_ids=windows[i : i + 1]).logits[:, :-1].float(), -1) for i in range(len(windows))]
+        )
+
+
+def compare(base, lp: torch.Tensor, tgt: torch.Tensor, half: int) -> tuple[dict, torch.Tensor]:
+    """``(row, nll)``: PPL ratio, mean KL and top-1 agreement of ``lp`` against ``base = (lp, nll)``
+    (None: ``lp`` is the base) over the predictions from ``half`` on."""
+    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[:, half:]
+    base = base or (lp, nll)
+    kl = (base[0].exp() * (base[0] - lp)).sum(-1)[:, half:]
+    top = (base[0].argmax(-1) == lp.argmax(-1))[:, half:].float().mean()
+    ratio = float((nll.mean() - base[1].mean()).exp())
+    return {"ppl_ratio": ratio, "kld_mean": float(kl.mean()), "same_top": float(top)}, nll
+
+
+def runtime_row(model, windows, base, tgt, half: int) -> dict:
+    """The runtime itself: the model quantized to int4-g32 (the same grid) on the Q4 kernels, which take
+    the offset term from the rounded x's sums (as llama.cpp does)."""
+    import copy
+
+    t0 = time.perf_counter()
+    qmodel = copy.deepcopy(model)
+    sl.sparsify_(qmodel, sl.QuantConfig(scheme="int4-g32"))
+    sl.to_sparse_runtime_(qmodel, format="auto")
+    formats = {type(m.weight_format).__name__ for m in qmodel.modules() if hasattr(m, "weight_format")}
+    row, _ = compare(base, logprobs(qmodel, windows), tgt, half)
+    return {"variant": f"runtime kernels ({', '.join(sorted(formats))})", **row, "seconds": time.perf_counter() - t0}
+
+
+def write(rows: list[dict], windows: int) -> None:
+    cmd = f"python benchmarks/ablate_q4_offset.py --windows {windows}"
+    md = [
+        f"# int4-g32 x int8-x: the offset term\n\nCommand: `{cmd}`\n",
+        "| variant | PPL ratio | KL mean | same top-1 |",
+    ]
+    md += ["|---|---:|---:|---:|"] + [
+        f"| {r['variant']} | {r['ppl_ratio']:.4f} | {r['kld_mean']:.5f} | {r['same_top']:.4f} |" for r in rows
+    ]
+    write_results("benchmarks/results", "q4_offset_ablation", {"command": cmd, "rows": rows}, "\n".join(md) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--windows", type=int, default=4)
@@ -43,97 +124,23 @@ def main() -> None:
     model, tok = sl.load_model("smollm2-135m")
     model.eval()
     windows = sl.load_corpus(tok).evaluation(seq_len=512, max_windows=args.windows)
-    mins = {}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
-            qw = quantize_rtn(m.weight.data, "int4-g32")
-            assert torch.equal(qw.dequantize(), m.weight.data), name  # the model's weights are the grid
-            mins[name] = qw.offset.float()  # (out, in/32)
-    hooks = []
-
-    def set_mode(mode: str) -> None:
-        for h in hooks:
-            h.remove()
-        hooks.clear()
-        if mode == "float":
-            return
-        for name, m in model.named_modules():
-            if name not in mins:
-                continue
-
-            def pre(mod, a):
-                xr = xround(a[0])
-                mod._sl_dx = a[0] - xr if mode == "exact-x offset" else None
-                return (xr,)
-
-            def post(mod, a, y, name=name):
-                if mod._sl_dx is None:
-                    return y
-                s = mod._sl_dx.reshape(*mod._sl_dx.shape[:-1], -1, 32).sum(-1)  # (..., G)
-                return y + s @ mins[name].T
-
-            hooks.extend([m.register_forward_pre_hook(pre), m.register_forward_hook(post)])
-
-    def logprobs() -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.cat(
-                [
-                    F.log_softmax(model(input_ids=windows[i : i + 1]).logits[:, :-1].float(), -1)
-                    for i in range(len(windows))
-                ]
-            )
-
+    mins = grid_offsets(model)
+    hooks: list = []
     half = windows.shape[1] // 2 - 1  # predictions of positions T/2 .. T-2, as llama-perplexity
     tgt = windows[:, 1:]
     rows, base = [], None
     for mode in ("float", "W @ x_rounded (llama.cpp Q4_1 x Q8_1)", "exact-x offset"):
         t0 = time.perf_counter()
-        set_mode(mode)
-        lp = logprobs()
-        nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[:, half:]
+        set_mode(model, mins, hooks, mode)
+        lp = logprobs(model, windows)
+        row, nll = compare(base, lp, tgt, half)
         base = base or (lp, nll)
-        kl = (base[0].exp() * (base[0] - lp)).sum(-1)[:, half:]
-        top = (base[0].argmax(-1) == lp.argmax(-1))[:, half:].float().mean()
-        ratio = float((nll.mean() - base[1].mean()).exp())
-        secs = time.perf_counter() - t0
-        row = {"variant": mode, "ppl_ratio": ratio, "kld_mean": float(kl.mean()), "same_top": float(top)}
-        rows.append({**row, "seconds": secs})
+        rows.append({"variant": mode, **row, "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
-    # The runtime itself: the model quantized to int4-g32 (the same grid) on the Q4 kernels, which take the
-    # offset term from the rounded x's sums (as llama.cpp does).
-    import copy
-
-    set_mode("float")
-    t0 = time.perf_counter()
-    qmodel = copy.deepcopy(model)
-    sl.sparsify_(qmodel, sl.QuantConfig(scheme="int4-g32"))
-    sl.to_sparse_runtime_(qmodel, format="auto")
-    formats = {type(m.weight_format).__name__ for m in qmodel.modules() if hasattr(m, "weight_format")}
-    model, orig = qmodel, model
-    lp = logprobs()
-    model = orig
-    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[:, half:]
-    kl = (base[0].exp() * (base[0] - lp)).sum(-1)[:, half:]
-    top = (base[0].argmax(-1) == lp.argmax(-1))[:, half:].float().mean()
-    rows.append(
-        {
-            "variant": f"runtime kernels ({', '.join(sorted(formats))})",
-            "ppl_ratio": float((nll.mean() - base[1].mean()).exp()),
-            "kld_mean": float(kl.mean()),
-            "same_top": float(top),
-            "seconds": time.perf_counter() - t0,
-        }
-    )
+    set_mode(model, mins, hooks, "float")
+    rows.append(runtime_row(model, windows, base, tgt, half))
     print(rows[-1], flush=True)
-    cmd = f"python benchmarks/ablate_q4_offset.py --windows {args.windows}"
-    md = [
-        f"# int4-g32 x int8-x: the offset term\n\nCommand: `{cmd}`\n",
-        "| variant | PPL ratio | KL mean | same top-1 |",
-    ]
-    md += ["|---|---:|---:|---:|"] + [
-        f"| {r['variant']} | {r['ppl_ratio']:.4f} | {r['kld_mean']:.5f} | {r['same_top']:.4f} |" for r in rows
-    ]
-    write_results("benchmarks/results", "q4_offset_ablation", {"command": cmd, "rows": rows}, "\n".join(md) + "\n")
+    write(rows, args.windows)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--calib-windows", type=int, default=16)
@@ -119,7 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune", choices=["wanda", "sparsegpt"], default=None, help="prune weights to 50%% first")
     ap.add_argument("--no-greedy", dest="greedy", action="store_false", help="skip greedy TEAL")
     ap.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="skip the per-group TEAL runs")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def prune_first(model, method: str, calib, ppl) -> dict:
+    """``--prune``: prune the weights 50% (Wanda or SparseGPT) before the activation methods run."""
+    from sparseland import sparsify_
+    from sparseland.weights import SparseGPTConfig, WandaConfig
+
+    t0 = time.perf_counter()
+    cfg = {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[method](sparsity=0.5)
+    sparsify_(model, cfg, calibration=calib)
+    seconds = time.perf_counter() - t0
+    res = ppl()
+    print(f"{method} 50% ppl {res.perplexity:.3f} ({seconds:.1f} s pruning)", flush=True)
+    return {"method": method, "sparsity": 0.5, "perplexity": res.perplexity, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     methods = args.methods.split(",")
 
@@ -130,18 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl = lambda: perplexity(model, ev, seq_len=args.seq_len, batch_size=2, progress=False)  # noqa: E731
     dense = ppl()
     print(f"dense ppl {dense.perplexity:.3f} ({dense.seconds:.1f} s)", flush=True)
-    pruned = None
-    if args.prune:
-        from sparseland import sparsify_
-        from sparseland.weights import SparseGPTConfig, WandaConfig
-
-        t0 = time.perf_counter()
-        cfg = {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[args.prune](sparsity=0.5)
-        sparsify_(model, cfg, calibration=calib)
-        seconds = time.perf_counter() - t0
-        res = ppl()
-        pruned = {"method": args.prune, "sparsity": 0.5, "perplexity": res.perplexity, "seconds": seconds}
-        print(f"{args.prune} 50% ppl {res.perplexity:.3f} ({seconds:.1f} s pruning)", flush=True)
+    pruned = prune_first(model, args.prune, calib, ppl) if args.prune else None
 
     t0 = time.perf_counter()
     roles = linear_roles(model)

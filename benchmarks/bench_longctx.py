@@ -152,7 +152,7 @@ def load_dense(name: str, out: dict, samples: list) -> LongCtxResult:
     return LongCtxResult(label="dense", backend=dense["backend"], samples=rows, info={"from": str(path.name)})
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="prompt lengths in tokens")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks (default: all of {', '.join(TASKS)})")
@@ -199,7 +199,11 @@ def main() -> int:
         help="reuse the dense result of an earlier run (its --name) on the same samples instead of running dense",
     )
     p.add_argument("--check", type=int, default=2, help="shortest samples checked against model.generate")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = _parser().parse_args()
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model("smollm2-135m")

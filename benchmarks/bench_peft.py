@@ -58,6 +58,47 @@ def _linear_zeros(model) -> dict[str, torch.Tensor]:
     }
 
 
+def train_record(config, res) -> dict:
+    """What a training run of ``config`` cost and reached (losses: means of the first and last 5 steps)."""
+    return {
+        "train_seconds": res.seconds,
+        "trainable_params": res.n_params,
+        "budget_params": res.budget,
+        "config": config.to_dict(),
+        "first_loss": statistics.mean(r["loss"] for r in res.losses[:5]),
+        "final_loss": statistics.mean(r["loss"] for r in res.losses[-5:]),
+        "spiel_swaps": res.swaps,
+        "peft_lora_bytes": res.peft_adapter_bytes,
+    }
+
+
+def merge_unmerge_ms(model, adapter) -> float:
+    """Median wall time of merging ``adapter`` into the model and unmerging it again, over 7 rounds."""
+    from sparseland.peft import merge_adapter_, unmerge_adapter_
+
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        record = merge_adapter_(model, adapter)
+        unmerge_adapter_(model, record)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def runtime_probe(model, probe: torch.Tensor, seq_len: int, ppl) -> dict:
+    """Perplexity of the merged model on ``probe`` in torch and after conversion to the sparse runtime."""
+    import copy
+
+    from sparseland.evaluate import perplexity
+    from sparseland.runtime import to_sparse_runtime_
+
+    rt = copy.deepcopy(model)
+    report = to_sparse_runtime_(rt)
+    with torch.no_grad():
+        res_rt = perplexity(rt, probe, seq_len=seq_len, batch_size=2, progress=False).perplexity
+    return {"report": str(report)[:300], "probe_ppl_merged": ppl(probe), "probe_ppl_runtime": res_rt}
+
+
 def run_part(args: argparse.Namespace, model_name: str, methods: list[str], sparse_runtime: bool) -> list[dict]:
     """All methods on one model in this process (the base weights are checked bit-identical between
     methods, so one load serves all): train, save, merge/unmerge timing, perplexities after merging."""
@@ -106,31 +147,13 @@ def run_part(args: argparse.Namespace, model_name: str, methods: list[str], spar
         _reset_peak()
         rss0 = _vm("VmRSS")
         res = train_adapter(model, config, windows, args.steps, args.batch_size, progress=True)
-        out = {
-            "method": method,
-            "model": model_name,
-            "train_peak_extra_mb": _vm("VmHWM") - rss0,
-            "train_seconds": res.seconds,
-            "trainable_params": res.n_params,
-            "budget_params": res.budget,
-            "config": config.to_dict(),
-            "first_loss": statistics.mean(r["loss"] for r in res.losses[:5]),
-            "final_loss": statistics.mean(r["loss"] for r in res.losses[-5:]),
-            "spiel_swaps": res.swaps,
-            "peft_lora_bytes": res.peft_adapter_bytes,
-            "base_untouched_by_training": bits_equal(),
-        }
+        out = {"method": method, "model": model_name, "train_peak_extra_mb": _vm("VmHWM") - rss0}
+        out.update(train_record(config, res), base_untouched_by_training=bits_equal())
         if method == "lora":
             n_params = res.n_params  # every sparse method gets LoRA's parameter count
         with tempfile.TemporaryDirectory() as tmp:
             out["adapter_bytes"] = save_adapter(res.adapter, Path(tmp) / "adapter.safetensors").stat().st_size
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            record = merge_adapter_(model, res.adapter)
-            unmerge_adapter_(model, record)
-            times.append(time.perf_counter() - t0)
-        out["merge_unmerge_ms"] = 1e3 * statistics.median(times)
+        out["merge_unmerge_ms"] = merge_unmerge_ms(model, res.adapter)
         out["bit_exact"] = bits_equal()
         record = merge_adapter_(model, res.adapter)
         after = _linear_zeros(model)
@@ -138,21 +161,7 @@ def run_part(args: argparse.Namespace, model_name: str, methods: list[str], spar
         out["linear_sparsity"] = sum(int(z.sum()) for z in after.values()) / sum(z.numel() for z in after.values())
         out.update(target_ppl=ppl(held), embedded_ppl=ppl(forget))
         if sparse_runtime:
-            import copy
-
-            from sparseland.runtime import to_sparse_runtime_
-
-            probe = held[: 2 * args.seq_len]
-            rt = copy.deepcopy(model)
-            report = to_sparse_runtime_(rt)
-            with torch.no_grad():
-                res_rt = perplexity(rt, probe, seq_len=args.seq_len, batch_size=2, progress=False).perplexity
-            out["sparse_runtime"] = {
-                "report": str(report)[:300],
-                "probe_ppl_merged": ppl(probe),
-                "probe_ppl_runtime": res_rt,
-            }
-            del rt
+            out["sparse_runtime"] = runtime_probe(model, held[: 2 * args.seq_len], args.seq_len, ppl)
         unmerge_adapter_(model, record)
         out["bit_exact_after_eval"] = bits_equal()
         print({k: v for k, v in out.items() if k != "config"}, flush=True)
@@ -276,7 +285,7 @@ def plot(data: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--pruned", default=None, help="a 50%% pruned checkpoint for the sparsity-preserving part")
@@ -301,7 +310,11 @@ def main() -> None:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sparse-runtime", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = _parser().parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         run_part(args, args.model, args.child.split(","), args.sparse_runtime)

@@ -112,6 +112,34 @@ def build_variants() -> dict[str, dict]:
     return variants
 
 
+def summarize(variants: dict, times: dict[str, list[float]], weights_per_pass: int) -> dict[str, dict]:
+    """Per variant: median/min/max time of a pass, bytes, bandwidth and speedups over dense fp32 and the
+    int4 stand-in (median, min, and the median of same-round ratios)."""
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ref_fp32 = med["dense fp32"]
+    ref_q4_name = "q4 dense-mask g32 asym (int4 stand-in)"
+    ref_q4 = med[ref_q4_name]
+    rows = {}
+    for name, v in variants.items():
+        rows[name] = {
+            "us_per_pass": med[name] * 1e6,
+            "min_us": min(times[name]) * 1e6,
+            "max_us": max(times[name]) * 1e6,
+            "bytes_per_pass": v["bytes"],
+            "bytes_per_weight": v["bytes"] / weights_per_pass,
+            "GBps": v["bytes"] / med[name] / 1e9,
+            "GBps_at_min": v["bytes"] / min(times[name]) / 1e9,
+            "min_speedup_vs_fp32": min(times["dense fp32"]) / min(times[name]),
+            "min_speedup_vs_int4_standin": min(times[ref_q4_name]) / min(times[name]),
+            "speedup_vs_fp32": ref_fp32 / med[name],
+            "speedup_vs_int4_standin": ref_q4 / med[name],
+            "paired_ratio_vs_int4_standin": statistics.median(
+                a / b for a, b in zip(times[ref_q4_name], times[name], strict=True)
+            ),
+        }
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=25)
@@ -132,28 +160,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, v in variants.items():  # interleaved
                 times[name].append(torch.ops.sparseland.qsparse_bench_pass(v["kind"], v["tensors"], v["xs"], args.reps))
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        ref_fp32 = med["dense fp32"]
-        ref_q4_name = "q4 dense-mask g32 asym (int4 stand-in)"
-        ref_q4 = med[ref_q4_name]
-        rows = {}
-        for name, v in variants.items():
-            rows[name] = {
-                "us_per_pass": med[name] * 1e6,
-                "min_us": min(times[name]) * 1e6,
-                "max_us": max(times[name]) * 1e6,
-                "bytes_per_pass": v["bytes"],
-                "bytes_per_weight": v["bytes"] / weights_per_pass,
-                "GBps": v["bytes"] / med[name] / 1e9,
-                "GBps_at_min": v["bytes"] / min(times[name]) / 1e9,
-                "min_speedup_vs_fp32": min(times["dense fp32"]) / min(times[name]),
-                "min_speedup_vs_int4_standin": min(times[ref_q4_name]) / min(times[name]),
-                "speedup_vs_fp32": ref_fp32 / med[name],
-                "speedup_vs_int4_standin": ref_q4 / med[name],
-                "paired_ratio_vs_int4_standin": statistics.median(
-                    a / b for a, b in zip(times[ref_q4_name], times[name], strict=True)
-                ),
-            }
+        rows = summarize(variants, times, weights_per_pass)
         results[f"{threads}t"] = rows
 
     load_after = os.getloadavg()[0]

@@ -136,7 +136,7 @@ def rescore(data: dict, items: list) -> dict:
     return data
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--cells", default=DEFAULT_CELLS, help="METHOD:CALIB,... (default: %(default)s)")
@@ -151,7 +151,33 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-eval", type=int, default=None, help="eval instructions used (default: all)")
     ap.add_argument("--chat-windows", type=int, default=None, help="chat evaluation windows (default: all)")
     ap.add_argument("--rescore", action="store_true", help="only score the stored answers again and re-render")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_cell(method: str, cal: str, dense, tok, calib, text_eval, chat_eval, items, dense_tasks):
+    """``(row, task result)`` of one cell: ``method`` calibrated on ``cal`` data, compared with dense on the
+    text and chat windows and on the task suite (paired with dense's answers)."""
+    model = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    sl.sparsify_(model, METHODS[method](), calibration=calib)
+    prune_s = time.perf_counter() - t0
+    text = compare({"m": model}, dense, text_eval)["m"]
+    chat = compare({"m": model}, dense, chat_eval)["m"]
+    tasks = evaluate_tasks(model, tok, items, label=f"{method}:{cal}")
+    row = {
+        "method": method,
+        "calib": cal,
+        "prune_seconds": prune_s,
+        "text": agreement_row(text),
+        "chat": agreement_row(chat),
+        "tasks": tasks.to_dict(),
+        "paired": paired(tasks, dense_tasks).to_dict(),
+    }
+    return row, tasks
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     cells = parse_cells(args.cells)
     path = RESULTS / f"{args.stem}.json"
     data = json.loads(path.read_text()) if path.exists() else None
@@ -204,22 +230,7 @@ def main(argv=None) -> int:
         if (method, cal) in done:
             print(f"skip {method}:{cal} (in {path})")
             continue
-        model = copy.deepcopy(dense)
-        t0 = time.perf_counter()
-        sl.sparsify_(model, METHODS[method](), calibration=calib[cal])
-        prune_s = time.perf_counter() - t0
-        text = compare({"m": model}, dense, text_eval)["m"]
-        chat = compare({"m": model}, dense, chat_eval)["m"]
-        tasks = evaluate_tasks(model, tok, items, label=f"{method}:{cal}")
-        row = {
-            "method": method,
-            "calib": cal,
-            "prune_seconds": prune_s,
-            "text": agreement_row(text),
-            "chat": agreement_row(chat),
-            "tasks": tasks.to_dict(),
-            "paired": paired(tasks, dense_tasks).to_dict(),
-        }
+        row, tasks = run_cell(method, cal, dense, tok, calib[cal], text_eval, chat_eval, items, dense_tasks)
         data["cells"].append(row)
         write_results(RESULTS, args.stem, data, markdown(data))
         print(
@@ -228,7 +239,6 @@ def main(argv=None) -> int:
             f"(dense {dense_tasks.accuracy():.3f})",
             flush=True,
         )
-        del model
     write_results(RESULTS, args.stem, data, markdown(data))
     return 0
 

@@ -101,7 +101,7 @@ def save(doc: dict, name: str) -> None:
     write_text_atomic(RESULTS / f"{name}.md", markdown(doc))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pruned", required=True, help="sparse checkpoint written by `sparseland prune`")
     ap.add_argument("--teacher", default="smollm2-135m")
@@ -119,7 +119,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-dir", default="/tmp/sparseland-recovery-run", help="fine-tune output (resumable)")
     ap.add_argument("--name", default="recovery", help="results file name under benchmarks/results")
-    args = ap.parse_args()
+    return ap
+
+
+def setup_record(args: argparse.Namespace, meta: dict, student, corpus) -> dict:
+    return {
+        **{k: v for k, v in vars(args).items() if k not in ("run_dir", "name")},
+        "prune_method": meta.get("method", {}).get("kind", "?") + f" {meta.get('method', {}).get('sparsity')}",
+        "warmup_steps": max(1, round(0.05 * args.steps)),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(student).values()),
+        "text": corpus.name,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def extrapolate_steps_to_1_3x(curve: list[dict], dense_ppl: float) -> float | None:
+    """Steps at which a log-log line through ``curve``'s points of (perplexity ratio - 1) against steps
+    reaches 0.3 (1.3x dense); None when the fit does not fall."""
+    pts = [(math.log(c["step"]), math.log(c["perplexity"] / dense_ppl - 1)) for c in curve]
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return math.exp(mx + (math.log(0.3) - my) / slope) if slope < 0 else None
+
+
+def main() -> None:
+    args = _parser().parse_args()
     torch.set_num_threads(args.threads)
 
     teacher, tok = load_model(args.teacher)
@@ -129,19 +156,7 @@ def main() -> None:
     windows = corpus.calibration(args.steps * args.batch_size, args.seq_len, 0)  # (N, T)
     ev = corpus.evaluation(args.eval_seq_len, args.eval_windows)  # (W, T_eval)
     meta = read_manifest(args.pruned)["metadata"]
-    doc = {
-        "setup": {
-            **{k: v for k, v in vars(args).items() if k not in ("run_dir", "name")},
-            "prune_method": meta.get("method", {}).get("kind", "?") + f" {meta.get('method', {}).get('sparsity')}",
-            "warmup_steps": max(1, round(0.05 * args.steps)),
-            "trainable_params": sum(p.numel() for p in trainable_parameters(student).values()),
-            "text": corpus.name,
-            "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        },
-        "results": {"curve": []},
-    }
+    doc = {"setup": setup_record(args, meta, student, corpus), "results": {"curve": []}}
     res = doc["results"]
     res["dense"] = perplexity(teacher, ev, seq_len=args.eval_seq_len).to_dict()
     res["before"] = perplexity(student, ev, seq_len=args.eval_seq_len).to_dict()
@@ -193,15 +208,10 @@ def main() -> None:
     res["mask"] = zero_pattern_report(pruned_ref, saved)
     ratio = res["after"]["perplexity"] / res["dense"]["perplexity"]
     res["reached_1_3x"] = ratio <= 1.3
-    if not res["reached_1_3x"] and len(res["curve"]) >= 3:  # log-log fit of (ratio - 1) on steps, last 3 points
-        pts = [
-            (math.log(c["step"]), math.log(c["perplexity"] / res["dense"]["perplexity"] - 1)) for c in res["curve"][-3:]
-        ]
-        n = len(pts)
-        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
-        if slope < 0:
-            res["extrapolated_steps_to_1_3x"] = math.exp(mx + (math.log(0.3) - my) / slope)
+    if not res["reached_1_3x"] and len(res["curve"]) >= 3:
+        steps_to = extrapolate_steps_to_1_3x(res["curve"][-3:], res["dense"]["perplexity"])
+        if steps_to is not None:
+            res["extrapolated_steps_to_1_3x"] = steps_to
     print(json.dumps({k: res[k] for k in ("after", "cost", "mask", "reached_1_3x")}, indent=1))
     save(doc, args.name)
 

@@ -65,7 +65,7 @@ def run(model, tok, cache, config, args, tokens, label, splice=True, site=None):
     return row
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=16_000, help="cached training tokens")
@@ -77,7 +77,49 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--ce-windows", type=int, default=8)
     ap.add_argument("--workdir", default=".bench/sae")
-    args = ap.parse_args()
+    return ap
+
+
+def markdown(data: dict, rows: list[dict], sweep: list[dict], args: argparse.Namespace) -> list[str]:
+    """The results table's lines: one row per run and sweep point, then the sweep's speedup."""
+    n_train, harvest_s = data["train_tokens_cached"], data["harvest_seconds"]
+    harvest_tps, sw = data["harvest_tokens_per_second"], args.small_width
+    sweep_on_cache, recompute = data["sweep_on_cache_seconds"], data["recompute_seconds_estimated"]
+    lines = [
+        f"# SAE benchmark (layer {args.layer} residual of smollm2-135m)",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        f"Cache: {n_train} training + {data['eval_tokens_cached']} evaluation tokens (stdlib sources, train/eval "
+        f"split by file; position 0 excluded), harvested in {harvest_s:.0f} s ({harvest_tps:.0f} tokens/s, "
+        "3 sites at once).",
+        "",
+        "| run | arch | width | k | realised L0 | FVU | dead (over N eval tokens) | delta CE (nats) | KL (nats) "
+        "| CE recovered (mean abl.) | CE recovered (zero abl.) | train tokens | train tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows + sweep:
+        f = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        lines.append(
+            f"| {r['label']} | {r['arch']} | {r['width']} | {r['k']} | {r['l0']:.2f} | {r['fvu']:.4f} | "
+            f"{r['dead_fraction'] * 100:.2f}% (N={r['dead_over_tokens']}) | {f(r['delta_ce_nats'])} | "
+            f"{f(r['kl_nats'])} | {f(r.get('ce_recovered'))} | {f(r.get('ce_recovered_zero_ablation'))} | "
+            f"{r['tokens']} | {r['tokens_per_second']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Sweep of 5 TopK configurations (width {sw}, k 8..128, one pass each) on one cache: {sweep_on_cache:.0f} s "
+        f"(harvest once + 5 trainings) vs {recompute:.0f} s estimated for recomputing the activations per run "
+        f"(the measured harvest time added to each run): **{data['sweep_speedup']:.2f}x**.",
+        "",
+        f"Delta CE / KL are on the embedded text's evaluation part ({args.ce_windows} windows x 256 tokens), spliced "
+        "at every position but 0. The machine was shared with other jobs during this run; tokens/s are what it got.",
+    ]
+    return lines
+
+
+def main() -> None:
+    args = _parser().parse_args()
     work = Path(args.workdir)
     if work.exists():
         shutil.rmtree(work)
@@ -136,36 +178,7 @@ def main() -> None:
         "recompute_seconds_estimated": recompute,
         "sweep_speedup": recompute / sweep_on_cache,
     }
-    lines = [
-        f"# SAE benchmark (layer {args.layer} residual of smollm2-135m)",
-        "",
-        f"Command: `{data['command']}`",
-        "",
-        f"Cache: {n_train} training + {data['eval_tokens_cached']} evaluation tokens (stdlib sources, train/eval "
-        f"split by file; position 0 excluded), harvested in {harvest_s:.0f} s ({harvest_tps:.0f} tokens/s, "
-        "3 sites at once).",
-        "",
-        "| run | arch | width | k | realised L0 | FVU | dead (over N eval tokens) | delta CE (nats) | KL (nats) "
-        "| CE recovered (mean abl.) | CE recovered (zero abl.) | train tokens | train tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows + sweep:
-        f = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-        lines.append(
-            f"| {r['label']} | {r['arch']} | {r['width']} | {r['k']} | {r['l0']:.2f} | {r['fvu']:.4f} | "
-            f"{r['dead_fraction'] * 100:.2f}% (N={r['dead_over_tokens']}) | {f(r['delta_ce_nats'])} | "
-            f"{f(r['kl_nats'])} | {f(r.get('ce_recovered'))} | {f(r.get('ce_recovered_zero_ablation'))} | "
-            f"{r['tokens']} | {r['tokens_per_second']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Sweep of 5 TopK configurations (width {sw}, k 8..128, one pass each) on one cache: {sweep_on_cache:.0f} s "
-        f"(harvest once + 5 trainings) vs {recompute:.0f} s estimated for recomputing the activations per run "
-        f"(the measured harvest time added to each run): **{data['sweep_speedup']:.2f}x**.",
-        "",
-        f"Delta CE / KL are on the embedded text's evaluation part ({args.ce_windows} windows x 256 tokens), spliced "
-        "at every position but 0. The machine was shared with other jobs during this run; tokens/s are what it got.",
-    ]
+    lines = markdown(data, rows, sweep, args)
     write_results(RESULTS, "sae", data, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

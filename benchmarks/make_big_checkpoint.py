@@ -32,10 +32,7 @@ SHAPES = {
 }  # fmt: skip
 
 
-def main(argv=None) -> None:
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
     p.add_argument("--out", required=True, help="model directory to create (must not exist)")
@@ -49,7 +46,14 @@ def main(argv=None) -> None:
         help="randn: every weight drawn independently; tile: slices of one 16M-value random pool at random "
         "offsets (memory-bound, minutes faster on a loaded machine; as good for measuring memory and time)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    args = _parser().parse_args(argv)
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"{out} exists; pass a new directory")

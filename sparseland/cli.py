@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from sparseland.cliargs import fraction, non_negative_int, positive_int, share  # noqa: F401  (shared types)
 from sparseland.errors import SparselandError
 
 COMMAND_MODULES: list[str] = [
@@ -39,27 +40,6 @@ class ArgumentParser(argparse.ArgumentParser):
         sub = self.prog.removeprefix("sparseland").strip()
         where = f"{sub}: " if sub else ""
         self.exit(2, f"sparseland: error: {where}{message} (see `{self.prog} --help`)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1), e.g. a sparsity."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1); pass a fraction such as 0.5")
-    return value
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -89,17 +69,6 @@ def check_new_dir(out: str) -> None:
 
     if Path(out).expanduser().exists():
         raise SparselandError(f"--out {out} already exists; choose a new directory or delete it first")
-
-
-def share(text: str) -> float:
-    """argparse type: a share in [0, 1], e.g. of the calibration windows taken from chat data."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a share such as 0.5") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]; pass a share such as 0.5 (1: chat only)")
-    return value
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ def _one_line_error(capsys, argv: list[str], match: str) -> None:
         (["generate", "--model", "{ck}", "--prompt", "   "], "--prompt is empty"),
         (["generate", "--model", "{root}/missing", "--prompt", "w1"], "unknown model"),
         (["generate", "--model", "{root}/notmodel", "--prompt", "w1"], "holds no model"),
-        (["generate", "--model", "{ck}", "--prompt", "w1", "--threads", "0"], "--threads: 0 must be a positive"),
+        (["generate", "--model", "{ck}", "--prompt", "w1", "--threads", "0"], "--threads: 0 must be >= 1"),
         (["generate", "--model", "{ck}", "--prompt", "w1", "--max-new-tokens", "x"], "not an integer"),
         (["generate", "--model", "{ck}", "--prompt", "w1", "--sparse-runtime", "--format", "bogus"], "bogus"),
         (["bench", "--model", "{ck}", "--prune-sparsity", "abc"], "'abc' is not a number"),

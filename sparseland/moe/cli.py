@@ -10,6 +10,7 @@ import argparse
 import json
 
 from sparseland.cli import add_data_args, add_model_args, check_new_dir, load_with_calibration, positive_int
+from sparseland.cliargs import bounded
 
 
 def build_config(args: argparse.Namespace):
@@ -90,14 +91,7 @@ def _moefy_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction_open(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1]; pass a fraction such as 0.5")
-    return v
+_fraction_open = bounded(float, lo=0, hi=1, lo_open=True, name="fraction", hint="pass a fraction such as 0.5")
 
 
 def add_commands(subparsers) -> None:

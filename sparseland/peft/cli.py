@@ -15,18 +15,14 @@ import json
 import time
 
 from sparseland.cli import add_model_args, check_new_dir, positive_int
+from sparseland.cliargs import bounded
 
 STDLIB = "stdlib"
 
 
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1); pass a fraction such as 0.003 for 0.3%")
-    return value
+_budget = bounded(
+    float, lo=0, hi=1, lo_open=True, hi_open=True, name="budget", hint="pass a fraction such as 0.003 for 0.3%"
+)
 
 
 def target_texts(tokenizer, train_text: str, max_chars: int | None):

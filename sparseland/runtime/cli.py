@@ -169,29 +169,35 @@ def _bench_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    _print_bench(out, bw)
+    return 0
+
+
+def _print_bench(out: dict, bw: float) -> None:
+    """The readable table of ``sparseland bench``: decode variants, then kernel speedups."""
     size = f", checkpoint {out['checkpoint_mb']:.1f} MB" if out["checkpoint_mb"] else ""
     print(
-        f"model {args.model}{size}, {out['threads']} threads, read bandwidth {bw:.1f} GB/s, "
+        f"model {out['model']}{size}, {out['threads']} threads, read bandwidth {bw:.1f} GB/s, "
         f"RSS {out['peak_rss_mb']:.0f} MB"
     )
     print(
         f"{'variant':10} {'decode tok/s':>12} {'speedup':>8} {'prefill tok/s':>13} {'GB/s':>6} "
         f"{'of bw %':>7} {'read MB/tok':>11} {'model MB':>9}"
     )
-    for r in rows:
+    for r in out["decode"]:
         bound = r["achieved_gbs"] / bw * 100
         print(
             f"{r['variant']:10} {r['decode_tokens_per_s']:12.1f} {r['speedup']:8.2f} "
             f"{r['prefill_tokens_per_s']:13.1f} {r['achieved_gbs']:6.1f} {bound:7.0f} "
             f"{r['weight_bytes_per_token'] / 1e6:11.1f} {r['model_bytes'] / 1e6:9.0f}"
         )
+    kern = out["kernels"]
     if kern:
         keys = [k for k in kern[0] if k.endswith("_speedup")]
         print("kernel speedups over our dense fp32 matvec (x), per layer shape (out x in):")
         print(f"{'shape':10} {'dense GB/s':>10} " + " ".join(f"{k.removesuffix('_speedup'):>14}" for k in keys))
         for r in kern:
             print(f"{r['shape']:10} {r['dense_fp32_gbs']:10.1f} " + " ".join(f"{r[k]:14.2f}" for k in keys))
-    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

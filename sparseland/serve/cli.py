@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from sparseland.cli import add_model_args, positive_int
+from sparseland.cliargs import bounded
 from sparseland.errors import SparselandError
 
 
@@ -47,24 +48,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nonnegative_mb(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0 turns the prompt cache off)")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"{value} is not a port; use 1-65535")
-    return value
+_nonnegative_mb = bounded(float, lo=0, name="megabytes", hint="0 turns the prompt cache off")
+_port = bounded(int, lo=1, hi=65535, name="port", hint="use 1-65535")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -272,6 +272,44 @@ def _publish(out_dir: Path, student: torch.nn.Module, tokenizer: Any, metadata: 
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 
 
+def _trainable_and_optimizer(student: torch.nn.Module, teacher: torch.nn.Module, cfg: FinetuneConfig):
+    """``(trainable parameters, AdamW over them)``; everything else (and the teacher) frozen."""
+    params = trainable_parameters(student)
+    for name, p in student.named_parameters():
+        p.requires_grad_(name in params)
+    teacher.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return params, optimizer
+
+
+def _accumulate_gradients(student, teacher, windows: torch.Tensor, idx: torch.Tensor, cfg: FinetuneConfig):
+    """One step's gradients: the distillation loss of the windows ``idx`` in ``grad_accum``
+    micro-batches, each scaled by 1/grad_accum; returns the step's mean loss terms."""
+    feat = cfg.feature_weight > 0
+    micro = cfg.batch_size // cfg.grad_accum
+    parts: dict[str, float] = {"total": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
+    for chunk in idx.split(micro):
+        x = windows[chunk]  # (b, T)
+        with torch.no_grad():
+            t_out = teacher(input_ids=x, output_hidden_states=feat, use_cache=False)
+        s_out = student(input_ids=x, output_hidden_states=feat, use_cache=False)
+        loss = distillation_loss(
+            s_out.logits,
+            t_out.logits,
+            x,
+            temperature=cfg.temperature,
+            kd_weight=cfg.kd_weight,
+            ce_weight=cfg.ce_weight,
+            feature_weight=cfg.feature_weight,
+            student_hidden=s_out.hidden_states[1:] if feat else None,  # block outputs (last one normed)
+            teacher_hidden=t_out.hidden_states[1:] if feat else None,
+        )
+        (loss.total / cfg.grad_accum).backward()
+        for k, v in loss.to_floats().items():
+            parts[k] += v / cfg.grad_accum
+    return parts
+
+
 def finetune(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -302,19 +340,13 @@ def finetune(
     }
     _prepare_run(out_dir, record, resume)
 
-    params = trainable_parameters(student)
-    for name, p in student.named_parameters():
-        p.requires_grad_(name in params)
-    teacher.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params, optimizer = _trainable_and_optimizer(student, teacher, cfg)
     start, losses = 0, []
     last = latest_checkpoint(out_dir)
     if last is not None:
         start, losses = load_train_state(last, student, optimizer, params)
         masks.check()
 
-    feat = cfg.feature_weight > 0
-    micro = cfg.batch_size // cfg.grad_accum
     student.train()
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not progress)
@@ -323,26 +355,7 @@ def finetune(
             group["lr"] = lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         idx = batch_indices(step, calibration_windows.shape[0], cfg.batch_size, cfg.seed)
-        parts: dict[str, float] = {"total": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
-        for chunk in idx.split(micro):
-            x = calibration_windows[chunk]  # (b, T)
-            with torch.no_grad():
-                t_out = teacher(input_ids=x, output_hidden_states=feat, use_cache=False)
-            s_out = student(input_ids=x, output_hidden_states=feat, use_cache=False)
-            loss = distillation_loss(
-                s_out.logits,
-                t_out.logits,
-                x,
-                temperature=cfg.temperature,
-                kd_weight=cfg.kd_weight,
-                ce_weight=cfg.ce_weight,
-                feature_weight=cfg.feature_weight,
-                student_hidden=s_out.hidden_states[1:] if feat else None,  # block outputs (last one normed)
-                teacher_hidden=t_out.hidden_states[1:] if feat else None,
-            )
-            (loss.total / cfg.grad_accum).backward()
-            for k, v in loss.to_floats().items():
-                parts[k] += v / cfg.grad_accum
+        parts = _accumulate_gradients(student, teacher, calibration_windows, idx, cfg)
         masks.mask_grads_()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)

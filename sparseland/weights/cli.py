@@ -13,16 +13,13 @@ from sparseland.cli import (
     check_new_dir,
     positive_int,
 )
+from sparseland.cliargs import bounded
 from sparseland.errors import SparselandError
 
 METHODS = ("magnitude", "random", "wanda", "sparsegpt")
 
 
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a fraction such as 0.5") from None
+_fraction = bounded(float, name="fraction", hint="pass a fraction such as 0.5")  # the config checks the range
 
 
 def build_config(args: argparse.Namespace):

@@ -35,7 +35,7 @@ def test_bad_model_is_one_line(capsys, tmp_path):
 def test_bad_port_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--port", "70000"])
-    assert exc.value.code == 2 and "not a port" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--port: 70000 is outside [1, 65535]; use 1-65535" in capsys.readouterr().err
 
 
 @pytest.mark.slow

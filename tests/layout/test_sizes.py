@@ -101,3 +101,9 @@ def test_the_counter_sees_a_long_function(tmp_path):
     src.write_text(f"class K:\n  def short(self):\n    return 1\n  def long(self):\n{body}\n", encoding="utf-8")
     assert long_functions(src) == [("K.long", 4, MAX_FUNCTION_LINES + 1)]
     assert long_functions(src, limit=MAX_FUNCTION_LINES + 1) == []
+
+
+if __name__ == "__main__":  # python -m tests.layout.test_sizes: every file and function over a limit
+    for path in _sources():
+        for violation in _violations(path):
+            print(("allowed  " if _allowed(_rel(path)) else "VIOLATES ") + violation)

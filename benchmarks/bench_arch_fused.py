@@ -1,10 +1,14 @@
 """Fused decode step across architectures of the same shape -> benchmarks/results/arch_fused.{md,json}.
 
     flock /tmp/sparseland-heavy.lock python benchmarks/bench_arch_fused.py [--layers 30] [--rounds 5]
+        [--families llama,qwen2,qwen3,gemma2,gemma3,phi3,olmo2]
 
 Protocol: random float32 models built offline from transformers configs, all of SmolLM2-135M's shape
 (hidden 576, 9 heads of 64, 3 KV heads, MLP 1536, vocab 49152, ``--layers`` blocks, tied embeddings):
-Llama; Qwen2 (q/k/v biases); Qwen3 (per-head q/k norms). Each decodes the same prompt greedily with
+Llama; Qwen2 (q/k/v biases); Qwen3 (per-head q/k norms); Gemma 2 (sandwich (1 + w) norms, GELU-tanh,
+soft-capping, a window of 512 on every other layer); Gemma 3 (q/k norms, a window of 512 on five of
+six layers, two rotary tables); Phi-3 (fused qkv and gate_up); OLMo 2 (post-norms, q/k norms over all
+heads). Llama is always in the run (the base of the ratios). Each decodes the same prompt greedily with
 the lean loop (``greedy_generate``), the Qwen2 model also with the fused step off (its Python step, the
 path it had before the fused step ran biases), interleaved over rounds (``runtime.bench.time_decode``).
 Reported: median per-token time as tokens/s, the ratio to Llama's, the path each took (and why not
@@ -45,8 +49,17 @@ def build(kind: str, layers: int) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[kind]
-    model = tf.AutoModelForCausalLM.from_config(cfg(**SHAPE, num_hidden_layers=layers)).float().eval()
+    gemma = dict(sliding_window=512, query_pre_attn_scalar=64)
+    cfg, extra = {
+        "llama": (tf.LlamaConfig, {}),
+        "qwen2": (tf.Qwen2Config, {}),
+        "qwen3": (tf.Qwen3Config, {}),
+        "gemma2": (tf.Gemma2Config, gemma),
+        "gemma3": (tf.Gemma3TextConfig, gemma),
+        "phi3": (tf.Phi3Config, {"pad_token_id": 0}),
+        "olmo2": (tf.Olmo2Config, {"pad_token_id": 0}),
+    }[kind]
+    model = tf.AutoModelForCausalLM.from_config(cfg(**SHAPE, **extra, num_hidden_layers=layers)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -61,10 +74,12 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--families", default="llama,qwen2,qwen3", help="comma-separated model families")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {k: build(k, args.layers) for k in ("llama", "qwen2", "qwen3")}
+    families = ["llama"] + [f for f in args.families.split(",") if f and f != "llama"]
+    models = {k: build(k, args.layers) for k in families}
     prompt = torch.randint(3, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     hf = {}
     for k, m in models.items():
@@ -72,9 +87,9 @@ def main() -> int:
         hf[k] = out[0, prompt.shape[1] :].tolist()
     t0 = time.time()
     rows = time_decode(models, prompt, args.new_tokens, args.rounds, base="llama")
-    with fastpath.use(enabled=False):  # the Python step, in its own interleaved run against Llama fused
+    with fastpath.use(enabled=False):  # the Python step, in its own interleaved run against Llama's
         py = time_decode(
-            {"llama": models["llama"], "qwen2_python": models["qwen2"]},
+            {"llama": models["llama"]} | {f"{k}_python": m for k, m in models.items() if k != "llama"},
             prompt,
             args.new_tokens,
             args.rounds,
@@ -96,7 +111,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     write_text_atomic(RESULTS / "arch_fused.json", json.dumps(out, indent=2))
     lines = [
-        "# Fused decode step: Llama vs Qwen2 (biases) vs Qwen3 (q/k norms), same shape",
+        "# Fused decode step across architectures of the same shape (ratios to Llama)",
         "",
         f"Command: `{out['command']}` ({out['threads']} threads, {args.layers} layers of SmolLM2-135M's shape, "
         f"random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens x {args.rounds} rounds, "
@@ -113,7 +128,7 @@ def main() -> int:
         )
     lines += [
         "",
-        "Second run, fused step off for both (`SPARSELAND_NO_FASTPATH=1`):",
+        "Second run, fused step off for all (`SPARSELAND_NO_FASTPATH=1`):",
         "",
         "| model | path | decode tok/s | vs Llama (Python step) |",
         "|---|---|---|---|",

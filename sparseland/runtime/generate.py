@@ -410,10 +410,17 @@ class LeanDecoder:
         pos_ids = torch.arange(self.pos, self.pos + T).unsqueeze(0)
         rope = self._rotary(h, pos_ids)  # layer type -> (cos, sin), each (1, 1, T, rotary_dim)
         cos, sin = rope[arch.layer_types[0]]
+        if isinstance(self.fast, fastpath.FastStep) and not self.fast.activations_current():
+            # activation sparsity changed since the step copied its thresholds: re-pack it (or, if the
+            # model is no longer eligible, say why and take the Python step from now on)
+            self.fast, self.fast_reason = self._decide_fast(self.model)
         # the fused step runs the attention method it was built with (none, or Quest): a method applied
         # or changed after this decoder was built takes the Python step
         fused = self.fast is not None and self.fast.runs(getattr(self.model, "_sparseland_attention", None))
         if T == 1 and fused and fastpath.enabled():  # all layers in one C++ call
+            types = self.fast.rope_types  # one cos/sin table per layer type it uses (Gemma 3: two)
+            if len(types) > 1:
+                cos, sin = (torch.cat([rope[t][j].reshape(1, -1) for t in types]) for j in (0, 1))
             h = self.fast(h, cos, sin, self.pos)
             self.fused_steps += 1
         else:  # the reference path

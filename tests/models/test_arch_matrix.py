@@ -21,6 +21,7 @@ from sparseland.weights import SparseGPTConfig, WandaConfig
 from tests.models.arch_configs import DENSE, FAMILIES, VOCAB, make_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+FUSED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")  # dense families on the fused step
 T = 24  # prompt tokens: longer than the sliding window (8), so the window mask matters
 NEW = 8
 
@@ -165,9 +166,8 @@ def test_fused_step_equals_python_or_says_why(models, family):
     if not fastpath.available():
         assert dec.path == "python" and "not built" in dec.fast_reason
         return
-    assert fastpath.extras_supported()  # the extension is built from this checkout: it has set_layer_extras
-    extras = family in ("qwen2", "qwen3")  # biases / per-head q/k norms run in the fused step
-    if family == "llama" or extras:
+    assert fastpath.extras_supported()  # the extension is built from this checkout: it takes layers by name
+    if family in FUSED:
         assert dec.path == "fused" and dec.fast_reason is None
     else:
         assert dec.path == "python" and dec.fast_reason  # one clear reason
@@ -179,16 +179,16 @@ def test_fused_step_equals_python_or_says_why(models, family):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_window_longer_than_the_cache_runs_fused(models):
-    """Mistral's window (8) never bites in a cache of 8 positions: the fused step runs it exactly."""
+def test_sliding_window_runs_fused(models):
+    """Mistral's window (8) in the fused step: a window as long as the cache, and one shorter (10
+    positions > 8), both with transformers' greedy tokens."""
     if not fastpath.available():
         pytest.skip("the C++ extension is not built")
     model = _model(models, "mistral")
     ids = _ids(7, 4)
-    res = greedy_generate(model, ids, 4, stop_at_eos=False)
-    assert res.path == "fused" and res.tokens == _hf_greedy(model, ids, 4)
-    res = greedy_generate(model, ids, 6, stop_at_eos=False)  # 10 positions > window
-    assert res.path == "python" and "sliding-window" in res.path_reason
+    for n in (4, 6):
+        res = greedy_generate(model, ids, n, stop_at_eos=False)
+        assert res.path == "fused" and res.tokens == _hf_greedy(model, ids, n)
 
 
 def _gpt2():

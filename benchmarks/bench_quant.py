@@ -41,6 +41,8 @@ CONFIGS = {
     "sparsegpt25+int4-g32": (sl.SparseGPTConfig(sparsity=0.25, quant="int4-g32"), None),
     "sparsegpt50+int4-g64": (sl.SparseGPTConfig(sparsity=0.5, quant="int4-g64"), None),
     "sparsegpt2:4+int4-g64-sym": (sl.SparseGPTConfig(pattern="2:4", quant="int4-g64-sym"), None),
+    "sparsegpt50+int4-g64-sym": (sl.SparseGPTConfig(sparsity=0.5, quant="int4-g64-sym"), None),
+    "sparsegpt50+int4-g32-sym": (sl.SparseGPTConfig(sparsity=0.5, quant="int4-g32-sym"), None),
     # the smallest: 4-bit embeddings and lm_head too
     "sparsegpt50+int4-g64-sym+emb4": (sl.SparseGPTConfig(sparsity=0.5, quant="int4-g64-sym"), "int4-g64-sym"),
 }

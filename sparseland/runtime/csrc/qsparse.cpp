@@ -54,6 +54,9 @@ bool cpu_has_avx512() {
 }
 
 std::atomic<int> g_isa{-1};  // -1: not chosen yet
+// The AVX2 fill kernels (symmetric schemes) and expand-once rows (several vectors) are on unless this is off:
+// an ablation switch for benchmarks/bench_qsparse.py, which then runs the per-step kernels they replace.
+std::atomic<bool> g_fill_kernels{true};
 
 int quant_isa() {
   int v = g_isa.load(std::memory_order_relaxed);
@@ -77,9 +80,13 @@ inline float hmax(__m256 v) {
 // per-lane scales of the AVX-512 steps, so the kernels load them instead of permuting:
 //   lanes64(xs, in)  + 16 t: 64-column step t, lanes 0-7 = s_{2t}, 8-15 = s_{2t+1}   (q4bitmask)
 //   lanes128(xs, in) + 16 t: 128-column step t, lanes 4j..4j+3 = s_{4t+j}            (q4nm)
-inline int64_t xs_len(int64_t in) { return in / XB + 16 + (in / 64 + 1) * 16 + (in / 128 + 1) * 16 + XPAD; }
+//   bsums(xs, in) + b: s_b * sum_{c in b} xq[c] (the symmetric fill kernels' offset term), then 16 zeros
+inline int64_t xs_len(int64_t in) {
+  return in / XB + 16 + (in / 64 + 1) * 16 + (in / 128 + 1) * 16 + in / XB + 16 + XPAD;
+}
 inline const float* lanes64(const float* xs, int64_t in) { return xs + in / XB + 16; }
 inline const float* lanes128(const float* xs, int64_t in) { return lanes64(xs, in) + (in / 64 + 1) * 16; }
+inline const float* bsums(const float* xs, int64_t in) { return lanes128(xs, in) + (in / 128 + 1) * 16; }
 
 // x (in,) fp32 -> xq (in,) int8 and xs (xs_len(in),) fp32 block scales and lane scales; in % 32 == 0.
 void quantize_x(const float* x, int64_t in, int8_t* xq, float* xs) {
@@ -109,6 +116,13 @@ void quantize_x(const float* x, int64_t in, int8_t* xq, float* xs) {
   float* l128 = l64 + (in / 64 + 1) * 16;
   for (int64_t t = 0; t <= in / 128; ++t)
     for (int l = 0; l < 16; ++l) l128[16 * t + l] = xs[4 * t + l / 4];
+  float* bs = l128 + (in / 128 + 1) * 16;
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t sum = 0;
+    for (int64_t c = 0; c < XB; ++c) sum += xq[b * XB + c];
+    bs[b] = xs[b] * static_cast<float>(sum);
+  }
+  for (int64_t b = nb; b < nb + 16; ++b) bs[b] = 0.0f;
 }
 
 // ---- per-row preparation ----------------------------------------------------------------------------
@@ -165,12 +179,14 @@ inline int64_t popcount_row(const uint8_t* mrow, int64_t in8) {
 // Per-thread scratch: unpacked codes of the current row, its fp32 scales, and (single-vector entry
 // points) the quantized x. Grown, never shrunk; no allocation once large enough.
 struct Scratch {
-  std::vector<uint8_t> codes;
-  std::vector<float> d, m, xs;
+  std::vector<uint8_t> codes, dense, kept;  // dense / kept: a row expanded to one byte per column (B > 1)
+  std::vector<float> d, m, xs, gsum;        // gsum: per vector, S_G = sum_{b in G} bsum_b (symmetric fill)
   std::vector<int8_t> xq;
   void fit(int64_t in) {
     if ((int64_t)codes.size() >= in + XPAD) return;
     codes.assign(in + XPAD, 0);
+    dense.assign(in + XPAD, 0);
+    kept.assign(in + XPAD, 0);
     d.assign(in / XB + XPAD, 0.0f);
     m.assign(in / XB + XPAD, 0.0f);
     xs.assign(xs_len(in), 0.0f);
@@ -231,6 +247,145 @@ float row_dot_avx2(const uint8_t* mrow, const uint8_t* cu, const float* d, const
     const __m256i q = _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones16);  // codes <= 15: no saturation
     const __m256i kept = _mm256_and_si256(_mm256_cmpgt_epi8(idx, neg1), ones8);
     const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(kept, xv), ones16);
+    const float sb = xs[c / XB];
+    const int64_t G = c >> gshift;
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d[G] * sb), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(m[G] * sb), acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// ---- AVX2 fill kernels (symmetric schemes) and expand-once rows (several vectors) --------------------------
+//
+// Symmetric (m = -8 d): a pruned column expanded to code 8 has the value d (8 - 8) = 0, so the expanded row is
+// a dense int4 row and W x = sum_b s_b d_G sum_c q xq - 8 sum_G d_G S_G with S_G = sum_{b in G} s_b sum_c xq,
+// the same for every row (gsum, once per call): no sum_kept xq per step. With several vectors (prefill) each
+// row is expanded once to one byte per column (and, asymmetric, a kept byte per column) and then dotted with
+// every vector, instead of re-deriving the shuffle per vector.
+
+// The 32 columns [c, c + 32) of a row (mask bits k): codes from cu[pos..] to their columns; pruned lanes get
+// 0x80 in idx. E: shuf_lut().idx, read once per row (a function-local static's guard inside the loop would
+// make the compiler keep the accumulators in memory).
+struct Expanded {
+  __m256i cv, idx;
+};
+// NM: every mask byte has exactly 4 bits (q4nm), so the offsets are constants and no popcount is taken.
+template <bool NM>
+__attribute__((always_inline)) inline Expanded expand32_avx2(const uint64_t* E, uint32_t k, const uint8_t* cu,
+                                                             int64_t pos) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  const unsigned m0 = k & 0xFF, m1 = (k >> 8) & 0xFF, m2 = (k >> 16) & 0xFF, m3 = k >> 24;
+  const unsigned c0 = NM ? 4 : _mm_popcnt_u32(m0), c01 = NM ? 8 : _mm_popcnt_u32(k & 0xFFFF);
+  const unsigned c2 = NM ? 4 : _mm_popcnt_u32(m2);
+  const __m128i ilo = _mm_set_epi64x(static_cast<int64_t>(E[m1] + c0 * kOnes), static_cast<int64_t>(E[m0]));
+  const __m128i ihi = _mm_set_epi64x(static_cast<int64_t>(E[m3] + c2 * kOnes), static_cast<int64_t>(E[m2]));
+  const __m256i idx = _mm256_set_m128i(ihi, ilo);
+  return {_mm256_shuffle_epi8(_mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(cu + pos + c01),
+                                                  reinterpret_cast<const __m128i*>(cu + pos)),
+                              idx),
+          idx};
+}
+
+// sum_{g < G} d[g] gsum[g]
+inline float dot_groups(const float* d, const float* gsum, int64_t G) {
+  __m256 a = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(d + g), _mm256_loadu_ps(gsum + g), a);
+  float r = hsum(a);
+  for (; g < G; ++g) r += d[g] * gsum[g];
+  return r;
+}
+
+// gsum[g] = sum of bsums over group g's blocks (1 << (gshift - 5) blocks per group).
+inline void group_sums(const float* xs, int64_t in, int gshift, float* gsum) {
+  const float* bs = bsums(xs, in);
+  const int64_t per = int64_t(1) << (gshift - 5), G = in >> gshift;
+  for (int64_t g = 0; g < G; ++g) {
+    float t = 0.0f;
+    for (int64_t j = 0; j < per; ++j) t += bs[g * per + j];
+    gsum[g] = t;
+  }
+}
+
+inline __m256i dot32_avx2(__m256i cv, const int8_t* xq) {  // 8 int32 lanes of cv . xq (cv <= 15)
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), _mm256_set1_epi16(1));
+}
+
+// One row, one vector, symmetric: the fill expansion in registers.
+template <bool NM>
+float row_dot_sym_avx2(const uint8_t* mrow, const uint8_t* cu, const float* d, int gshift, const int8_t* xq,
+                       const float* xs, int64_t in, const float* gsum) {
+  const uint64_t* E = shuf_lut().idx;
+  const __m256i eight = _mm256_set1_epi8(8);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t pos = 0;
+  uint64_t c = 0;
+  const uint64_t n = static_cast<uint64_t>(in);
+  for (; c + 2 * XB <= n; c += 2 * XB) {  // two independent steps per iteration
+    uint32_t k0, k1;
+    std::memcpy(&k0, mrow + c / 8, 4);
+    std::memcpy(&k1, mrow + c / 8 + 4, 4);
+    const int64_t n0 = NM ? 16 : _mm_popcnt_u32(k0), n1 = NM ? 16 : _mm_popcnt_u32(k1);
+    const Expanded e0 = expand32_avx2<NM>(E, k0, cu, pos);
+    const Expanded e1 = expand32_avx2<NM>(E, k1, cu, pos + n0);
+    pos += n0 + n1;
+    const __m256i q0 = dot32_avx2(_mm256_blendv_epi8(e0.cv, eight, e0.idx), xq + c);
+    const __m256i q1 = dot32_avx2(_mm256_blendv_epi8(e1.cv, eight, e1.idx), xq + c + XB);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_set1_ps(d[(c + XB) >> gshift] * xs[c / XB + 1]), acc1);
+  }
+  if (c < n) {
+    uint32_t k;
+    std::memcpy(&k, mrow + c / 8, 4);
+    const Expanded e0 = expand32_avx2<NM>(E, k, cu, pos);
+    const __m256i q0 = dot32_avx2(_mm256_blendv_epi8(e0.cv, eight, e0.idx), xq + c);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_groups(d, gsum, in >> gshift);
+}
+
+// A row expanded once: dense[c] = its code (kept) or the fill (pruned: 8 symmetric, 0 asymmetric); kept[c] =
+// 1 / 0 (asymmetric only).
+template <bool NM>
+void expand_row_avx2(const uint8_t* mrow, const uint8_t* cu, int64_t in, bool sym, uint8_t* dense, uint8_t* kept) {
+  const uint64_t* E = shuf_lut().idx;
+  const __m256i eight = _mm256_set1_epi8(8), ones8 = _mm256_set1_epi8(1), neg1 = _mm256_set1_epi8(-1);
+  int64_t pos = 0;
+  for (int64_t c = 0; c < in; c += XB) {
+    uint32_t k;
+    std::memcpy(&k, mrow + c / 8, 4);
+    const Expanded e = expand32_avx2<NM>(E, k, cu, pos);
+    pos += NM ? 16 : _mm_popcnt_u32(k);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dense + c), sym ? _mm256_blendv_epi8(e.cv, eight, e.idx) : e.cv);
+    if (!sym)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept + c), _mm256_and_si256(_mm256_cmpgt_epi8(e.idx, neg1), ones8));
+  }
+}
+
+float dense_dot_sym_avx2(const uint8_t* dense, const float* d, int gshift, const int8_t* xq, const float* xs,
+                         int64_t in, const float* gsum) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 * XB <= in; c += 2 * XB) {
+    const __m256i q0 = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c)), xq + c);
+    const __m256i q1 = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c + XB)), xq + c + XB);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_set1_ps(d[(c + XB) >> gshift] * xs[c / XB + 1]), acc1);
+  }
+  if (c < in) {
+    const __m256i q0 = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c)), xq + c);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_groups(d, gsum, in >> gshift);
+}
+
+float dense_dot_asym_avx2(const uint8_t* dense, const uint8_t* kept, const float* d, const float* m, int gshift,
+                          const int8_t* xq, const float* xs, int64_t in) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t c = 0; c < in; c += XB) {
+    const __m256i q = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c)), xq + c);
+    const __m256i s = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept + c)), xq + c);
     const float sb = xs[c / XB];
     const int64_t G = c >> gshift;
     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d[G] * sb), acc0);
@@ -373,6 +528,15 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
   const int isa = quant_isa();
   Scratch& S = scratch(in);
   bool ok = true;
+  // AVX2 (unless qsparse_set_fill_kernels(false)): symmetric schemes take the fill kernels; with several
+  // vectors every row is expanded once (expand_row_avx2) and dotted with each vector.
+  const bool on = g_fill_kernels.load(std::memory_order_relaxed), sym = offset == nullptr;
+  const bool fill = on && isa == kAvx2 && sym, expand_once = on && isa == kAvx2 && B > 1;
+  if (fill) {  // per vector: S_G for the offset term
+    const int64_t gstride = G + 8;
+    if ((int64_t)S.gsum.size() < B * gstride) S.gsum.assign(B * gstride, 0.0f);
+    for (int64_t b = 0; b < B; ++b) group_sums(X.s + b * X.s_stride, in, gs, S.gsum.data() + b * gstride);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* mrow = mask + r * in8;
     const uint8_t* prow = nm ? codes + r * (in / 4) : nullptr;
@@ -392,11 +556,21 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
     }
     if (isa == kAvx512) convert_scales512(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
     else convert_scales(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
+    if (expand_once && nm) expand_row_avx2<true>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
+    if (expand_once && !nm) expand_row_avx2<false>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
     for (int64_t b = 0; b < B; ++b) {
       const int8_t* xq = X.q + b * X.q_stride;
       const float* xs = X.s + b * X.s_stride;
+      const float* gsum = fill ? S.gsum.data() + b * (G + 8) : nullptr;
       float v;
-      if (isa == kAvx512)
+      if (expand_once && sym)
+        v = dense_dot_sym_avx2(S.dense.data(), S.d.data(), gs, xq, xs, in, gsum);
+      else if (expand_once)
+        v = dense_dot_asym_avx2(S.dense.data(), S.kept.data(), S.d.data(), S.m.data(), gs, xq, xs, in);
+      else if (fill)
+        v = nm ? row_dot_sym_avx2<true>(mrow, S.codes.data(), S.d.data(), gs, xq, xs, in, gsum)
+               : row_dot_sym_avx2<false>(mrow, S.codes.data(), S.d.data(), gs, xq, xs, in, gsum);
+      else if (isa == kAvx512)
         v = nm ? row_dot_nm512(mrow, prow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
                : (gs == 5 ? row_dot_bitmask512<true>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
                           : row_dot_bitmask512<false>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in));
@@ -544,6 +718,9 @@ std::string qsparse_set_isa(std::string isa) {
 
 std::string qsparse_isa() { return quant_isa() == kAvx512 ? "avx512" : "avx2"; }
 
+// Turn the AVX2 fill / expand-once kernels on or off (benchmarks only); returns the previous setting.
+bool qsparse_set_fill_kernels(bool on) { return g_fill_kernels.exchange(on); }
+
 }  // namespace sparseland
 
 TORCH_LIBRARY_FRAGMENT(sparseland, m) {
@@ -552,4 +729,5 @@ TORCH_LIBRARY_FRAGMENT(sparseland, m) {
         &sparseland::q4bitmask_mm);
   m.def("qsparse_set_isa(str isa) -> str", &sparseland::qsparse_set_isa);
   m.def("qsparse_isa() -> str", &sparseland::qsparse_isa);
+  m.def("qsparse_set_fill_kernels(bool on) -> bool", &sparseland::qsparse_set_fill_kernels);
 }

@@ -9,25 +9,27 @@
 
 #include "common.h"
 #include "matvec.h"
+#include "qmatvec.h"
 #include "qsparse.h"
 
 namespace sparseland {
 namespace {
 
 // kind "dense": per weight 1 tensor (out, in) fp32 / bf16.
+// kind "q4": 3 tensors (codes, scale, offset-or-empty), the dense Q4DenseFormat.
 // kind "q4nm": 4 tensors (mask, codes, scale, offset-or-empty). "q4bitmask": 5 (mask, row_ptr, codes,
 // scale, offset-or-empty). xs[i]: the float32 input of weight i (>= in + 8 entries). Runs `reps` passes
 // after one warm-up pass; returns the mean seconds per pass.
 double qsparse_bench_pass(std::string kind, std::vector<at::Tensor> t, std::vector<at::Tensor> xs, int64_t reps) {
-  const int64_t per = kind == "dense" ? 1 : (kind == "q4nm" ? 4 : (kind == "q4bitmask" ? 5 : 0));
-  TORCH_CHECK(per > 0, "kind must be dense, q4nm or q4bitmask");
+  const int64_t per = kind == "dense" ? 1 : kind == "q4" ? 3 : (kind == "q4nm" ? 4 : (kind == "q4bitmask" ? 5 : 0));
+  TORCH_CHECK(per > 0, "kind must be dense, q4, q4nm or q4bitmask");
   TORCH_CHECK((int64_t)t.size() == per * (int64_t)xs.size() && reps > 0, "need ", per, " tensors per x");
   const int64_t n = xs.size();
   int64_t max_out = 0;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& w = t[i * per];
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "first tensor of each weight must be 2-D contiguous");
-    const int64_t in = kind == "dense" ? w.size(1) : w.size(1) * 8;
+    const int64_t in = kind == "dense" ? w.size(1) : (kind == "q4" ? w.size(1) * 2 : w.size(1) * 8);
     TORCH_CHECK(xs[i].scalar_type() == at::kFloat && xs[i].is_contiguous() && xs[i].numel() >= in + 8,
                 "x must be float32 with in + 8 entries");
     max_out = std::max(max_out, w.size(0));
@@ -47,6 +49,12 @@ double qsparse_bench_pass(std::string kind, std::vector<at::Tensor> t, std::vect
           const float* W = w[0].data_ptr<float>();
           parallel_rows(out, 16, [&](int64_t r0, int64_t r1) { dense_mv(W, x, y.data(), in, r0, r1); });
         }
+      } else if (kind == "q4") {
+        const int64_t in = w[0].size(1) * 2, group = in / w[1].size(1);
+        const at::Half* O = w[2].numel() ? w[2].data_ptr<at::Half>() : nullptr;
+        parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
+          q4_mv(w[0].data_ptr<uint8_t>(), w[1].data_ptr<at::Half>(), O, in, group, x, y.data(), r0, r1);
+        });
       } else if (kind == "q4nm") {
         const int64_t in = w[0].size(1) * 8, group = in / w[2].size(1);
         const at::Half* O = w[3].numel() ? w[3].data_ptr<at::Half>() : nullptr;

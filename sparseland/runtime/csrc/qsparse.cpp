@@ -221,48 +221,6 @@ const ShufLUT& shuf_lut() {
   return lut;
 }
 
-// sum_c W[r, c] x[c] for one row: mask row mrow, unpacked codes cu, fp32 d/m per group (1 << gshift
-// columns), quantized x (xq, xs).
-float row_dot_avx2(const uint8_t* mrow, const uint8_t* cu, const float* d, const float* m, int gshift, const int8_t* xq,
-                   const float* xs, int64_t in) {
-  const uint64_t* E = shuf_lut().idx;
-  constexpr uint64_t kOnes = 0x0101010101010101ull;
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), neg1 = _mm256_set1_epi8(-1);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t pos = 0;
-  for (int64_t c = 0; c < in; c += XB) {
-    uint32_t k;
-    std::memcpy(&k, mrow + c / 8, 4);
-    const unsigned m0 = k & 0xFF, m1 = (k >> 8) & 0xFF, m2 = (k >> 16) & 0xFF, m3 = k >> 24;
-    const unsigned c0 = _mm_popcnt_u32(m0), c01 = _mm_popcnt_u32(k & 0xFFFF), c2 = _mm_popcnt_u32(m2);
-    // low 128-bit lane: columns 0..15 from codes[pos..], high lane: columns 16..31 from codes[pos + c01..]
-    const __m128i ilo = _mm_set_epi64x(static_cast<int64_t>(E[m1] + c0 * kOnes), static_cast<int64_t>(E[m0]));
-    const __m128i ihi = _mm_set_epi64x(static_cast<int64_t>(E[m3] + c2 * kOnes), static_cast<int64_t>(E[m2]));
-    const __m256i idx = _mm256_set_m128i(ihi, ilo);
-    const __m256i cv = _mm256_shuffle_epi8(
-        _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(cu + pos + c01), reinterpret_cast<const __m128i*>(cu + pos)),
-        idx);
-    pos += _mm_popcnt_u32(k);
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c));
-    const __m256i q = _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), ones16);  // codes <= 15: no saturation
-    const __m256i kept = _mm256_and_si256(_mm256_cmpgt_epi8(idx, neg1), ones8);
-    const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(kept, xv), ones16);
-    const float sb = xs[c / XB];
-    const int64_t G = c >> gshift;
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d[G] * sb), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(m[G] * sb), acc1);
-  }
-  return hsum(_mm256_add_ps(acc0, acc1));
-}
-
-// ---- AVX2 fill kernels (symmetric schemes) and expand-once rows (several vectors) --------------------------
-//
-// Symmetric (m = -8 d): a pruned column expanded to code 8 has the value d (8 - 8) = 0, so the expanded row is
-// a dense int4 row and W x = sum_b s_b d_G sum_c q xq - 8 sum_G d_G S_G with S_G = sum_{b in G} s_b sum_c xq,
-// the same for every row (gsum, once per call): no sum_kept xq per step. With several vectors (prefill) each
-// row is expanded once to one byte per column (and, asymmetric, a kept byte per column) and then dotted with
-// every vector, instead of re-deriving the shuffle per vector.
-
 // The 32 columns [c, c + 32) of a row (mask bits k): codes from cu[pos..] to their columns; pruned lanes get
 // 0x80 in idx. E: shuf_lut().idx, read once per row (a function-local static's guard inside the loop would
 // make the compiler keep the accumulators in memory).
@@ -286,6 +244,50 @@ __attribute__((always_inline)) inline Expanded expand32_avx2(const uint64_t* E, 
           idx};
 }
 
+inline __m256i dot32_avx2(__m256i cv, const int8_t* xq) {  // 8 int32 lanes of cv . xq (cv <= 15)
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), _mm256_set1_epi16(1));
+}
+
+// 1 in the kept lanes of an expansion, 0 in the pruned ones.
+inline __m256i kept01(__m256i idx) {
+  return _mm256_and_si256(_mm256_cmpgt_epi8(idx, _mm256_set1_epi8(-1)), _mm256_set1_epi8(1));
+}
+
+// acc + float(q) * scale: one block of 32 columns' integer dot into the float accumulator.
+inline __m256 fma_block(__m256i q, float scale, __m256 acc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(scale), acc);
+}
+
+// sum_c W[r, c] x[c] for one row: mask row mrow, unpacked codes cu, fp32 d/m per group (1 << gshift
+// columns), quantized x (xq, xs).
+float row_dot_avx2(const uint8_t* mrow, const uint8_t* cu, const float* d, const float* m, int gshift, const int8_t* xq,
+                   const float* xs, int64_t in) {
+  const uint64_t* E = shuf_lut().idx;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t pos = 0;
+  for (int64_t c = 0; c < in; c += XB) {
+    uint32_t k;
+    std::memcpy(&k, mrow + c / 8, 4);
+    const Expanded e = expand32_avx2<false>(E, k, cu, pos);
+    pos += _mm_popcnt_u32(k);
+    const float sb = xs[c / XB];
+    const int64_t G = c >> gshift;
+    acc0 = fma_block(dot32_avx2(e.cv, xq + c), d[G] * sb, acc0);  // codes <= 15: no saturation
+    acc1 = fma_block(dot32_avx2(kept01(e.idx), xq + c), m[G] * sb, acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// ---- AVX2 fill kernels (symmetric schemes) and expand-once rows (several vectors) --------------------------
+//
+// Symmetric (m = -8 d): a pruned column expanded to code 8 has the value d (8 - 8) = 0, so the expanded row is
+// a dense int4 row and W x = sum_b s_b d_G sum_c q xq - 8 sum_G d_G S_G with S_G = sum_{b in G} s_b sum_c xq,
+// the same for every row (gsum, once per call): no sum_kept xq per step. With several vectors (prefill) each
+// row is expanded once to one byte per column (and, asymmetric, a kept byte per column) and then dotted with
+// every vector, instead of re-deriving the shuffle per vector.
+
+
 // sum_{g < G} d[g] gsum[g]
 inline float dot_groups(const float* d, const float* gsum, int64_t G) {
   __m256 a = _mm256_setzero_ps();
@@ -307,10 +309,6 @@ inline void group_sums(const float* xs, int64_t in, int gshift, float* gsum) {
   }
 }
 
-inline __m256i dot32_avx2(__m256i cv, const int8_t* xq) {  // 8 int32 lanes of cv . xq (cv <= 15)
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(cv, xv), _mm256_set1_epi16(1));
-}
 
 // One row, one vector, symmetric: the fill expansion in registers.
 template <bool NM>
@@ -332,15 +330,15 @@ float row_dot_sym_avx2(const uint8_t* mrow, const uint8_t* cu, const float* d, i
     pos += n0 + n1;
     const __m256i q0 = dot32_avx2(_mm256_blendv_epi8(e0.cv, eight, e0.idx), xq + c);
     const __m256i q1 = dot32_avx2(_mm256_blendv_epi8(e1.cv, eight, e1.idx), xq + c + XB);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_set1_ps(d[(c + XB) >> gshift] * xs[c / XB + 1]), acc1);
+    acc0 = fma_block(q0, d[c >> gshift] * xs[c / XB], acc0);
+    acc1 = fma_block(q1, d[(c + XB) >> gshift] * xs[c / XB + 1], acc1);
   }
   if (c < n) {
     uint32_t k;
     std::memcpy(&k, mrow + c / 8, 4);
     const Expanded e0 = expand32_avx2<NM>(E, k, cu, pos);
     const __m256i q0 = dot32_avx2(_mm256_blendv_epi8(e0.cv, eight, e0.idx), xq + c);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
+    acc0 = fma_block(q0, d[c >> gshift] * xs[c / XB], acc0);
   }
   return hsum(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_groups(d, gsum, in >> gshift);
 }
@@ -350,7 +348,7 @@ float row_dot_sym_avx2(const uint8_t* mrow, const uint8_t* cu, const float* d, i
 template <bool NM>
 void expand_row_avx2(const uint8_t* mrow, const uint8_t* cu, int64_t in, bool sym, uint8_t* dense, uint8_t* kept) {
   const uint64_t* E = shuf_lut().idx;
-  const __m256i eight = _mm256_set1_epi8(8), ones8 = _mm256_set1_epi8(1), neg1 = _mm256_set1_epi8(-1);
+  const __m256i eight = _mm256_set1_epi8(8);
   int64_t pos = 0;
   for (int64_t c = 0; c < in; c += XB) {
     uint32_t k;
@@ -359,7 +357,7 @@ void expand_row_avx2(const uint8_t* mrow, const uint8_t* cu, int64_t in, bool sy
     pos += NM ? 16 : _mm_popcnt_u32(k);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dense + c), sym ? _mm256_blendv_epi8(e.cv, eight, e.idx) : e.cv);
     if (!sym)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept + c), _mm256_and_si256(_mm256_cmpgt_epi8(e.idx, neg1), ones8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kept + c), kept01(e.idx));
   }
 }
 
@@ -370,12 +368,12 @@ float dense_dot_sym_avx2(const uint8_t* dense, const float* d, int gshift, const
   for (; c + 2 * XB <= in; c += 2 * XB) {
     const __m256i q0 = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c)), xq + c);
     const __m256i q1 = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c + XB)), xq + c + XB);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_set1_ps(d[(c + XB) >> gshift] * xs[c / XB + 1]), acc1);
+    acc0 = fma_block(q0, d[c >> gshift] * xs[c / XB], acc0);
+    acc1 = fma_block(q1, d[(c + XB) >> gshift] * xs[c / XB + 1], acc1);
   }
   if (c < in) {
     const __m256i q0 = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c)), xq + c);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_set1_ps(d[c >> gshift] * xs[c / XB]), acc0);
+    acc0 = fma_block(q0, d[c >> gshift] * xs[c / XB], acc0);
   }
   return hsum(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_groups(d, gsum, in >> gshift);
 }
@@ -384,12 +382,12 @@ float dense_dot_asym_avx2(const uint8_t* dense, const uint8_t* kept, const float
                           const int8_t* xq, const float* xs, int64_t in) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (int64_t c = 0; c < in; c += XB) {
-    const __m256i q = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c)), xq + c);
-    const __m256i s = dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept + c)), xq + c);
     const float sb = xs[c / XB];
     const int64_t G = c >> gshift;
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d[G] * sb), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(m[G] * sb), acc1);
+    acc0 = fma_block(dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dense + c)), xq + c), d[G] * sb,
+                     acc0);
+    acc1 = fma_block(dot32_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kept + c)), xq + c), m[G] * sb,
+                     acc1);
   }
   return hsum(_mm256_add_ps(acc0, acc1));
 }

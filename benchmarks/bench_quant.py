@@ -36,6 +36,10 @@ EMB = "int8"  # the embeddings (and the tied lm_head): like the shipped file's Q
 CONFIGS = {
     "int8": (None, QuantConfig(scheme="int8", embeddings=EMB)),
     "int4-g32": (None, QuantConfig(scheme="int4-g32", embeddings=EMB)),
+    # the embeddings / tied lm_head: float32 (the ablation's floor), int4-g32 (asymmetric, 4.5 bits), int8-g32
+    # (Q8_0's grid: the shipped file's token_embd exactly)
+    "int4-g32+emb-fp32": (None, QuantConfig(scheme="int4-g32")),
+    "int4-g32+emb-int4-g32": (None, QuantConfig(scheme="int4-g32", embeddings="int4-g32")),
     "int4-g32-sym-gptq": (None, QuantConfig(scheme="int4-g32-sym", method="gptq", embeddings=EMB)),
     "int4-g64-sym-gptq": (None, QuantConfig(scheme="int4-g64-sym", method="gptq", embeddings=EMB)),
     "sparsegpt25+int4-g32": (sl.SparseGPTConfig(sparsity=0.25, quant="int4-g32"), None),

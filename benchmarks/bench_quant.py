@@ -30,16 +30,18 @@ from sparseland.quant import QuantConfig
 from sparseland.runtime.checkpoint import checkpoint_bytes, save_sparse_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
-EMB = "int8"  # the embeddings (and the tied lm_head): like the shipped file's Q8_0 token_embd
+EMB = "int8-g32"  # the embeddings (and the tied lm_head): the shipped file's Q8_0 token_embd exactly
 # name -> (pruning config, embeddings scheme or None for EMB) or (None, QuantConfig): a pruning config with
 # quant= prunes and quantizes (SparseGPT jointly)
 CONFIGS = {
     "int8": (None, QuantConfig(scheme="int8", embeddings=EMB)),
     "int4-g32": (None, QuantConfig(scheme="int4-g32", embeddings=EMB)),
-    # the embeddings / tied lm_head: float32 (the ablation's floor), int4-g32 (asymmetric, 4.5 bits), int8-g32
-    # (Q8_0's grid: the shipped file's token_embd exactly)
+    # the embeddings / tied lm_head: float32 (the ablation's floor), int8 with one scale per row, int4-g32
+    # (asymmetric, 5 bits per weight with its scales: faster, less exact)
     "int4-g32+emb-fp32": (None, QuantConfig(scheme="int4-g32")),
+    "int4-g32+emb-int8": (None, QuantConfig(scheme="int4-g32", embeddings="int8")),
     "int4-g32+emb-int4-g32": (None, QuantConfig(scheme="int4-g32", embeddings="int4-g32")),
+    "int4-g64+emb-int4-g64": (None, QuantConfig(scheme="int4-g64", embeddings="int4-g64")),
     "int4-g32-sym-gptq": (None, QuantConfig(scheme="int4-g32-sym", method="gptq", embeddings=EMB)),
     "int4-g64-sym-gptq": (None, QuantConfig(scheme="int4-g64-sym", method="gptq", embeddings=EMB)),
     "sparsegpt25+int4-g32": (sl.SparseGPTConfig(sparsity=0.25, quant="int4-g32"), None),

@@ -154,8 +154,10 @@ def group_params(
     ``m`` (None if symmetric). Pruned entries (``mask`` False) are ignored.
 
     Asymmetric (Q4_1 rule): ``d = (max - min) / qmax``, ``m = min`` (range always includes 0 only if
-    the data does). Symmetric (Q4_0 rule): the entry of largest magnitude maps to code 0 (value -2^(b-1) d),
-    ``d = that entry / -2^(b-1)``.
+    the data does). Symmetric 4-bit (Q4_0 rule): the entry of largest magnitude maps to code 0 (value
+    -8 d), ``d = that entry / -8``. Symmetric 8-bit (Q8_0 rule): ``d = max|w| / 127``, codes in [1, 255]
+    (values -127 d .. 127 d), so a Q8_0-dequantized weight (the shipped file's token embeddings) comes back
+    exactly with ``int8-g32``.
     """
     w = w.float()
     if mask is not None:
@@ -166,6 +168,8 @@ def group_params(
         lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
     else:
         lo, hi = w.amin(1), w.amax(1)
+    if scheme.symmetric and scheme.bits == 8:
+        return (torch.maximum(hi.abs(), lo.abs()) / 127.0).half(), None
     if scheme.symmetric:
         extreme = torch.where(hi.abs() > lo.abs(), hi, lo)  # signed value of largest magnitude
         d = (extreme / -float(1 << (scheme.bits - 1))).half()

@@ -8,8 +8,9 @@ kernels in ``csrc/qdense.cpp`` (single-vector entry points in ``csrc/qmatvec.h``
   float16, or None for a symmetric scheme (offset = -8 * scale). W = scale * code + offset, computed
   exactly as ``QuantizedWeight.dequantize``. Bytes per weight: 1/2 + 2/group (+ 2/group asymmetric):
   0.5625 (g32 sym), 0.625 (g32 asym), 0.5625 (g64 asym), 0.53125 (g128 asym).
-- ``Q8DenseFormat`` (``q8``): symmetric int8 per output channel (scheme ``int8``). ``codes`` (out, in)
-  int8 = code - 128, ``scale`` (out, 1) float16: W = scale * codes. ~1 byte per weight.
+- ``Q8DenseFormat`` (``q8``): symmetric int8, one float16 scale per output channel (scheme ``int8``) or
+  per row and group of 32/64/128 columns (``int8-g32``: llama.cpp's Q8_0 grid). ``codes`` (out, in) int8 =
+  code - 128, ``scale`` (out, 1) or (out, in/group) float16: W = scale * codes. 1 (+ 2/group) bytes per weight.
 
 The kernels quantize x per block of 32 columns to int8 (scale max|x|/127, round half to even) and
 take integer dot products (llama.cpp's Q4_1 x Q8_1), so ``matmul`` differs from ``x @ to_dense().T``
@@ -84,14 +85,16 @@ def ref_q4_mm(
 
 
 def ref_q8_mm(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The Q8 kernel's math in float64: d * sum_k dx_k sum_c w xq."""
+    """The Q8 kernel's math in float64: sum_k d_k dx_k sum_c w xq, with d_k the row's scale (one per row)
+    or its block's group scale."""
     out, inp = codes.shape
     xq, dx = quantize_x(x)
     nblk = dx.shape[1]
     w = torch.nn.functional.pad(codes.double(), (0, nblk * BLOCK - inp)).reshape(out, nblk, BLOCK)
     isum = torch.einsum("bkc,okc->bok", xq.double(), w)
-    y = (isum * dx.double().unsqueeze(1)).sum(-1) * scale.double().reshape(1, out)
-    return y.float()
+    d = scale.double().reshape(out, -1)
+    d = d.expand(out, nblk) if d.shape[1] == 1 else d.repeat_interleave(nblk // d.shape[1], dim=1)
+    return (isum * dx.double().unsqueeze(1) * d.unsqueeze(0)).sum(-1).float()
 
 
 def ref_q4_mm_float(
@@ -108,7 +111,12 @@ def ref_q8_mm_float(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -
 
 def _q8_dense(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     u = (codes.to(torch.int16) + 128).to(torch.uint8)
-    return dequantize(u, scale.reshape(-1, 1), None, QuantScheme(8, 0, True))
+    scale = scale.reshape(codes.shape[0], -1)
+    return dequantize(u, scale, None, _q8_scheme(codes.shape[1], scale.shape[1]))
+
+
+def _q8_scheme(inp: int, groups: int) -> QuantScheme:
+    return QuantScheme(8, 0 if groups == 1 else inp // groups, True)
 
 
 # ----- dispatch ------------------------------------------------------------------------------------------
@@ -125,7 +133,7 @@ def q4_mm(
 
 
 def q8_mm(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Q8 weight (codes (out, in) int8, scale (out, 1)), x (B, in) -> (B, out) float32."""
+    """Q8 weight (codes (out, in) int8, scale (out, 1) or (out, in/group)), x (B, in) -> (B, out) float32."""
     x = x.to(torch.float32).contiguous()
     if kernels.use_kernels():
         return torch.ops.sparseland.q8_mm(codes, scale, x)
@@ -197,7 +205,7 @@ class Q4DenseFormat:
 @dataclass
 class Q8DenseFormat:
     codes: torch.Tensor  # (out, in) int8 = code - 128
-    scale: torch.Tensor  # (out, 1) float16
+    scale: torch.Tensor  # (out, 1) or (out, in/group) float16
     name = "q8"
     multi_row_kernel = True  # prefill runs the kernel (several x rows per weight row), no dense rebuild
 
@@ -205,13 +213,14 @@ class Q8DenseFormat:
     def from_quantized(cls, qw: QuantizedWeight) -> Q8DenseFormat:
         _dense_only(qw)
         s = qw.scheme
-        if s.bits != 8 or s.group != 0 or not s.symmetric:
+        inp = qw.shape[1]
+        if s.bits != 8 or not s.symmetric or (s.group and (s.group not in Q4_GROUPS or inp % s.group)):
             raise SparselandError(
-                f"q8 format supports only int8 (symmetric, one scale per output channel), not {s.name}; "
-                "use int8, or q4 with int4-g32 / int4-g64 / int4-g128 (-sym)"
+                f"q8 format supports int8 (symmetric, one scale per output channel) and int8-g32 / -g64 / -g128 "
+                f"(a group dividing in_features), not {s.name} on {inp} columns; or use q4 with int4-g32 (-sym)"
             )
         codes = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
-        return cls(codes, qw.scale.to(torch.float16).reshape(-1, 1).contiguous())
+        return cls(codes, qw.scale.to(torch.float16).reshape(qw.shape[0], -1).contiguous())
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, scheme: QuantScheme | str = "int8") -> Q8DenseFormat:
@@ -219,7 +228,7 @@ class Q8DenseFormat:
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(8, 0, True)
+        return _q8_scheme(self.codes.shape[1], self.scale.shape[1])
 
     @property
     def shape(self) -> tuple[int, int]:

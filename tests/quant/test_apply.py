@@ -113,3 +113,14 @@ def test_embedded_model_is_exactly_int4_g32(embedded):
         from sparseland.quant import quantize_rtn
 
         assert torch.equal(quantize_rtn(m.weight, "int4-g32").dequantize(), m.weight), name
+
+
+@pytest.mark.slow
+def test_embedded_token_embeddings_are_exactly_int8_g32(embedded):
+    """The shipped file's token_embd is Q8_0: int8-g32 (the Q8_0 rule d = max|w| / 127 per 32) gives the
+    float embeddings back bit for bit; int8 with one scale per row does not."""
+    from sparseland.quant import quantize_rtn
+
+    w = embedded[0].model.embed_tokens.weight
+    assert torch.equal(quantize_rtn(w, "int8-g32").dequantize(), w)
+    assert not torch.equal(quantize_rtn(w[:64], "int8").dequantize(), w[:64])

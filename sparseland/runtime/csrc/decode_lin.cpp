@@ -5,7 +5,7 @@
 //   0 dense: p.w (out, in) fp32/bf16        1 bitmask: p.mask, p.row_ptr, p.values
 //   2 nm (4 kept per mask byte): p.mask, p.values
 //   3 actsparse: p.w = W^T (in, out)        4 actsparse_bitmask: p.mask (in, ceil(out/8)), p.row_ptr, p.values
-//   5 q4: p.codes, p.scale, [p.offset]      6 q8: p.codes, p.scale
+//   5 q4: p.codes, p.scale, [p.offset]      6 q8: p.codes, p.scale (out, 1 or in / group)
 //   7 q4_nm: p.mask, p.codes, p.scale, [p.offset]   8 q4_bitmask: p.mask, p.row_ptr, p.codes, p.scale, [p.offset]
 #include <sstream>
 
@@ -27,7 +27,7 @@ void Lin::run(const float* x, float* y, int64_t r0, int64_t r1) const {
   } else if (kind == kQ4) {
     q4_mv(static_cast<const uint8_t*>(w), scale, offset, in, group, x, y, r0, r1);
   } else if (kind == kQ8) {
-    q8_mv(static_cast<const int8_t*>(w), scale, in, x, y, r0, r1);
+    q8_mv(static_cast<const int8_t*>(w), scale, in, group == in ? 0 : group, x, y, r0, r1);
   } else if (kind == kQ4NM) {
     q4nm_mv(mask, static_cast<const uint8_t*>(w), scale, offset, x, y, in, group, r0, r1);
   } else if (kind == kQ4Bitmask) {
@@ -120,7 +120,8 @@ void parse_quant(Args& a, const std::string& p, Lin& lin) {
               "DecodeStep: layer ", a.layer(), " ", p, ": scale must be contiguous float16 (out, in / group)");
   lin.group = lin.in / scale.size(1);
   TORCH_CHECK(!q4 || (lin.group % 32 == 0 && lin.group <= 128), "DecodeStep: q4 group must be 32, 64 or 128");
-  TORCH_CHECK(q4 || scale.size(1) == 1, "DecodeStep: q8 needs one scale per row");
+  TORCH_CHECK(q4 || scale.size(1) == 1 || (lin.group % 32 == 0 && lin.group <= 128),
+              "DecodeStep: q8 needs one scale per row or per group of 32, 64 or 128");
   TORCH_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.size(0) == lin.out &&
                   codes.size(1) == (q4 ? lin.in / 2 : lin.in) && codes.scalar_type() == (q4 ? at::kByte : at::kChar),
               "DecodeStep: layer ", a.layer(), " ", p, ": codes must be contiguous ", q4 ? "uint8 (out, in/2)" : "int8 (out, in)");

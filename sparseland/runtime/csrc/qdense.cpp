@@ -28,130 +28,31 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-
 #include <torch/library.h>
 
-#include "common.h"
 #include "matvec.h"
 #include "qmatvec.h"
+#include "qx.h"
 
 namespace sparseland {
 
+// 0: AVX2, 1: AVX-512 VNNI (qx.h).
+int qk::quant_isa() {
+  static const int isa = [] {
+    const char* env = std::getenv("SPARSELAND_QUANT_ISA");
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return 0;
+    __builtin_cpu_init();
+    const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                    __builtin_cpu_supports("bmi2");
+    return ok ? 1 : 0;
+  }();
+  return isa;
+}
+
+
 namespace {
-
-// ---- quantized x -------------------------------------------------------------------------------
-
-struct QX {  // one quantized x vector (views into a QXBuf)
-  const int8_t* xq;
-  const float* dxe;
-  const float* sx;  // Q4: sum of the rounded x per group (padded to a multiple of 8 with zeros)
-  float c;          // Q8: 128 * sum_k dx_k * sum(xq_k)
-};
-
-// Sizes of one quantized vector of `in` columns.
-struct QXSize {
-  int64_t xq, dxe, sx;
-};
-inline QXSize q4_size(int64_t in, int64_t group) {
-  const int64_t nq = (in / 32 + 3) / 4;
-  return {nq * 128, nq * 16, (in / group + 7) / 8 * 8 + 8};
-}
-inline QXSize q8_size(int64_t in) {
-  const int64_t np = ((in + 31) / 32 + 1) / 2;
-  return {np * 64, np * 16, 0};
-}
-
-struct QXBuf {
-  std::vector<int8_t> xq;
-  std::vector<float> dxe, sx, c;
-  void fit(QXSize s, int64_t n) {  // grows only
-    if (int64_t(xq.size()) < s.xq * n) xq.resize(s.xq * n);
-    if (int64_t(dxe.size()) < s.dxe * n) dxe.resize(s.dxe * n);
-    if (int64_t(sx.size()) < s.sx * n) sx.resize(s.sx * n);
-    if (int64_t(c.size()) < n) c.resize(n);
-  }
-  QX view(QXSize s, int64_t i) const { return {xq.data() + s.xq * i, dxe.data() + s.dxe * i, sx.data() + s.sx * i, c[i]}; }
-};
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-inline int hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-// One block: x[0, n) (n <= 32, the rest taken as 0) -> 32 int8 at out (natural order); returns dx,
-// the float sum of the block and the sum of its int8 values.
-inline void quant_block(const float* x, int64_t n, int8_t* out, float& dx, float& fsum, int& isum) {
-  alignas(32) float tmp[32];
-  if (n < 32) {
-    std::memset(tmp, 0, sizeof(tmp));
-    std::memcpy(tmp, x, n * sizeof(float));
-    x = tmp;
-  }
-  const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
-               v3 = _mm256_loadu_ps(x + 24);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-  const float amax = hmax(a);
-  dx = amax / 127.0f;
-  const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
-  auto q = [&](__m256 v) {
-    return _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  };
-  const __m256i i0 = q(v0), i1 = q(v1), i2 = q(v2), i3 = q(v3);
-  isum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
-  fsum = hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
-  // packs interleave 128-bit lanes: [i0 lo, i1 lo, i0 hi, i1 hi] -> bytes in order 0 4 1 5 2 6 3 7 (dwords)
-  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(p, perm));
-}
-
-// x (in,) -> Q4 layout (see the header comment); in % 32 == 0, in % group == 0.
-void quantize_q4(const float* x, int64_t in, int64_t group, int8_t* xq, float* dxe, float* sx, int64_t sx_len) {
-  const int64_t nblk = in / 32, nq = (nblk + 3) / 4, bpg = group / 32;
-  std::memset(sx, 0, sx_len * sizeof(float));
-  alignas(32) int8_t blk[32];
-  for (int64_t k = 0; k < 4 * nq; ++k) {
-    const int64_t q = k / 4, i = k % 4;
-    float dx = 0.0f, fs = 0.0f;
-    int is = 0;
-    if (k < nblk) {
-      quant_block(x + 32 * k, 32, blk, dx, fs, is);
-      sx[k / bpg] += dx * float(is);  // the rounded block's sum: y = W @ x_rounded exactly (llama.cpp's Q8_1 s)
-    } else {
-      std::memset(blk, 0, 32);
-    }
-    std::memcpy(xq + 128 * q + 16 * i, blk, 16);
-    std::memcpy(xq + 128 * q + 64 + 16 * i, blk + 16, 16);
-    for (int j = 0; j < 4; ++j) dxe[16 * q + 4 * i + j] = dx;
-  }
-}
-
-// x (in,) -> Q8 layout; returns the constant c = 128 * sum_k dx_k * sum(xq_k).
-float quantize_q8(const float* x, int64_t in, int8_t* xq, float* dxe) {
-  const int64_t nblk = (in + 31) / 32, np = (nblk + 1) / 2;
-  double c = 0.0;
-  for (int64_t k = 0; k < 2 * np; ++k) {
-    float dx = 0.0f, fs = 0.0f;
-    int is = 0;
-    if (k < nblk) quant_block(x + 32 * k, std::min<int64_t>(32, in - 32 * k), xq + 32 * k, dx, fs, is);
-    else std::memset(xq + 32 * k, 0, 32);
-    c += double(dx) * is;
-    for (int j = 0; j < 8; ++j) dxe[8 * k + j] = dx;
-  }
-  return float(128.0 * c);
-}
-
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+using namespace qk;
 
 // ---- AVX2 kernels ------------------------------------------------------------------------------
 
@@ -232,48 +133,7 @@ void q4_rows_avx2(const uint8_t* codes, const uint16_t* scale, const uint16_t* o
   }
 }
 
-template <int NB>
-void q8_rows_avx2(const int8_t* codes, const uint16_t* scale, int64_t in, const QX* xs, float* y, int64_t ys,
-                  int64_t r0, int64_t r1) {
-  constexpr int U = NB == 1 ? 2 : 1;
-  const int64_t nbf = in / 32, rem = in % 32;
-  const __m256i ones = _mm256_set1_epi16(1);
-  alignas(32) int8_t tail[32];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* w = codes + r * in;
-    __m256 acc[U][NB];
-    for (int u = 0; u < U; ++u)
-      for (int b = 0; b < NB; ++b) acc[u][b] = _mm256_setzero_ps();
-    auto block = [&](const int8_t* wk, int64_t k, __m256* a) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
-      const __m256i av = _mm256_sign_epi8(v, v);  // |w| as u8 (|-128| = 128)
-      for (int b = 0; b < NB; ++b) {
-        const __m256i sx =
-            _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[b].xq + 32 * k)), v);
-        const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(av, sx), ones);  // |w| |x| <= 128*127: no overflow
-        a[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_loadu_ps(xs[b].dxe + 8 * k), a[b]);
-      }
-    };
-    int64_t k = 0;
-    for (; k + U <= nbf; k += U)
-      for (int u = 0; u < U; ++u) block(w + 32 * (k + u), k + u, acc[u]);
-    for (; k < nbf; ++k) block(w + 32 * k, k, acc[0]);
-    if (rem) {
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, w + 32 * nbf, rem);
-      block(tail, nbf, acc[0]);
-    }
-    const float d = h2f(scale[r]);
-    for (int b = 0; b < NB; ++b) {
-      __m256 s = acc[0][b];
-      for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][b]);
-      y[b * ys + r] = d * hsum(s);
-    }
-  }
-}
-
 // ---- AVX-512 VNNI kernels (compiled per function, chosen at run time) ---------------------------
-#define QS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")))
 
 template <int BPG>
 QS_AVX512 inline __m128 quad_scales512(const uint16_t* sc, int64_t q, int nt) {
@@ -340,59 +200,11 @@ QS_AVX512 void q4_rows512(const uint8_t* codes, const uint16_t* scale, const uin
   }
 }
 
-template <int NB>
-QS_AVX512 inline void q8_pair512(__m512i w, int64_t p, const QX* xs, __m512* a) {
-  const __m512i u8 = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128
-  for (int b = 0; b < NB; ++b) {
-    const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u8, _mm512_loadu_si512(xs[b].xq + 64 * p));
-    a[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_loadu_ps(xs[b].dxe + 16 * p), a[b]);
-  }
-}
-
-template <int NB>
-QS_AVX512 void q8_rows512(const int8_t* codes, const uint16_t* scale, int64_t in, const QX* xs, float* y, int64_t ys,
-                          int64_t r0, int64_t r1) {
-  constexpr int U = NB <= 2 ? 2 : 1;
-  const int64_t npf = in / 64, rem = in % 64;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* w = codes + r * in;
-    __m512 acc[U][NB];
-    for (int u = 0; u < U; ++u)
-      for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p + U <= npf; p += U)
-      for (int u = 0; u < U; ++u) q8_pair512<NB>(_mm512_loadu_si512(w + 64 * (p + u)), p + u, xs, acc[u]);
-    for (; p < npf; ++p) q8_pair512<NB>(_mm512_loadu_si512(w + 64 * p), p, xs, acc[0]);
-    if (rem)  // padded columns: w = 0 (u8 128) meets xq = 0
-      q8_pair512<NB>(_mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, unsigned(rem)), w + 64 * npf), npf, xs, acc[0]);
-    const float d = _cvtsh_ss(scale[r]);
-    for (int b = 0; b < NB; ++b) {
-      __m512 s = acc[0][b];
-      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][b]);
-      y[b * ys + r] = d * (_mm512_reduce_add_ps(s) - xs[b].c);
-    }
-  }
-}
-
 // ---- dispatch ----------------------------------------------------------------------------------
-
-// 0: AVX2, 1: AVX-512 VNNI. Chosen once: the CPU's features, unless SPARSELAND_QUANT_ISA=avx2.
-int quant_isa() {
-  static const int isa = [] {
-    const char* env = std::getenv("SPARSELAND_QUANT_ISA");
-    if (env != nullptr && std::strcmp(env, "avx2") == 0) return 0;
-    __builtin_cpu_init();
-    const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-                    __builtin_cpu_supports("bmi2");
-    return ok ? 1 : 0;
-  }();
-  return isa;
-}
 
 using Q4Fn = void (*)(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, const QX*, float*, int64_t, int64_t,
                       int64_t);
-using Q8Fn = void (*)(const int8_t*, const uint16_t*, int64_t, const QX*, float*, int64_t, int64_t, int64_t);
+
 
 template <int NB>
 Q4Fn q4_kernel(int isa, int64_t bpg, bool asym) {
@@ -402,25 +214,9 @@ Q4Fn q4_kernel(int isa, int64_t bpg, bool asym) {
   return asym ? SL_Q4(4, true) : SL_Q4(4, false);
 #undef SL_Q4
 }
-template <int NB>
-Q8Fn q8_kernel(int isa) {
-  return isa ? &q8_rows512<NB> : &q8_rows_avx2<(NB > 4 ? 4 : NB)>;
-}
-
-// Apply a kernel family over B vectors in tiles of up to NBMAX (8 or 4), then 2, then 1.
-template <typename Get, typename Run>
-void tiles(int64_t B, int nbmax, const Get& get, const Run& run) {
-  for (int64_t b0 = 0; b0 < B;) {
-    const int64_t left = B - b0;
-    const int nb = left >= nbmax ? nbmax : (left >= 4 ? 4 : (left >= 2 ? 2 : 1));
-    run(get(nb), b0);
-    b0 += nb;
-  }
-}
-
 }  // namespace
 
-const char* quant_isa_name() { return quant_isa() ? "avx512vnni" : "avx2"; }
+const char* quant_isa_name() { return qk::quant_isa() ? "avx512vnni" : "avx2"; }
 
 void q4_mv(const uint8_t* codes, const at::Half* scale, const at::Half* offset, int64_t in, int64_t group,
            const float* x, float* y, int64_t r0, int64_t r1) {
@@ -434,22 +230,7 @@ void q4_mv(const uint8_t* codes, const at::Half* scale, const at::Half* offset, 
      r1);
 }
 
-void q8_mv(const int8_t* codes, const at::Half* scale, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {
-  thread_local QXBuf buf;
-  const QXSize s = q8_size(in);
-  buf.fit(s, 1);
-  buf.c[0] = quantize_q8(x, in, buf.xq.data(), buf.dxe.data());
-  const QX qx = buf.view(s, 0);
-  q8_kernel<1>(quant_isa())(codes, reinterpret_cast<const uint16_t*>(scale), in, &qx, y, 0, r0, r1);
-}
-
 // ---- torch ops ---------------------------------------------------------------------------------
-
-static void check_q_x(const at::Tensor& x, int64_t in, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
-              ": x must be a contiguous float32 (B, in) tensor, got ", x.scalar_type(), " with shape ", x.sizes());
-  TORCH_CHECK(x.size(1) == in, op, ": x has ", x.size(1), " features, the weight expects ", in);
-}
 
 at::Tensor q4_mm(at::Tensor codes, at::Tensor scale, std::optional<at::Tensor> offset, int64_t group, at::Tensor x) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
@@ -511,54 +292,6 @@ at::Tensor q4_mm(at::Tensor codes, at::Tensor scale, std::optional<at::Tensor> o
   return y;
 }
 
-at::Tensor q8_mm(at::Tensor codes, at::Tensor scale, at::Tensor x) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
-              "q8_mm: codes must be a contiguous int8 (out, in) tensor");
-  const int64_t out = codes.size(0), in = codes.size(1);
-  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == out &&
-                  (scale.dim() == 1 || (scale.dim() == 2 && scale.size(1) == 1)),
-              "q8_mm: scale must be a contiguous float16 (out, 1) tensor with out = ", out, ", got ",
-              scale.scalar_type(), " ", scale.sizes());
-  check_q_x(x, in, "q8_mm");
-  const int64_t B = x.size(0);
-  auto y = at::empty({B, out}, x.options());
-  if (B == 0 || out == 0) return y;
-  if (B == 1) {
-    parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
-      q8_mv(codes.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), in, x.data_ptr<float>(), y.data_ptr<float>(), r0, r1);
-    });
-    return y;
-  }
-  const QXSize s = q8_size(in);
-  QXBuf buf;
-  buf.fit(s, B);
-  const float* X = x.data_ptr<float>();
-  parallel_rows(B, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      buf.c[b] = quantize_q8(X + b * in, in, buf.xq.data() + s.xq * b, buf.dxe.data() + s.dxe * b);
-  });
-  std::vector<QX> xs(B);
-  for (int64_t b = 0; b < B; ++b) xs[b] = buf.view(s, b);
-  const int isa = quant_isa();
-  const int8_t* C = codes.data_ptr<int8_t>();
-  const auto* S = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  float* Y = y.data_ptr<float>();
-  parallel_rows(out, 16, [&](int64_t r0, int64_t r1) {
-    tiles(
-        B, isa ? 8 : 4,
-        [&](int nb) {
-          switch (nb) {
-            case 8: return q8_kernel<8>(isa);
-            case 4: return q8_kernel<4>(isa);
-            case 2: return q8_kernel<2>(isa);
-            default: return q8_kernel<1>(isa);
-          }
-        },
-        [&](Q8Fn fn, int64_t b0) { fn(C, S, in, xs.data() + b0, Y + b0 * out, out, r0, r1); });
-  });
-  return y;
-}
-
 std::string quant_isa_op() { return quant_isa_name(); }
 
 // Benchmark helper: one single-vector pass over a chain of weights, as a model's decode step runs them
@@ -586,7 +319,8 @@ at::Tensor qmv_chain(std::vector<at::Tensor> weights, std::vector<at::Tensor> sc
         q4_mv(w.data_ptr<uint8_t>(), scales[i].data_ptr<at::Half>(),
               offsets.empty() ? nullptr : offsets[i].data_ptr<at::Half>(), in, group, x, Y, r0, r1);
       else if (q8)
-        q8_mv(w.data_ptr<int8_t>(), scales[i].data_ptr<at::Half>(), in, x, Y, r0, r1);
+        q8_mv(w.data_ptr<int8_t>(), scales[i].data_ptr<at::Half>(), in,
+              scales[i].numel() == out ? 0 : in / (scales[i].numel() / out), x, Y, r0, r1);
       else if (w.scalar_type() == at::kFloat)
         dense_mv(w.data_ptr<float>(), x, Y, in, r0, r1);
       else
@@ -600,7 +334,6 @@ at::Tensor qmv_chain(std::vector<at::Tensor> weights, std::vector<at::Tensor> sc
 
 TORCH_LIBRARY_FRAGMENT(sparseland, m) {
   m.def("q4_mm(Tensor codes, Tensor scale, Tensor? offset, int group, Tensor x) -> Tensor", &sparseland::q4_mm);
-  m.def("q8_mm(Tensor codes, Tensor scale, Tensor x) -> Tensor", &sparseland::q8_mm);
   m.def("quant_isa() -> str", &sparseland::quant_isa_op);
   m.def("qmv_chain(Tensor[] weights, Tensor[] scales, Tensor[] offsets, int group, Tensor[] xs) -> Tensor",
         &sparseland::qmv_chain);

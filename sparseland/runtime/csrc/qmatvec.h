@@ -8,9 +8,10 @@
 //   scale  (out, in/group) float16 bits (at::Half), row-major.
 //   offset (out, in/group) float16 or nullptr (symmetric: offset = -8 * scale).
 //   W[r, c] = scale[r, c/group] * code[r, c] + offset[r, c/group].
-// Q8 layout (Q8DenseFormat), symmetric per output channel:
-//   codes  (out, in) int8 = code - 128 (so W[r, c] = scale[r] * codes[r, c]), any in.
-//   scale  (out, 1) float16.
+// Q8 layout (Q8DenseFormat), symmetric, one scale per row or per row and group (q8dense.cpp):
+//   codes  (out, in) int8 = code - 128; any in (per row), in % group == 0 (groups).
+//   scale  (out, 1) float16: W[r, c] = scale[r] * codes[r, c]; or (out, in/group), group in {32, 64, 128}:
+//          W[r, c] = scale[r, c/group] * codes[r, c] (int8-g32 is llama.cpp's Q8_0 grid).
 //
 // Contract of q4_mv / q8_mv:
 //   y[r] = sum_c W[r, c] * x[c] for r in [r0, r1), approximately: x is quantized per block of 32 to
@@ -32,8 +33,9 @@ namespace sparseland {
 // codes (out, in/2), scale/offset (out, in/group); group in {32, 64, 128}, in % group == 0.
 void q4_mv(const uint8_t* codes, const at::Half* scale, const at::Half* offset /*nullable*/, int64_t in, int64_t group,
            const float* x, float* y, int64_t r0, int64_t r1);
-// codes (out, in) int8 (code - 128), scale (out,) float16.
-void q8_mv(const int8_t* codes, const at::Half* scale, int64_t in, const float* x, float* y, int64_t r0, int64_t r1);
+// codes (out, in) int8 (code - 128), scale (out,) float16 (group 0) or (out, in/group) (group 32, 64, 128).
+void q8_mv(const int8_t* codes, const at::Half* scale, int64_t in, int64_t group, const float* x, float* y, int64_t r0,
+           int64_t r1);
 
 // "avx512vnni" or "avx2": the path q4_mv / q8_mv / the q4_mm / q8_mm ops take in this process.
 const char* quant_isa_name();

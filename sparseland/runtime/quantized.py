@@ -2,10 +2,10 @@
 ``QuantizedWeight`` becomes.
 
 - dense 4-bit codes                      -> ``Q4DenseFormat`` (qformats.py, csrc/qdense.cpp)
-- dense 8-bit codes, one scale per row   -> ``Q8DenseFormat``
+- dense symmetric 8-bit codes, one scale per row or per group of 32/64/128 -> ``Q8DenseFormat``
 - 4-bit codes with a mask that is 2:4 or 4:8 (at most 4 kept per 8 columns) -> ``Q4NMFormat`` (qsparse.py)
 - 4-bit codes with any other mask        -> ``Q4BitmaskFormat``
-- anything else (8-bit with a mask, 8-bit with groups) -> the float formats of the dequantized
+- anything else (8-bit with a mask, asymmetric 8-bit) -> the float formats of the dequantized
   weight (``make_format``), so the result is still exact, only not smaller in memory.
 """
 
@@ -37,7 +37,7 @@ def make_quant_format(qw: QuantizedWeight, format: str = "auto"):
         return forced[format].from_quantized(qw)
     if s.bits == 4 and qw.mask is None:
         return Q4DenseFormat.from_quantized(qw)
-    if s.bits == 8 and qw.mask is None and s.group == 0 and s.symmetric:
+    if s.bits == 8 and qw.mask is None and s.symmetric and s.group in (0, 32, 64, 128):
         return Q8DenseFormat.from_quantized(qw)
     if s.bits == 4 and qw.mask is not None:
         fmt = Q4NMFormat if fits_four_per_byte(qw.mask, s.symmetric) else Q4BitmaskFormat

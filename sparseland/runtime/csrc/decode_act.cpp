@@ -47,6 +47,10 @@ void DecodeStep::project_qkv(const Exec& ex, const Layer& ly, const float* xn) {
   float* q = qkv_.data();
   float* k = q + HD;
   float* v = k + KD;
+  if (ly.per_head) {  // GPT-NeoX: the fused matrix's rows in their own order; prepare_qk splits them
+    ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) { ly.q.run(xn, raw_.data(), r0, r1); });
+    return;
+  }
   if (!ly.act) {
     ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) {
       ly.q.run(xn, q, std::min(r0, HD), std::min(r1, HD));
@@ -95,17 +99,24 @@ void DecodeStep::project_add(const Exec& ex, const Lin& lin, const float* x, con
   });
   if (post.on())
     ex.single([&] {
-      rmsnorm(y, post, offset, y, C_);
+      apply_norm(y, post, offset, y, C_);
       for (int64_t r = 0; r < C_; ++r) H[r] += y[r];
     });
 }
 
-// Step 5: the MLP's act = act(Wg x) * (Wu x) into act_, row blocks of both.
+// Step 5: the MLP's act = act(Wg x) * (Wu x) into act_, row blocks of both (non-gated: act(Wu x + bu)).
 void DecodeStep::mlp(const Exec& ex, const Layer& ly, const float* xn) {
   if (ly.act) return mlp_act(ex, ly, xn);
   float* G = gu_.data();
   float* U = G + I_;  // a view of a fused gate_up writes its up rows here: rows [I, 2I) of the same buffer
   float* A = act_.data();
+  if (!ly.gated) {
+    ex.split(I_, [&](int64_t r0, int64_t r1) {
+      ly.up.run(xn, U, r0, r1);
+      for (int64_t r = r0; r < r1; ++r) A[r] = act_value(ly.act_fn, U[r]);
+    });
+    return;
+  }
   ex.split(I_, [&](int64_t r0, int64_t r1) {
     ly.gate.run(xn, G, r0, r1);
     ly.up.run(xn, U, r0, r1);

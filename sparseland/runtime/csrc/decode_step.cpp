@@ -189,8 +189,8 @@ at::Tensor DecodeStep::step(at::Tensor h, at::Tensor cos, at::Tensor sin, int64_
   const float* s = sin.data_ptr<float>();
   const int nt = int(at::get_num_threads());
   if (mode == 1 && nt > 1) {
-    if ((int64_t)xn_.size() < nt) xn_.resize(nt), xn2_.resize(nt);
-    for (auto* bufs : {&xn_, &xn2_})
+    if ((int64_t)xn_.size() < nt) xn_.resize(nt), xn2_.resize(nt), hp_.resize(nt);
+    for (auto* bufs : {&xn_, &xn2_, &hp_})
       for (auto& b : *bufs)
         if (b.empty()) b.assign(pad8(C_) + 8, 0.0f);
     if (any_act_) act_scratch(nt);
@@ -200,8 +200,8 @@ at::Tensor DecodeStep::step(at::Tensor h, at::Tensor cos, at::Tensor sin, int64_
       run(ex, H, c, s, pos);
     }
   } else {
-    if (xn_.empty()) xn_.resize(1), xn2_.resize(1);
-    for (auto* bufs : {&xn_, &xn2_})
+    if (xn_.empty()) xn_.resize(1), xn2_.resize(1), hp_.resize(1);
+    for (auto* bufs : {&xn_, &xn2_, &hp_})
       if ((*bufs)[0].empty()) (*bufs)[0].assign(pad8(C_) + 8, 0.0f);
     if (any_act_) act_scratch(1);
     run(Exec{false, 0, 1}, H, c, s, pos);
@@ -215,10 +215,16 @@ static void normed(const Norm& n, float offset, const float* h, float* x, int64_
   else std::copy(h, h + C, x);
 }
 
-void DecodeStep::run(const Exec& ex, float* H, const float* cos, const float* sin, int64_t pos) {
+// h_out: the shared h, read at the start and written at the end; in between every thread updates its own
+// copy of h (the same arithmetic in each: the copies stay equal), so a projection's output is added, and
+// normalized first where the layer has a post norm, without another barrier after the projection.
+void DecodeStep::run(const Exec& ex, float* h_out, const float* cos, const float* sin, int64_t pos) {
   const int64_t HD = H_ * D_, KD = KVH_ * D_, p1 = pos + 1;
-  float* xn = xn_[ex.region ? ex.tid : 0].data();  // each thread normalizes h into its own copy
-  float* xn2 = xn2_[ex.region ? ex.tid : 0].data();
+  const int me = ex.region ? ex.tid : 0;
+  float* xn = xn_[me].data();  // each thread normalizes h into its own buffer
+  float* xn2 = xn2_[me].data();
+  float* H = hp_[me].data();  // this thread's copy of h
+  std::copy(h_out, h_out + C_, H);
   float* q = qkv_.data();
   float* k = q + HD;
   float* v = k + KD;
@@ -256,13 +262,14 @@ void DecodeStep::run(const Exec& ex, float* H, const float* cos, const float* si
       attend(ex, l, q, kc, vc, p1);
     }
     // Step 4: h += attn_out(Wo o)
-    project_add(ex, ly.o, att_.data(), ly.attn_out, ly.norm_offset, H);
+    project_add(ex, ly.o, att_.data(), ly.attn_out, ly.norm_offset, H, xn);  // xn: free again, scratch
     // Step 5: the MLP input, act = act(Wg x) * (Wu x) (non-gated: act(Wu x + bu))
     if (!ly.parallel) normed(ly.mlp_in, ly.norm_offset, H, xn, C_);
     mlp(ex, ly, ly.parallel ? xn2 : xn);
     // Step 6: h += mlp_out(Wd act)
-    project_add(ex, ly.down, act_.data(), ly.mlp_out, ly.norm_offset, H);
+    project_add(ex, ly.down, act_.data(), ly.mlp_out, ly.norm_offset, H, xn);
   }
+  if (me == 0) std::copy(H, H + C_, h_out);  // the region's end waits for it
 }
 
 // Step 2 (one thread): a per-head fused qkv's rows split into [q | k | v]; the q/k/v extras; RoPE on the

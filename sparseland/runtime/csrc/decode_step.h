@@ -189,7 +189,8 @@ class DecodeStep : public torch::CustomClassHolder {
   decode::ActIn gather(const Lin& lin, const float* x, decode::ActScratch& sc, int j) const;
   void project_qkv(const Exec& ex, const Layer& ly, const float* xn);
   void prepare_qk(const Layer& ly, const float* cos, const float* sin);
-  void project_add(const Exec& ex, const Lin& lin, const float* x, const decode::Norm& post, float offset, float* H);
+  void project_add(const Exec& ex, const Lin& lin, const float* x, const decode::Norm& post, float offset, float* H,
+                   float* scratch);
   void mlp(const Exec& ex, const Layer& ly, const float* xn);
   void mlp_act(const Exec& ex, const Layer& ly, const float* xn);
   // decode_attention.cpp
@@ -210,7 +211,8 @@ class DecodeStep : public torch::CustomClassHolder {
   int64_t L_ = 0, C_ = 0, I_ = 0, H_ = 0, KVH_ = 0, D_ = 0, Tmax_ = 0, R_ = 1;  // R_: rope tables
   int64_t RD_ = 0;  // rotary dims: the first RD_ of each head (partial rotary, GPT-NeoX), the same in every layer
   float scale_ = 1.0f;
-  std::vector<std::vector<float>> xn_, xn2_;  // per thread: the normed input (xn2_: the MLP's, parallel residual)
+  // per thread: the normed input (xn2_: the MLP's, parallel residual) and the thread's copy of h
+  std::vector<std::vector<float>> xn_, xn2_, hp_;
   std::vector<float> raw_;                      // a per-head fused qkv's output rows, before they are split
   std::vector<float> qkv_, att_, tmp_, gu_, act_, scores_;  // gu_: gate rows, then up rows at gu_ + I
   // activation sparsity: whether any layer has it, per-thread active-input lists, gate_act keep flags,

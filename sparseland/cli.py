@@ -46,8 +46,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="smollm2-135m",
-        help="known name (smollm2-135m), local model directory, sparse checkpoint, .gguf file or cached hub id "
-        "(default: %(default)s)",
+        help="known name (smollm2-135m, gemma3-270m), local model directory, sparse checkpoint, .gguf file or "
+        "cached hub id (default: %(default)s)",
     )
 
 

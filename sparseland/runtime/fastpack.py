@@ -7,8 +7,10 @@ A layer is three dicts: tensors (norms ``attn_in``/``attn_out``/``mlp_in``/``mlp
 tensors ``<role>.<part>`` such as ``q.w`` or ``down.mask``, thresholds ``<role>.thr`` and
 ``gate.act_thr``, biases ``q.bias``, ``q_norm``/``k_norm``), ints (``<role>.kind``, ``qk_norm``,
 ``act_fn``, ``window``, ``rope``) and floats (``<norm>_eps``, ``norm_offset``, ``qk_eps``, ``softcap``).
-Roles: ``q k v`` or ``qkv`` (Phi-3's fused [q | k | v]), ``o``, ``gate up`` or ``gate_up`` (Phi-3's
-fused [gate | up]), ``down``.
+Roles: ``q k v`` or ``qkv`` (Phi-3's fused [q | k | v], or GPT-NeoX's [q_h k_h v_h] per head), ``o``,
+``gate up`` or ``gate_up`` (Phi-3's fused [gate | up]) or ``up`` alone (GPT-NeoX's non-gated MLP),
+``down``. GPT-NeoX adds LayerNorms with biases (ints ``layernorm``), ``qkv_per_head``, ``parallel``
+(parallel residual), ``rope_dim`` (partial rotary) and biases on ``o``/``up``/``down``.
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ NORMS = {
     "Gemma2RMSNorm": 1.0,
     "Gemma3RMSNorm": 1.0,
 }
+LAYERNORMS = {"LayerNorm"}  # torch's, with or without a bias (GPT-NeoX)
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Phi3MLP", "Olmo2MLP", "Gemma2MLP", "Gemma3MLP"}
-ACTS = {"SiLU": 0, "SiLUActivation": 0, "GELUTanh": 1, "PytorchGELUTanh": 1}  # DecodeStep's act_fn
-BIASED = ("q", "k", "v", "qkv")  # projections whose biases the fused step adds
+MLPS |= {"GPTNeoXMLP"}
+# DecodeStep's act_fn: 0 SiLU, 1 GELU with the tanh approximation, 2 exact GELU
+ACTS = {"SiLU": 0, "SiLUActivation": 0, "GELUTanh": 1, "PytorchGELUTanh": 1, "NewGELUActivation": 1}
+ACTS |= {"GELUActivation": 2}
+BIASED = ("q", "k", "v", "qkv", "o", "up", "down")  # projections whose biases the fused step adds
+ROW_BIASED = ("o", "up", "down")  # added by the row-major kernels' run (not the activation-sparse kinds)
 FUSED = ("qkv", "gate_up")  # views of one packed matrix: the row-major kinds only
 DENSE, BITMASK, NM4, ACT, ACT_BITMASK, Q4, Q8, Q4NM, Q4BITMASK = 0, 1, 2, 3, 4, 5, 6, 7, 8
 ACT_FORMATS = (ActSparseFormat, ActSparseBitmaskFormat)
@@ -145,8 +152,27 @@ def eps_of(norm: torch.nn.Module) -> float:
 
 
 def mlp_act(mlp: torch.nn.Module) -> torch.nn.Module | None:
-    """The MLP's activation module (``act_fn``; Phi-3: ``activation_fn``)."""
-    return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    """The MLP's activation module (``act_fn``; Phi-3: ``activation_fn``; GPT-NeoX: ``act``)."""
+    return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None) or getattr(mlp, "act", None)
+
+
+def act_code(act: torch.nn.Module | None) -> int | None:
+    """DecodeStep's act_fn for an activation module, or None if the step does not run it."""
+    if type(act) is torch.nn.GELU:  # exact or tanh, by its own setting
+        return {"none": 2, "tanh": 1}.get(act.approximate)
+    return ACTS.get(type(act).__name__)
+
+
+def _norm_kind(norm: torch.nn.Module) -> tuple[str, float] | None:
+    """("rms", scale offset) or ("layer", 0) of a float32 norm the step runs, else None."""
+    name = type(norm).__name__
+    if getattr(norm, "weight", None) is None or norm.weight.dtype != torch.float32:
+        return None
+    if name in LAYERNORMS:
+        b = norm.bias
+        ok = tuple(norm.normalized_shape) == tuple(norm.weight.shape) and (b is None or b.dtype == torch.float32)
+        return ("layer", 0.0) if ok else None
+    return ("rms", NORMS[name]) if name in NORMS else None
 
 
 def arch_reason(model: torch.nn.Module, max_len: int | None) -> str | None:
@@ -156,17 +182,15 @@ def arch_reason(model: torch.nn.Module, max_len: int | None) -> str | None:
     except SparselandError as e:
         return str(e)
     f = arch.family
-    if f.qkv_layout not in ("separate", "concat"):
-        return f"{arch.name} has a per-head fused qkv ({f.qkv_layout}); the fused step takes q/k/v as row ranges"
-    if f.mlp_kind not in ("gated", "gated_fused"):
-        return f"{arch.name} has a {f.mlp_kind} MLP; the fused step runs a gated MLP"
-    if arch.parallel_residual:
-        return f"{arch.name} has a parallel residual; the fused step runs sequential blocks"
+    if f.qkv_layout == "per_head" and arch.n_kv != arch.n_heads:
+        return f"{arch.name} has a per-head fused qkv with {arch.n_kv} KV heads for {arch.n_heads} query heads"
+    if f.mlp_kind not in ("gated", "gated_fused", "plain"):
+        return f"{arch.name} has a {f.mlp_kind} MLP; the fused step runs a gated or a plain MLP"
     other = [r for r in arch.biases if r not in BIASED]
     if other:
-        return f"{arch.name} has biases on its {'/'.join(other)} projections (the fused step adds q/k/v biases only)"
-    if arch.rotary_dim != arch.head_dim:
-        return f"{arch.name} has partial rotary ({arch.rotary_dim} of {arch.head_dim} dims)"
+        return f"{arch.name} has biases on its {'/'.join(other)} projections (the fused step adds {'/'.join(BIASED)})"
+    if arch.rotary_dim % 2 or not 0 < arch.rotary_dim <= arch.head_dim:
+        return f"{arch.name} rotates {arch.rotary_dim} of {arch.head_dim} dims; the fused step needs an even count"
     return None
 
 
@@ -180,15 +204,15 @@ def layer_reason(arch: Arch, i: int, method: object | None) -> str | None:
     norms = [arch.norm(layer, s) for s in NORM_SLOTS] + list(arch.qk_norms(i) or ())
     norms = [n for n in norms if n is not None]
     for norm in norms:
-        if type(norm).__name__ not in NORMS or norm.weight.dtype != torch.float32:
-            return f"layer {i} norm {type(norm).__name__} is not a float32 RMSNorm the fused step knows"
-    if len({NORMS[type(n).__name__] for n in norms}) > 1:
-        return f"layer {i} mixes RMSNorm kinds (w and 1 + w)"
+        if _norm_kind(norm) is None:
+            return f"layer {i} norm {type(norm).__name__} is not a float32 RMSNorm or LayerNorm the fused step knows"
+    if len({_norm_kind(n) for n in norms}) > 1:
+        return f"layer {i} mixes norm kinds (RMSNorm w, 1 + w, LayerNorm)"
     qk = arch.qk_norms(i)
     if qk and eps_of(qk[0]) != eps_of(qk[1]):
         return f"layer {i} q and k norms have different eps"
-    if type(mlp).__name__ not in MLPS or type(mlp_act(mlp)).__name__ not in ACTS:
-        return f"layer {i} MLP {type(mlp).__name__} is not a gated MLP with SiLU or GELU-tanh"
+    if type(mlp).__name__ not in MLPS or act_code(mlp_act(mlp)) is None:
+        return f"layer {i} MLP {type(mlp).__name__} is not an MLP with SiLU, GELU-tanh or GELU the fused step knows"
     dims = shapes(arch)
     for role, (name, mod) in arch.linears(i).items():
         out, inp = dims[role]
@@ -197,6 +221,8 @@ def layer_reason(arch: Arch, i: int, method: object | None) -> str | None:
             return f"layer {i} {name} ({format_name(mod)}) is not a weight format the fused step runs"
         if role in FUSED and packed[0] in (ACT, ACT_BITMASK):
             return f"layer {i} {name} is fused and activation-sparse ({format_name(mod)}); split projections only"
+        if role in ROW_BIASED and mod.bias is not None and packed[0] in (ACT, ACT_BITMASK):
+            return f"layer {i} {name} has a bias and an activation-sparse format ({format_name(mod)})"
     return None
 
 
@@ -214,7 +240,11 @@ def pack_layer(
         if norm is not None:
             tensors[slot] = norm.weight.detach().contiguous()
             floats[f"{slot}_eps"] = eps_of(norm)
-            floats["norm_offset"] = NORMS[type(norm).__name__]
+            kind, floats["norm_offset"] = _norm_kind(norm)
+            if kind == "layer":
+                ints["layernorm"] = 1
+                if norm.bias is not None:
+                    tensors[f"{slot}.bias"] = norm.bias.detach().contiguous()
     shared: list[torch.Tensor] = []
     for role, (_, mod) in arch.linears(i).items():
         out, inp = dims[role]
@@ -228,7 +258,9 @@ def pack_layer(
             tensors[f"{role}.thr"] = _share_equal(shared, thr)
         if role in BIASED and mod.bias is not None:
             b = bias_of(mod, out)
-            if role == "qkv":  # views of the fused bias, [q | k | v]
+            if role == "qkv" and arch.family.qkv_layout == "per_head":  # [q_h k_h v_h] per head, as the rows
+                tensors["qkv.bias"] = b
+            elif role == "qkv":  # views of the fused bias, [q | k | v]
                 b = dict(zip(("q", "k", "v"), b.split((dims["q"][0], dims["k"][0], dims["v"][0])), strict=True))
                 tensors |= {f"{r}.bias": t for r, t in b.items()}
             else:
@@ -241,7 +273,13 @@ def pack_layer(
         tensors["q_norm"], tensors["k_norm"] = (n.weight.detach().contiguous() for n in qk)
         floats["qk_eps"] = eps_of(qk[0])
         floats["norm_offset"] = NORMS[type(qk[0]).__name__]
-    ints["act_fn"] = ACTS[type(mlp_act(arch.mlp(i))).__name__]
+    ints["act_fn"] = act_code(mlp_act(arch.mlp(i)))
+    if arch.family.qkv_layout == "per_head":
+        ints["qkv_per_head"] = 1
+    if arch.parallel_residual:
+        ints["parallel"] = 1
+    if arch.rotary_dim != arch.head_dim:
+        ints["rope_dim"] = arch.rotary_dim
     if arch.windows[i] is not None:
         ints["window"] = int(arch.windows[i])
     ints["rope"] = rope_types.index(arch.layer_types[i]) if len(rope_types) > 1 else 0
@@ -270,8 +308,9 @@ def activation_plan(model: torch.nn.Module) -> ActivationPlan | str:
     threshold}, {layer: (I,) gate_act threshold})``, or why it cannot run them."""
     from sparseland.activations.sites import get_state
 
-    state = get_state(model)
-    arch = describe(model)
+    state, arch = get_state(model), describe(model)
+    if state is not None and (arch.family.mlp_kind == "plain" or arch.family.qkv_layout == "per_head"):
+        return f"activation sparsity on {arch.name} (non-gated MLP, per-head qkv) runs on the Python step only"
     if state is None:
         for i in range(len(arch.blocks)):
             for name, mod in arch.linears(i).values():

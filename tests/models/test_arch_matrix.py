@@ -21,7 +21,7 @@ from sparseland.weights import SparseGPTConfig, WandaConfig
 from tests.models.arch_configs import DENSE, FAMILIES, VOCAB, make_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FUSED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")  # dense families on the fused step
+FUSED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox")  # dense: fused
 T = 24  # prompt tokens: longer than the sliding window (8), so the window mask matters
 NEW = 8
 

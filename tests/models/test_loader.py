@@ -73,3 +73,71 @@ def test_embedded_perplexity_on_a_few_windows(embedded):
     corpus = load_corpus(tok)
     res = perplexity(model, corpus.evaluation(256, max_windows=4), seq_len=256, progress=False)
     assert 3 < res.perplexity < 40
+
+
+def _fake_chunked(tmp_path, monkeypatch, parts: list[bytes], recorded: bytes | None = None):
+    """A known model made of chunk packages on sys.path (the layout of the gemma3-270m packages)."""
+    import hashlib
+
+    from sparseland.models import loader
+
+    site = tmp_path / "site"
+    names = [f"sl_fake_chunk_part{i}" for i in range(1, len(parts) + 1)]
+    for i, (name, data) in enumerate(zip(names, parts, strict=True)):
+        (site / name / "data").mkdir(parents=True)
+        (site / name / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+        (site / name / "data" / f"fake.gguf.part{i:02d}").write_bytes(data)
+    (site / "sl_fake_chunk" / "data").mkdir(parents=True)
+    (site / "sl_fake_chunk" / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    digest = hashlib.sha256(recorded if recorded is not None else b"".join(parts)).hexdigest()
+    (site / "sl_fake_chunk" / "data" / "SHA256SUMS").write_text(f"{digest}  fake.gguf\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("SPARSELAND_CACHE", str(tmp_path / "cache"))
+    info = loader.EmbeddedModel("sl_fake_chunk", "fake.gguf", '`pip install -e ".[fake]"`', tuple(names))
+    monkeypatch.setitem(loader.KNOWN_MODELS, "fake-model", info)
+
+
+def test_chunked_model_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    parts = [b"GGUF" + bytes(range(200)), bytes(range(50, 250)) * 3, b"tail"]
+    _fake_chunked(tmp_path, monkeypatch, parts)
+    path = locate_embedded_gguf("fake-model")
+    assert path.read_bytes() == b"".join(parts)
+    assert path.parent == tmp_path / "cache" / "gguf"
+    assert [p.name for p in path.parent.iterdir()] == ["fake.gguf"]  # no temporary file left behind
+    mtime = path.stat().st_mtime_ns
+    assert locate_embedded_gguf("fake-model") == path and path.stat().st_mtime_ns == mtime  # not rewritten
+
+
+def test_chunked_model_with_a_wrong_digest_is_refused(tmp_path, monkeypatch):
+    _fake_chunked(tmp_path, monkeypatch, [b"abc", b"def"], recorded=b"something else")
+    with pytest.raises(SparselandError, match="SHA-256"):
+        locate_embedded_gguf("fake-model")
+    assert not any((tmp_path / "cache" / "gguf").iterdir())  # nothing half-written
+
+
+def test_missing_model_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from sparseland.models import loader
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("gemma3_") else real(n, *a))
+    with pytest.raises(SparselandError, match=r'pip install -e "\.\[gemma\]"'):
+        load_model("gemma3-270m")
+    assert "gemma3-270m" in loader.KNOWN_MODELS
+
+
+def test_gemma_extra_pins_the_packages_the_loader_reads():
+    """pyproject's `gemma` extra installs exactly the packages KNOWN_MODELS["gemma3-270m"] looks for."""
+    import re
+    from pathlib import Path
+
+    from sparseland.models import loader
+
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    block = re.search(r"^gemma = \[(.*?)\]", text, re.M | re.S)  # tomllib is 3.11+; the project runs on 3.10
+    assert block is not None
+    extra = re.findall(r'"([^"]+)"', block.group(1))
+    info = loader.KNOWN_MODELS["gemma3-270m"]
+    want = {p.replace("_", "-") + "==1.0.0" for p in (info.package, *info.chunks)}
+    assert set(extra) == want

@@ -111,7 +111,11 @@ def test_ineligible_models_fall_back():
     m = base()
     attn = m.model.layers[0].self_attn
     attn.o_proj = torch.nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=True)
-    assert not _eligible(m)  # the fused step adds q/k/v biases only
+    torch.nn.init.normal_(attn.o_proj.bias)
+    assert _eligible(m)  # an o bias (GPT-NeoX) runs fused: the row kernels add it
+    _compare(m, steps=3)
+    m.model.layers[0].mlp.gate_proj.bias = torch.nn.Parameter(torch.ones(m.config.intermediate_size))
+    assert not _eligible(m)  # a gate bias does not
 
     m = base()
     attn = m.model.layers[0].self_attn
@@ -119,8 +123,14 @@ def test_ineligible_models_fall_back():
     assert _eligible(m)  # a q/k/v bias (Qwen2) runs fused: DecodeStep.set_layer_extras
 
     m = base()
-    m.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    m.model.layers[0].mlp.act_fn = torch.nn.ReLU()
     assert not _eligible(m)
+
+    m = base()
+    m.model.layers[0].mlp.act_fn = torch.nn.GELU(approximate="tanh")
+    _compare(m, steps=3)  # torch's GELU module runs fused, exact or tanh, each as itself
+    m.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    _compare(m, steps=3)
 
     m = base()
     m.model.layers[1].self_attn.q_norm = torch.nn.Identity()

@@ -1,4 +1,4 @@
-"""The fused decode step on the layouts beyond Llama (Gemma 2/3, Phi-3, OLMo 2) in every weight kind,
+"""The fused decode step on the layouts beyond Llama (Gemma 2/3, Phi-3, OLMo 2, GPT-NeoX) in every weight kind,
 the int8 cache and threading; its state safety (activation sparsity changed or removed after it was
 built, two threads); and the named per-layer arguments of ``DecodeStep.add_layer``."""
 
@@ -23,7 +23,7 @@ from tests.conftest import make_tiny_llama
 from tests.models.arch_configs import make_tiny
 from tests.runtime.helpers import compare_fast_and_python, magnitude_prune_, prompt, require_fast_step
 
-NEW = ("gemma2", "gemma3", "phi3", "olmo2")
+NEW = ("gemma2", "gemma3", "phi3", "olmo2", "gpt_neox")
 
 
 @pytest.fixture(autouse=True)
@@ -50,12 +50,12 @@ def test_new_layouts_fused_equal_python(family, fmt):
 
 
 @pytest.mark.parametrize("mode", ["region", "per_matvec"])
-@pytest.mark.parametrize("family", ["gemma3", "olmo2", "phi3"])
+@pytest.mark.parametrize("family", ["gemma3", "olmo2", "phi3", "gpt_neox"])
 def test_new_layouts_two_threads(family, mode):
     compare_fast_and_python(_variant(family, "bitmask"), steps=5, prompt_len=10, mode=mode, threads=2, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "gpt_neox"])
 def test_quantized_new_layouts(family):
     """q4 on the fused qkv / gate_up views (Phi-3) and the Gemma layout: within the int8 x-rounding
     error of the Python step over the same kernels (test_fastpath_quant.py says why not exact)."""
@@ -73,7 +73,7 @@ def test_quantized_new_layouts(family):
     assert fast.fused_steps == 5
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt_neox"])
 def test_int8_cache_with_window_and_softcap(family):
     model = make_tiny(family, seed=3)
     fast, ref = LeanDecoder(model, 16, kv_dtype="int8"), LeanDecoder(model, 16, kv_dtype="int8")
@@ -97,8 +97,51 @@ def test_teal_on_new_layouts(family):
     compare_fast_and_python(model, steps=5, prompt_len=10, atol=1e-4)
 
 
+def _neox(parallel: bool, act: str, rotary: float, seed: int = 0):
+    """A tiny GPT-NeoX (per-head fused qkv, LayerNorms with biases, non-gated MLP, biases everywhere)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        rotary_pct=rotary,
+        use_parallel_residual=parallel,
+        hidden_act=act,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = GPTNeoXForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("parallel", "act", "rotary"), [(True, "gelu", 0.25), (False, "gelu", 0.5), (False, "gelu_new", 1.0)]
+)
+def test_gpt_neox_variants_fused_equal_python(parallel, act, rotary):
+    """Parallel and sequential residual, exact and tanh GELU, a quarter, half and full rotary: the fused
+    step's logits equal the Python step's (which equals transformers' forward, test_arch_matrix.py)."""
+    model = _neox(parallel, act, rotary, seed=11)
+    assert describe(model).rotary_dim == int(16 * rotary)
+    compare_fast_and_python(model, steps=6, prompt_len=10, atol=1e-4)
+    compare_fast_and_python(model, steps=4, prompt_len=10, mode="region", threads=2, atol=1e-4)
+
+
 def test_what_stays_off_the_fused_step_says_why():
-    assert "per-head" in fastpath.ineligible_reason(make_tiny("gpt_neox"), torch.zeros(1))
+    assert "moe MLP" in fastpath.ineligible_reason(make_tiny("qwen2_moe"), torch.zeros(1))
+    neox = make_tiny("gpt_neox")
+    sparsify_(neox, TEALConfig(sparsity=0.4), calibration=torch.randint(3, 256, (4, 32)))
+    assert "Python step only" in fastpath.ineligible_reason(neox, torch.zeros(1))  # TEAL on a non-gated MLP
+    to_sparse_runtime_(neox)
+    assert "fused and activation-sparse" in fastpath.ineligible_reason(neox, torch.zeros(1))
     model = make_tiny("phi3")
     sparsify_(model, TEALConfig(sparsity=0.4), calibration=torch.randint(3, 256, (4, 32)))
     to_sparse_runtime_(model)

@@ -47,6 +47,10 @@ void DecodeStep::project_qkv(const Exec& ex, const Layer& ly, const float* xn) {
   float* q = qkv_.data();
   float* k = q + HD;
   float* v = k + KD;
+  if (ly.per_head) {  // GPT-NeoX: the fused matrix's rows in their own order; prepare_qk splits them
+    ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) { ly.q.run(xn, raw_.data(), r0, r1); });
+    return;
+  }
   if (!ly.act) {
     ex.split(HD + 2 * KD, [&](int64_t r0, int64_t r1) {
       ly.q.run(xn, q, std::min(r0, HD), std::min(r1, HD));
@@ -76,36 +80,35 @@ void DecodeStep::project_qkv(const Exec& ex, const Layer& ly, const float* xn) {
   });
 }
 
-// Steps 4 and 6: H += post(W x), each thread adding its own rows (post: a sandwich / post norm over the
-// whole output, then one thread adds).
+// Steps 4 and 6: y = W x split across the threads (one barrier), then every thread adds post(y) to its
+// own copy H of h (post: a sandwich / post norm over the whole output, into the thread's scratch).
 void DecodeStep::project_add(const Exec& ex, const Lin& lin, const float* x, const Norm& post, float offset,
-                             float* H) {
+                             float* H, float* scratch) {
   float* y = tmp_.data();
   ActIn a;
   if (lin.act()) a = gather(lin, x, scratch_[ex.region ? ex.tid : 0], 0);
   ex.split(C_, [&](int64_t r0, int64_t r1) {
-    if (lin.act()) {
-      lin.run_act(a, y, r0, r1, acc_buffer(acc_n_));
-      r0 = align16(r0, C_), r1 = align16(r1, C_);
-    } else {
-      lin.run(x, y, r0, r1);
-    }
-    if (!post.on())
-      for (int64_t r = r0; r < r1; ++r) H[r] += y[r];
+    if (lin.act()) lin.run_act(a, y, r0, r1, acc_buffer(acc_n_));
+    else lin.run(x, y, r0, r1);
   });
-  if (post.on())
-    ex.single([&] {
-      rmsnorm(y, post, offset, y, C_);
-      for (int64_t r = 0; r < C_; ++r) H[r] += y[r];
-    });
+  const float* add = y;
+  if (post.on()) apply_norm(y, post, offset, scratch, C_), add = scratch;
+  for (int64_t r = 0; r < C_; ++r) H[r] += add[r];
 }
 
-// Step 5: the MLP's act = act(Wg x) * (Wu x) into act_, row blocks of both.
+// Step 5: the MLP's act = act(Wg x) * (Wu x) into act_, row blocks of both (non-gated: act(Wu x + bu)).
 void DecodeStep::mlp(const Exec& ex, const Layer& ly, const float* xn) {
   if (ly.act) return mlp_act(ex, ly, xn);
   float* G = gu_.data();
   float* U = G + I_;  // a view of a fused gate_up writes its up rows here: rows [I, 2I) of the same buffer
   float* A = act_.data();
+  if (!ly.gated) {
+    ex.split(I_, [&](int64_t r0, int64_t r1) {
+      ly.up.run(xn, U, r0, r1);
+      for (int64_t r = r0; r < r1; ++r) A[r] = act_value(ly.act_fn, U[r]);
+    });
+    return;
+  }
   ex.split(I_, [&](int64_t r0, int64_t r1) {
     ly.gate.run(xn, G, r0, r1);
     ly.up.run(xn, U, r0, r1);

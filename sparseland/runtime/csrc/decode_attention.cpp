@@ -21,6 +21,22 @@ void rmsnorm(const float* h, const Norm& n, float offset, float* out, int64_t le
     for (int64_t i = 0; i < len; ++i) out[i] = (h[i] * r) * (offset + n.w[i]);
 }
 
+// out = (h - mean) / sqrt(var + eps) * w + b (biased variance), as torch's LayerNorm in float32; out may be h.
+static void layernorm(const float* h, const Norm& n, float* out, int64_t len) {
+  double s = 0;
+  for (int64_t i = 0; i < len; ++i) s += h[i];
+  const float mean = float(s / double(len));
+  double ss = 0;
+  for (int64_t i = 0; i < len; ++i) ss += double(h[i] - mean) * (h[i] - mean);
+  const float r = 1.0f / std::sqrt(float(ss / double(len)) + n.eps);
+  for (int64_t i = 0; i < len; ++i) out[i] = (h[i] - mean) * r * n.w[i] + (n.b != nullptr ? n.b[i] : 0.0f);
+}
+
+void apply_norm(const float* h, const Norm& n, float offset, float* out, int64_t len) {
+  if (n.ln) layernorm(h, n, out, len);
+  else rmsnorm(h, n, offset, out, len);
+}
+
 // Step 2a: q, k, v += their biases; q and k RMS-normed per head (Qwen3, Gemma 3) or over all heads (OLMo 2).
 void qkv_extras(const Layer& ly, float* q, float* k, float* v, int64_t H, int64_t KVH, int64_t D) {
   if (ly.bq != nullptr)
@@ -38,7 +54,8 @@ void qkv_extras(const Layer& ly, float* q, float* k, float* v, int64_t H, int64_
   }
 }
 
-// In place: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
+// In place: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), over x's first D entries (the
+// rotary dims; a partial rotary leaves the rest of the head as it is).
 void rope(float* x, const float* cos, const float* sin, int64_t D) {
   const int64_t h = D / 2;
   for (int64_t i = 0; i < h; ++i) {

@@ -20,6 +20,13 @@ namespace decode {
 
 void Lin::run(const float* x, float* y, int64_t r0, int64_t r1) const {
   if (r0 >= r1) return;
+  if (bias != nullptr) {  // y[r] = (W x)[r] + bias[r] over the view's rows
+    Lin plain = *this;
+    plain.bias = nullptr;
+    plain.run(x, y, r0, r1);
+    for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
+    return;
+  }
   y -= off, r0 += off, r1 += off;  // a view: its rows are rows [off, off + out) of the packed matrix
   if (kind == kDense) {
     if (bf16) dense_mv(static_cast<const at::BFloat16*>(w), x, y, in, r0, r1);

@@ -22,7 +22,7 @@ namespace decode {
 
 enum Kind : int64_t { kDense = 0, kBitmask = 1, kNM4 = 2, kAct = 3, kActBitmask = 4, kQ4 = 5, kQ8 = 6, kQ4NM = 7,
                        kQ4Bitmask = 8 };
-enum MlpAct : int64_t { kSilu = 0, kGeluTanh = 1 };                // the MLP's act(gate)
+enum MlpAct : int64_t { kSilu = 0, kGeluTanh = 1, kGelu = 2 };     // the MLP's act(gate) (or act(up), non-gated)
 enum QKNorm : int64_t { kNoQKNorm = 0, kHeadNorm = 1, kAllNorm = 2 };  // per head (Qwen3, Gemma 3) / all heads (OLMo 2)
 
 inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
@@ -30,9 +30,11 @@ inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
 // the same boundary to the same value, so the rounded ranges still tile [0, n).
 inline int64_t align16(int64_t r, int64_t n) { return r >= n ? n : r & ~int64_t(15); }
 
-// The MLP activation: SiLU, or GELU with the tanh approximation as torch computes it (gelu_pytorch_tanh).
+// The MLP activation: SiLU, GELU with the tanh approximation as torch computes it (gelu_pytorch_tanh), or
+// the exact (erf) GELU (GPT-NeoX's "gelu").
 inline float act_value(int64_t kind, float g) {
   if (kind == kSilu) return g / (1.0f + std::exp(-g));
+  if (kind == kGelu) return 0.5f * g * (1.0f + std::erf(g * 0.70710678118654752f));
   constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
   return 0.5f * g * (1.0f + std::tanh(kBeta * (g + 0.044715f * g * g * g)));
 }
@@ -53,6 +55,7 @@ struct Lin {
   const uint8_t* mask = nullptr;
   const int64_t* row_ptr = nullptr;
   const float* thr = nullptr;  // (in,) input-site threshold (activation-sparse kinds), or none
+  const float* bias = nullptr;  // (out,) added by run() (row-major kinds: o, up, down, a per-head qkv), or none
   // quantized kinds (qmatvec.h): float16 scales / offsets (offset null: symmetric), columns per scale
   const at::Half* scale = nullptr;
   const at::Half* offset = nullptr;
@@ -65,9 +68,11 @@ struct Lin {
   void run_act(const ActIn& a, float* y, int64_t r0, int64_t r1, float* acc) const;
 };
 
-// A norm's weight and eps; a null weight: the layer has no norm there.
+// A norm's weight and eps (and, for a LayerNorm, its bias); a null weight: the layer has no norm there.
 struct Norm {
   const float* w = nullptr;
+  const float* b = nullptr;  // LayerNorm bias, or none
+  bool ln = false;           // LayerNorm (GPT-NeoX): (h - mean) / sqrt(var + eps) * w + b; else an RMSNorm
   float eps = 0;
   bool on() const { return w != nullptr; }
 };
@@ -77,6 +82,9 @@ struct Layer {
   Norm attn_in, attn_out, mlp_in, mlp_out;  // pre (Llama), sandwich (Gemma: all four), post (OLMo 2)
   float norm_offset = 0;                     // every norm scales by (offset + w): 1 for Gemma's (1 + w)
   Lin q, k, v, o, gate, up, down;            // q/k/v and gate/up may be views of one fused projection
+  bool per_head = false;                     // q is GPT-NeoX's whole fused qkv, rows [q_h k_h v_h] per head
+  bool gated = true;                         // act(gate) * up; else act(up) (GPT-NeoX: no gate)
+  bool parallel = false;                     // h + attn(attn_in(h)) + mlp(mlp_in(h)) (GPT-NeoX)
   const float* gate_thr = nullptr;           // (I,) gate_act site threshold on |act(gate)|, or none
   bool act = false;                          // any activation-sparse kind or site in this layer
   const float *bq = nullptr, *bk = nullptr, *bv = nullptr;  // q, k, v biases (Qwen2), each or none
@@ -150,6 +158,7 @@ void parse_lin(Args& a, const std::string& name, Lin& lin, int64_t out, int64_t 
 float* acc_buffer(int64_t n);
 // decode_attention.cpp
 void rmsnorm(const float* h, const Norm& n, float offset, float* out, int64_t len);
+void apply_norm(const float* h, const Norm& n, float offset, float* out, int64_t len);  // RMS or LayerNorm
 void qkv_extras(const Layer& ly, float* q, float* k, float* v, int64_t H, int64_t KVH, int64_t D);
 void rope(float* x, const float* cos, const float* sin, int64_t D);
 float dot(const float* a, const float* b, int64_t n);
@@ -179,7 +188,9 @@ class DecodeStep : public torch::CustomClassHolder {
   void act_scratch(int nt);
   decode::ActIn gather(const Lin& lin, const float* x, decode::ActScratch& sc, int j) const;
   void project_qkv(const Exec& ex, const Layer& ly, const float* xn);
-  void project_add(const Exec& ex, const Lin& lin, const float* x, const decode::Norm& post, float offset, float* H);
+  void prepare_qk(const Layer& ly, const float* cos, const float* sin);
+  void project_add(const Exec& ex, const Lin& lin, const float* x, const decode::Norm& post, float offset, float* H,
+                   float* scratch);
   void mlp(const Exec& ex, const Layer& ly, const float* xn);
   void mlp_act(const Exec& ex, const Layer& ly, const float* xn);
   // decode_attention.cpp
@@ -198,8 +209,11 @@ class DecodeStep : public torch::CustomClassHolder {
   at::Tensor kq_, vq_, ks_, vs_;
   std::vector<Layer> layers_;
   int64_t L_ = 0, C_ = 0, I_ = 0, H_ = 0, KVH_ = 0, D_ = 0, Tmax_ = 0, R_ = 1;  // R_: rope tables
+  int64_t RD_ = 0;  // rotary dims: the first RD_ of each head (partial rotary, GPT-NeoX), the same in every layer
   float scale_ = 1.0f;
-  std::vector<std::vector<float>> xn_;
+  // per thread: the normed input (xn2_: the MLP's, parallel residual) and the thread's copy of h
+  std::vector<std::vector<float>> xn_, xn2_, hp_;
+  std::vector<float> raw_;                      // a per-head fused qkv's output rows, before they are split
   std::vector<float> qkv_, att_, tmp_, gu_, act_, scores_;  // gu_: gate rows, then up rows at gu_ + I
   // activation sparsity: whether any layer has it, per-thread active-input lists, gate_act keep flags,
   // accumulator size for actsparse_bitmask_mv

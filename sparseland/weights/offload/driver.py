@@ -422,15 +422,11 @@ def _remote_call(workers):
 
 def _embedded_dir(name: str) -> Path:
     """The on-disk float32 safetensors directory of a known embedded model (converted once if needed)."""
-    from sparseland.models.loader import KNOWN_MODELS, _convert_gguf, _embedded_cache_dir, locate_embedded_gguf
+    from sparseland.models.loader import KNOWN_MODELS, embedded_model_dir
 
     if name not in KNOWN_MODELS:
         return Path(name).expanduser()
-    gguf = locate_embedded_gguf(name)
-    cached = _embedded_cache_dir(name, gguf)
-    if not (cached / "config.json").is_file():
-        _convert_gguf(gguf, cached)
-    return cached
+    return embedded_model_dir(name)
 
 
 def model_dir_of(name_or_path: str) -> Path:

@@ -1,8 +1,9 @@
 """What continuous batching gains, without HTTP: B sequences decoded one fused step each (what the
 server runs with ``--no-batch``) vs one ``batched_step`` for all B (``--batch``), side by side.
 
-    flock /tmp/sparseland-heavy.lock python benchmarks/bench_batch_decode.py --threads 2 \\
-        --models smollm2-135m,DIR_SPARSE,DIR_INT4 --batch-sizes 2,4 --steps 24 --rounds 5
+    flock /tmp/sparseland-heavy.lock env OMP_WAIT_POLICY=PASSIVE \\
+        python benchmarks/bench_batch_decode.py --threads 2 --models smollm2-135m,DIR_SPARSE,DIR_INT4 \\
+        --batch-sizes 2,4 --steps 24 --rounds 5
     -> benchmarks/results/batch_decode.{json,md}
 
 Each model is loaded as ``sparseland serve`` loads it (``load_for_serving``: the sparse runtime, format
@@ -16,6 +17,7 @@ median over rounds), their ratio, and how many greedy tokens the two ways chose 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -115,7 +117,8 @@ def markdown(command: str, rows: list[dict], threads: int) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"{threads} threads. Serial: each sequence's token by its own `LeanDecoder.step` (the fused C++ step, "
+        f"{threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}. "
+        "Serial: each sequence's token by its own `LeanDecoder.step` (the fused C++ step, "
         "what `sparseland serve --no-batch` runs); batched: one `batched_step` for all B (the Python step with "
         "B rows through the runtime's kernels, what `--batch` runs). Aggregate tok/s = B x steps / time, "
         "median of the rounds; greedy alike = tokens the two ways chose the same (per sequence, up to the "
@@ -143,7 +146,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--stem", default="batch_decode")
     args = ap.parse_args()
-    command = "python benchmarks/bench_batch_decode.py " + " ".join(sys.argv[1:])
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    command = (f"OMP_WAIT_POLICY={policy} " if policy else "") + "python benchmarks/bench_batch_decode.py "
+    command += " ".join(sys.argv[1:])
     from sparseland.io import write_results
     from sparseland.serve.server import load_for_serving
 

@@ -261,8 +261,8 @@ def make_servers(args: argparse.Namespace, sparse: Path) -> tuple[list[Server], 
             continue
         if models[kind] is None:
             raise SystemExit(f"--servers {kind}: pass the checkpoint with --{kind} DIR")
-        name = f"sparseland {labels[kind]}" + (" --no-batch" if flag else "")
-        cmd = [*py, "--model", models[kind], "--port", str(p), *(["--no-batch"] if flag else [])]
+        name = f"sparseland {labels[kind]}" + (" --no-batch" if flag else " --batch")
+        cmd = [*py, "--model", models[kind], "--port", str(p), "--no-batch" if flag else "--batch"]
         servers.append(Server(name, cmd, p, Path(models[kind]).name if kind != "dense" else models[kind]))
     return servers, skipped
 
@@ -288,7 +288,7 @@ def markdown(
         f"Sparse checkpoint: `{sparse['path']}`, its metadata {sparse['metadata']}; the dense server runs the "
         "embedded model (`smollm2-135m`) on the runtime's dense float32 kernel."
         + (f" int4 checkpoint: `{args.int4}` (`sparseland quantize --scheme int4-g32`)." if args.int4 else "")
-        + " Ours batch the decoding requests' steps (continuous batching) unless marked `--no-batch`.",
+        + " `--batch`: continuous batching of the decoding requests' steps; `--no-batch`: one fused step each.",
         "",
         "| server | requests | completed | failed | TTFT p50 (s) | TTFT p95 (s) | aggregate tok/s | "
         "per-request decode tok/s (median) |",
@@ -361,6 +361,11 @@ def main() -> int:
             s.stop()
     rows = [summarize(name, phases) for name, phases in results.items()]
     meta = json.loads((sparse / "sparseland.json").read_text()).get("metadata", {})
+    method = meta.get("method")  # sparseland prune writes a dict (and a per-layer report, left out here)
+    if isinstance(method, dict):
+        meta = {k: method[k] for k in ("kind", "sparsity", "pattern") if k in method}
+    else:
+        meta = {k: meta[k] for k in ("method", "sparsity") if k in meta}
     info = {"path": str(sparse), "metadata": meta}
     data = {"command": command, "args": vars(args), "sparse_checkpoint": info, "llama_cpp": skipped or "measured"}
     data["rows"] = rows

@@ -100,9 +100,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
-        "--batch", action=argparse.BooleanOptionalAction, default=True, help="continuous batching: the requests "
+        "--batch", action=argparse.BooleanOptionalAction, default=False, help="continuous batching: the requests "
         "that are decoding take their next tokens in one step, each weight read once for all of them (the "
-        "Python step with several rows; --no-batch: one fused step per request) (default: on)",
+        "Python step with several rows). Off by default: under load it changed aggregate tok/s by -1 to +4%% on the "
+        "135M model, and its several-row kernels round differently, so greedy answers of a quantized model "
+        "can differ from `sparseland generate` (results.md, Serving). --no-batch: one fused step per request",
     )  # fmt: skip
     p.add_argument(
         "--batch-min", type=positive_int, default=3, help="batch only when at least this many requests are "

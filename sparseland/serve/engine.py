@@ -7,17 +7,14 @@ long answer cannot hold back a short one and a new request gets its first token 
 round of the others. A request whose client went away (``cancel()``) is dropped at its next turn and
 its KV cache freed.
 
-Continuous batching (``batch=True``, the default): in each round, the requests past their prompt take
-their next tokens together, in one ``batched_step`` (``runtime/batchstep.py``: every projection reads
-its weights once for all of them; attention per request over its own cache), instead of one fused
-step each. A request that joins or finishes changes the next round's batch; one decoding request alone
-takes its fused step. ``batch=False``: one step per request (the fused C++ step where the model is eligible).
-
-Prompt caching: when a request finishes, the KV cache of its tokens (prompt and answer) is kept in
-a ``PromptCache`` (least recently used out, bounded by bytes). A new request whose prompt starts with
-such tokens (a conversation that goes on) copies that prefix's keys and values and prefills only the
-rest. Only for the plain float32 cache without a sparse attention method (a method's own state, such
-as Quest's page bounds, is built during the prefill and is not copied).
+Continuous batching (``batch=True``; off by default): in each round, the requests past their prompt
+take their next tokens together, in one ``batched_step`` (``runtime/batchstep.py``: every projection
+reads its weights once for all of them; attention per request over its own cache) instead of one
+fused step each, when at least ``batch_min`` are decoding (fewer take their fused steps). A request
+that joins or finishes changes the next round's batch. Batched logits differ from a request's own
+step by the several-row kernels' rounding, so a greedy answer can differ from ``greedy_generate``'s
+(seen with int4 weights); ``batch=False`` takes one step per request (the fused C++ step where the
+model is eligible) and its greedy tokens equal ``greedy_generate``'s.
 """
 
 from __future__ import annotations
@@ -137,7 +134,7 @@ class Engine:
         prefill_chunk: int = 512,
         metrics: Metrics | None = None,
         step_delay: float = 0.0,
-        batch: bool = True,
+        batch: bool = False,
         batch_min: int = 2,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer

@@ -39,11 +39,12 @@ def _batched_calls(run) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("batch", [True, False])
-def test_concurrent_streams_all_complete_and_stay_exact(start_server, batch):
+@pytest.mark.parametrize(("batch", "batch_min"), [(True, 2), (False, 2), (True, 99)])
+def test_concurrent_streams_all_complete_and_stay_exact(start_server, batch, batch_min):
     """With continuous batching the decoding requests share steps (the tiny model's greedy tokens come
-    out the same as alone: no near-ties on these prompts); without it each takes its own fused step."""
-    run = start_server(max_active=3, max_queue=16, batch=batch)
+    out the same as alone: no near-ties on these prompts); without it, or with fewer decoding requests
+    than batch_min, each takes its own fused step."""
+    run = start_server(max_active=3, max_queue=16, batch=batch, batch_min=batch_min)
     rng = random.Random(0)
     prompts = [[rng.randrange(6, 256) for _ in range(rng.randint(3, 40))] for _ in range(24)]
     lengths = [rng.randint(1, 30) for _ in prompts]
@@ -65,4 +66,4 @@ def test_concurrent_streams_all_complete_and_stay_exact(start_server, batch):
     assert run.metric("sparseland_requests_finished_total") == len(prompts)
     assert run.metric("sparseland_requests_cancelled_total") == 0
     assert run.metric("sparseland_active_requests") == 0 and run.metric("sparseland_queue_depth") == 0
-    assert (_batched_calls(run) > 0) == batch
+    assert (_batched_calls(run) > 0) == (batch and batch_min <= 3)

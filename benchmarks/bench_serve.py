@@ -58,7 +58,7 @@ class Server:
         self.name, self.cmd, self.port, self.model_id = name, cmd, port, model_id
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_{name}.log", "w")  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}  # every server alike
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 600) -> None:
@@ -198,6 +198,75 @@ def build_sparse(work: Path) -> Path:
     return out
 
 
+def engine_parts(server: Server) -> dict[str, dict[str, float]]:
+    """The server's ``sparseland_engine_*_total{part=...}`` counters: where its worker's time went."""
+    out: dict[str, dict[str, float]] = {}
+    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("sparseland_engine_") and 'part="' in line:
+            name = line.split("{", 1)[0].removeprefix("sparseland_engine_").removesuffix("_total")
+            part = line.split('part="', 1)[1].split('"', 1)[0]
+            out.setdefault(part, {})[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def engine_markdown(engine: dict[str, dict[str, dict[str, float]]]) -> str:
+    if not engine:
+        return ""
+    lines = [
+        "",
+        "Where our servers' worker time went (`/metrics` `sparseland_engine_*`, the whole run with its warm-up; "
+        "prefill: prompt chunks, decode: one request's token by the fused step, batched_decode: several "
+        "requests' tokens in one step, detokenize: the answer's text, stop strings and the event):",
+        "",
+        "| server | part | seconds | tokens | calls | ms / call | tokens / s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, parts in engine.items():
+        for part, v in sorted(parts.items()):
+            sec, tok, calls = v.get("seconds", 0.0), v.get("tokens", 0.0), v.get("calls", 0.0)
+            per_call = 1000 * sec / calls if calls else 0.0
+            tps = tok / sec if sec else 0.0
+            lines.append(f"| {name} | {part} | {sec:.1f} | {tok:.0f} | {calls:.0f} | {per_call:.1f} | {tps:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+SERVER_KINDS = ("dense", "sparse", "int4", "llama")
+
+
+def make_servers(args: argparse.Namespace, sparse: Path) -> tuple[list[Server], str | None]:
+    """The servers of ``--servers``: dense / sparse / int4 (ours; ``:nobatch`` appended runs it with
+    ``--no-batch``) and llama (llama-server on the shipped GGUF, if its binary is there)."""
+    from sparseland.models.loader import locate_embedded_gguf
+
+    py = [sys.executable, "-m", "sparseland.cli", "serve", "--threads", str(args.threads)]
+    py += ["--max-active", str(args.clients), "--max-queue", str(4 * args.clients)]
+    models = {"dense": "smollm2-135m", "sparse": str(sparse), "int4": args.int4}
+    labels = {"dense": "dense", "sparse": "50% sparse", "int4": "int4-g32"}
+    servers, skipped = [], None
+    for spec in args.servers.split(","):
+        kind, _, flag = spec.partition(":")
+        if kind not in SERVER_KINDS or flag not in ("", "nobatch"):
+            raise SystemExit(f"--servers: {spec!r} is not one of {SERVER_KINDS} (optionally with ':nobatch')")
+        p = free_port()
+        if kind == "llama":
+            llama = Path(args.llama_server)
+            if not (llama.is_file() and os.access(llama, os.X_OK)):
+                skipped = f"skipped: no llama-server binary at {llama} (build llama.cpp, then pass --llama-server PATH)"
+                print(skipped, flush=True)
+                continue
+            gguf = locate_embedded_gguf("smollm2-135m")
+            cmd = [str(llama), "-m", str(gguf), "--port", str(p), "-t", str(args.threads), "-tb", str(args.threads)]
+            cmd += ["--parallel", str(args.clients), "-c", str(args.clients * 1024), "--no-webui"]
+            servers.append(Server(f"llama.cpp llama-server ({gguf.name})", cmd, p, "smollm2"))
+            continue
+        if models[kind] is None:
+            raise SystemExit(f"--servers {kind}: pass the checkpoint with --{kind} DIR")
+        name = f"sparseland {labels[kind]}" + (" --no-batch" if flag else " --batch")
+        cmd = [*py, "--model", models[kind], "--port", str(p), "--no-batch" if flag else "--batch"]
+        servers.append(Server(name, cmd, p, Path(models[kind]).name if kind != "dense" else models[kind]))
+    return servers, skipped
+
+
 def markdown(
     args: argparse.Namespace,
     rows: list[dict],
@@ -213,10 +282,13 @@ def markdown(
         "",
         f"{args.clients} concurrent streaming clients, {args.minutes} min per server (two phases, order A B ... B A), "
         f"{args.max_tokens} answer tokens per request (`ignore_eos`), prompts of 64-256 tokens from the embedded "
-        f"text, temperature 0, {args.threads} threads per server, one server loaded at a time.",
+        f"text, temperature 0, {args.threads} threads per server (`OMP_WAIT_POLICY=PASSIVE` for all, as "
+        "`sparseland serve` sets it), one server loaded at a time.",
         "",
         f"Sparse checkpoint: `{sparse['path']}`, its metadata {sparse['metadata']}; the dense server runs the "
-        "embedded model (`smollm2-135m`) on the runtime's dense float32 kernel.",
+        "embedded model (`smollm2-135m`) on the runtime's dense float32 kernel."
+        + (f" int4 checkpoint: `{args.int4}` (`sparseland quantize --scheme int4-g32`)." if args.int4 else "")
+        + " `--batch`: continuous batching of the decoding requests' steps; `--no-batch`: one fused step each.",
         "",
         "| server | requests | completed | failed | TTFT p50 (s) | TTFT p95 (s) | aggregate tok/s | "
         "per-request decode tok/s (median) |",
@@ -249,6 +321,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="answer tokens per request (default: 64)")
     ap.add_argument("--threads", type=int, default=2, help="threads per server (default: 2)")
     ap.add_argument("--sparse", default=None, help="the 50%% sparse checkpoint (default: build Wanda 50%%)")
+    ap.add_argument("--int4", default=None, help="an int4-g32 checkpoint (sparseland quantize) for --servers int4")
+    ap.add_argument(
+        "--servers", default="dense,sparse,llama", help="comma-separated, loaded in phases A B ... B A: dense, "
+        "sparse, int4, llama; ':nobatch' after one of ours runs it with --no-batch (default: %(default)s)",
+    )  # fmt: skip
     ap.add_argument("--work-dir", default="/tmp/sparseland-bench-serve", help="where a built checkpoint goes")
     ap.add_argument("--llama-server", default=str(LLAMA_SERVER), help="llama-server binary (skipped if absent)")
     ap.add_argument("--seed", type=int, default=0)
@@ -258,28 +335,10 @@ def main() -> int:
     command = "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
 
     from sparseland.io import write_results
-    from sparseland.models.loader import locate_embedded_gguf
 
     sparse = Path(args.sparse) if args.sparse else build_sparse(Path(args.work_dir))
     texts = prompts(500, args.seed)
-    py = [sys.executable, "-m", "sparseland.cli", "serve", "--threads", str(args.threads)]
-    py += ["--max-active", str(args.clients), "--max-queue", str(4 * args.clients)]
-    servers = []
-    p = free_port()
-    servers.append(Server("sparseland dense", [*py, "--model", "smollm2-135m", "--port", str(p)], p, "smollm2-135m"))
-    p = free_port()
-    servers.append(Server("sparseland 50% sparse", [*py, "--model", str(sparse), "--port", str(p)], p, sparse.name))
-    skipped = None
-    llama = Path(args.llama_server)
-    if llama.is_file() and os.access(llama, os.X_OK):
-        gguf = locate_embedded_gguf("smollm2-135m")
-        p = free_port()
-        cmd = [str(llama), "-m", str(gguf), "--port", str(p), "-t", str(args.threads), "--parallel", str(args.clients)]
-        cmd += ["-c", str(args.clients * 1024), "--no-webui"]
-        servers.append(Server(f"llama.cpp llama-server ({gguf.name})", cmd, p, "smollm2"))
-    else:
-        skipped = f"skipped: no llama-server binary at {llama} (build llama.cpp, then pass --llama-server PATH)"
-        print(skipped, flush=True)
+    servers, skipped = make_servers(args, sparse)
     load_before = os.getloadavg()
     try:
         for s in servers:
@@ -296,16 +355,23 @@ def main() -> int:
             results[s.name].append(res)
             done = sum(r["complete"] for r in res["records"])
             print(f"  {len(res['records'])} requests, {done} complete", flush=True)
+        engine = {s.name: engine_parts(s) for s in servers if s.name.startswith("sparseland")}
     finally:
         for s in servers:
             s.stop()
     rows = [summarize(name, phases) for name, phases in results.items()]
     meta = json.loads((sparse / "sparseland.json").read_text()).get("metadata", {})
+    method = meta.get("method")  # sparseland prune writes a dict (and a per-layer report, left out here)
+    if isinstance(method, dict):
+        meta = {k: method[k] for k in ("kind", "sparsity", "pattern") if k in method}
+    else:
+        meta = {k: meta[k] for k in ("method", "sparsity") if k in meta}
     info = {"path": str(sparse), "metadata": meta}
     data = {"command": command, "args": vars(args), "sparse_checkpoint": info, "llama_cpp": skipped or "measured"}
     data["rows"] = rows
+    data["engine_parts"] = engine  # our servers' worker time by part over the whole run (warm-up included)
     data["load_average"] = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-minute, of the machine
-    md = markdown(args, rows, skipped, command, info, data["load_average"])
+    md = markdown(args, rows, skipped, command, info, data["load_average"]) + engine_markdown(engine)
     write_results(Path(args.out), args.stem, data, md)
     print(md)
     return 0 if all(r["failed"] == 0 for r in rows) else 1

@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # this process's own command line (a command may re-run itself with another environment)
+        args.process_argv = sys.argv[1:]
     try:
         return int(args.func(args) or 0)
     except SparselandError as exc:

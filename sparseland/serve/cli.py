@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -11,11 +13,27 @@ from sparseland.cliargs import bounded
 from sparseland.errors import SparselandError
 
 
+def _passive_openmp(args: argparse.Namespace) -> None:
+    """Re-run this command with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (libgomp reads it
+    once, when it loads, so it cannot change in a running process). With the default policy OpenMP's
+    threads spin at every barrier of the fused step (several per layer); when the cores are shared (with
+    other processes, or with this server's own HTTP thread) a spinning thread holds the core its
+    descheduled partner needs, and decode with 2 threads on 2 busy cores fell to 1.5-18 tok/s where
+    PASSIVE (sleep at barriers) gave 24-35 (results.md, Serving). Set OMP_WAIT_POLICY=ACTIVE to spin."""
+    argv = getattr(args, "process_argv", None)
+    if argv is None or "OMP_WAIT_POLICY" in os.environ:
+        return
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "sparseland.cli", *argv], env)
+
+
 def _serve_command(args: argparse.Namespace) -> int:
     from sparseland.models.loader import model_context_length
     from sparseland.serve.server import load_for_serving, make_server, model_name, require_serve_extra
 
     require_serve_extra()
+    _passive_openmp(args)
     from sparseland.serve.app import build_app
     from sparseland.serve.engine import Engine
 
@@ -32,13 +50,18 @@ def _serve_command(args: argparse.Namespace) -> int:
         max_active=args.max_active,
         max_queue=args.max_queue,
         prompt_cache_bytes=int(args.prompt_cache_mb * 2**20),
+        batch=args.batch,
+        batch_min=args.batch_min,
     )
-    info.update(context=context, threads=torch.get_num_threads())
+    info.update(context=context, threads=torch.get_num_threads(), batch=args.batch, batch_min=args.batch_min)
     app = build_app(engine, name, info)
     formats = info.get("runtime_formats") or "off"
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    batching = f"from {args.batch_min} decoding requests" if args.batch else "off"
     print(
         f"sparseland serve: model {name!r} ({args.model}), runtime formats {formats}, context {context}, "
-        f"{torch.get_num_threads()} threads; OpenAI API at http://{args.host}:{args.port}/v1",
+        f"{torch.get_num_threads()} threads (OMP_WAIT_POLICY={policy}), batching {batching}; "
+        f"OpenAI API at http://{args.host}:{args.port}/v1",
         flush=True,
     )
     try:
@@ -75,6 +98,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-active", type=positive_int, default=4, help="requests decoded at once, taking turns token by token "
         "(default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch", action=argparse.BooleanOptionalAction, default=False, help="continuous batching: the requests "
+        "that are decoding take their next tokens in one step, each weight read once for all of them (the "
+        "Python step with several rows). Off by default: under load it changed aggregate tok/s by -1 to +4%% on the "
+        "135M model, and its several-row kernels round differently, so greedy answers of a quantized model "
+        "can differ from `sparseland generate` (results.md, Serving). --no-batch: one fused step per request",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-min", type=positive_int, default=3, help="batch only when at least this many requests are "
+        "decoding; fewer take their fused steps (the batched step's Python overhead outweighs the shared weight "
+        "reads at 2 rows on the 135M model: results.md, Serving) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--max-queue", type=positive_int, default=32, help="requests that may wait for a slot; more get 503 "

@@ -2,15 +2,19 @@
 
 Requests wait in a FIFO queue of bounded length (``max_queue``; a full queue is ``QueueFull``, the
 HTTP layer's 503). Up to ``max_active`` requests are decoded at once, each with its own
-``LeanDecoder``, taking turns one token at a time (round robin), so a long answer cannot hold back a
-short one and a new request gets its first token after at most one turn of the others. A request
-whose client went away (``cancel()``) is dropped at its next turn and its KV cache freed.
+``LeanDecoder``, in rounds: each request takes one turn per round (a prefill chunk or one token), so a
+long answer cannot hold back a short one and a new request gets its first token after at most one
+round of the others. A request whose client went away (``cancel()``) is dropped at its next turn and
+its KV cache freed.
 
-Prompt caching: when a request finishes, the KV cache of its tokens (prompt and answer) is kept in
-a ``PromptCache`` (least recently used out, bounded by bytes). A new request whose prompt starts with
-such tokens (a conversation that goes on) copies that prefix's keys and values and prefills only the
-rest. Only for the plain float32 cache without a sparse attention method (a method's own state, such
-as Quest's page bounds, is built during the prefill and is not copied).
+Continuous batching (``batch=True``; off by default): in each round, the requests past their prompt
+take their next tokens together, in one ``batched_step`` (``runtime/batchstep.py``: every projection
+reads its weights once for all of them; attention per request over its own cache) instead of one
+fused step each, when at least ``batch_min`` are decoding (fewer take their fused steps). A request
+that joins or finishes changes the next round's batch. Batched logits differ from a request's own
+step by the several-row kernels' rounding, so a greedy answer can differ from ``greedy_generate``'s
+(seen with int4 weights); ``batch=False`` takes one step per request (the fused C++ step where the
+model is eligible) and its greedy tokens equal ``greedy_generate``'s.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparseland.runtime.batchstep import batch_reason, batched_step
 from sparseland.runtime.generate import LeanDecoder, _eos_ids, sample_token
 from sparseland.serve.metrics import Metrics
 
@@ -129,11 +134,15 @@ class Engine:
         prefill_chunk: int = 512,
         metrics: Metrics | None = None,
         step_delay: float = 0.0,
+        batch: bool = False,
+        batch_min: int = 2,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.context, self.max_active, self.max_queue = context, max_active, max_queue
         self.prefill_chunk = prefill_chunk  # prompts longer than this prefill in turns of this many tokens
         self.step_delay = step_delay  # seconds slept after each token (tests make streams slow with it)
+        self.batch = batch  # decoding requests take their tokens together (``batched_step``)
+        self.batch_min = max(2, batch_min)  # ... when at least this many are decoding
         self.metrics = metrics or Metrics()
         self.cache = PromptCache(prompt_cache_bytes)
         self.eos = _eos_ids(model)
@@ -191,8 +200,8 @@ class Engine:
                     while self.waiting and len(self.active) < self.max_active:
                         self.active.append(self.waiting.popleft())
                     turn = list(self.active)
-                for req in turn:  # one turn each: a prefill chunk or one token
-                    self._turn(req)
+                self._round(turn)
+                for req in turn:
                     if req.finish_reason is not None or req.cancelled.is_set():
                         self._finish(req)
                 if self.step_delay:
@@ -225,10 +234,41 @@ class Engine:
             and getattr(self.model, "_sparseland_attention", None) is None
         )
 
+    def _round(self, turn: list[GenRequest]) -> None:
+        """One turn each: a prefill chunk or one token. With ``batch``, the requests that are decoding
+        (prompt done, float32 cache, no attention method) take their token in one ``batched_step``."""
+        batch = [r for r in turn if self._batchable(r)] if self.batch else []
+        if len(batch) >= self.batch_min:
+            t0 = time.perf_counter()
+            try:
+                logits = batched_step([r.decoder for r in batch], [r.tokens[-1] for r in batch])
+            except Exception:  # noqa: BLE001 - each request then takes its own step, which reports its error
+                batch = []
+            else:
+                self.metrics.timed("batched_decode", time.perf_counter() - t0, len(batch))
+                for req, row in zip(batch, logits, strict=True):
+                    self._take(req, row)
+        else:
+            batch = []
+        done = {id(r) for r in batch}
+        for req in turn:
+            if id(req) not in done:
+                self._turn(req)
+
+    def _batchable(self, req: GenRequest) -> bool:
+        dec = req.decoder
+        return (
+            dec is not None
+            and not req.cancelled.is_set()
+            and dec.pos >= len(req.prompt_ids)
+            and batch_reason(dec) is None
+        )
+
     def _turn(self, req: GenRequest) -> None:
         if req.cancelled.is_set():
             return
         try:
+            t0 = time.perf_counter()
             if req.decoder is None:
                 self._start(req)
             dec = req.decoder
@@ -236,10 +276,21 @@ class Engine:
             if dec.pos < n_prompt:  # (the rest of) the prefill, in chunks
                 chunk = req.prompt_ids[dec.pos : dec.pos + self.prefill_chunk]
                 logits = dec.step(torch.tensor([chunk]))
+                self.metrics.timed("prefill", time.perf_counter() - t0, len(chunk))
                 if dec.pos < n_prompt:
                     return
             else:
                 logits = dec.step(torch.tensor([[req.tokens[-1]]]))
+                self.metrics.timed("decode", time.perf_counter() - t0, 1)
+        except Exception as exc:  # noqa: BLE001 - one failed request must not stop the others
+            req.finish_reason = "error"
+            req.emit(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+            return
+        self._take(req, logits)
+
+    def _take(self, req: GenRequest, logits: torch.Tensor) -> None:
+        """Choose the request's next token from ``logits`` (vocab,) and emit the text it completes."""
+        try:
             tok = sample_token(logits, req.temperature, req.top_p, req.generator)
         except Exception as exc:  # noqa: BLE001 - one failed request must not stop the others
             req.finish_reason = "error"
@@ -250,6 +301,7 @@ class Engine:
             req.first_token_at = now
         req.tokens.append(tok)
         self._emit_text(req, final=len(req.tokens) >= req.max_tokens)
+        self.metrics.timed("detokenize", time.perf_counter() - now, 0)
 
     def _start(self, req: GenRequest) -> None:
         n_prompt = len(req.prompt_ids)

@@ -33,6 +33,16 @@ class Metrics:
         self.cache_misses = 0
         self.cache_reused_tokens = 0
         self.cache_bytes = 0
+        # where the worker's time goes: part -> [seconds, tokens, calls]; parts: prefill (prompt chunks),
+        # decode (one request's token, the fused step), batched_decode (several requests' tokens in one
+        # step), detokenize (sampling excluded: the answer's text, stop strings, the event)
+        self.engine_parts: dict[str, list[float]] = {}
+
+    def timed(self, part: str, seconds: float, tokens: int) -> None:
+        acc = self.engine_parts.setdefault(part, [0.0, 0, 0])
+        acc[0] += seconds
+        acc[1] += tokens
+        acc[2] += 1
 
     def cache_lookup(self, reused: int) -> None:
         if reused:
@@ -92,6 +102,16 @@ class Metrics:
         ]
         for name, kind, help_, value in simple:
             metric("sparseland_" + name, kind, help_, [(m, value)])
+        parts = sorted(self.engine_parts.items())
+        for j, (name, help_) in enumerate(
+            [
+                ("engine_seconds_total", "Worker time by part: prefill, decode, batched_decode, detokenize."),
+                ("engine_tokens_total", "Tokens the worker's calls processed, by part."),
+                ("engine_calls_total", "Worker calls by part (a batched_decode call runs several requests)."),
+            ]
+        ):
+            samples = [(f'{{model="{model}",part="{p}"}}', acc[j]) for p, acc in parts]
+            metric("sparseland_" + name, "counter", help_, samples or [(f'{{model="{model}",part="decode"}}', 0)])
         ttft = "sparseland_time_to_first_token_seconds"
         buckets = [(f'{{model="{model}",le="{b}"}}', c) for b, c in zip(TTFT_BUCKETS, self.ttft_counts, strict=True)]
         buckets.append((f'{{model="{model}",le="+Inf"}}', self.ttft_n))

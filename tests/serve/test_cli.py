@@ -38,6 +38,33 @@ def test_bad_port_is_an_argument_error(capsys):
     assert exc.value.code == 2 and "--port: 70000 is outside [1, 65535]; use 1-65535" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("process_argv", "env", "reruns"),
+    [(["serve", "--model", "m"], None, True), (["serve"], "ACTIVE", False), (None, None, False)],
+)
+def test_serve_reruns_itself_with_passive_openmp_once(monkeypatch, process_argv, env, reruns):
+    """Its own command line (not main(argv) called in-process), OMP_WAIT_POLICY unset: re-run with PASSIVE;
+    a policy already set (the re-run, or the user's) is kept."""
+    import argparse
+
+    from sparseland.serve import cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda exe, argv, environ: calls.append((exe, argv, environ)))
+    if env is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", env)
+    args = argparse.Namespace(**({} if process_argv is None else {"process_argv": process_argv}))
+    cli._passive_openmp(args)
+    if reruns:
+        ((exe, argv, environ),) = calls
+        assert exe == sys.executable and argv == [sys.executable, "-m", "sparseland.cli", *process_argv]
+        assert environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    else:
+        assert calls == []
+
+
 @pytest.mark.slow
 def test_embedded_model_served_by_the_cli(embedded):
     import openai

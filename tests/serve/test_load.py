@@ -8,6 +8,7 @@ import json
 import random
 
 import httpx
+import pytest
 import torch
 
 from sparseland.runtime.generate import greedy_generate
@@ -31,8 +32,19 @@ async def _stream(http: httpx.AsyncClient, url: str, ids: list[int], n: int) -> 
     return (token_ids if done else None), usage
 
 
-def test_concurrent_streams_all_complete_and_stay_exact(start_server):
-    run = start_server(max_active=3, max_queue=16)
+def _batched_calls(run) -> float:
+    for line in httpx.get(run.url + "/metrics").text.splitlines():
+        if line.startswith("sparseland_engine_calls_total{") and 'part="batched_decode"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize(("batch", "batch_min"), [(True, 2), (False, 2), (True, 99)])
+def test_concurrent_streams_all_complete_and_stay_exact(start_server, batch, batch_min):
+    """With continuous batching the decoding requests share steps (the tiny model's greedy tokens come
+    out the same as alone: no near-ties on these prompts); without it, or with fewer decoding requests
+    than batch_min, each takes its own fused step."""
+    run = start_server(max_active=3, max_queue=16, batch=batch, batch_min=batch_min)
     rng = random.Random(0)
     prompts = [[rng.randrange(6, 256) for _ in range(rng.randint(3, 40))] for _ in range(24)]
     lengths = [rng.randint(1, 30) for _ in prompts]
@@ -54,3 +66,4 @@ def test_concurrent_streams_all_complete_and_stay_exact(start_server):
     assert run.metric("sparseland_requests_finished_total") == len(prompts)
     assert run.metric("sparseland_requests_cancelled_total") == 0
     assert run.metric("sparseland_active_requests") == 0 and run.metric("sparseland_queue_depth") == 0
+    assert (_batched_calls(run) > 0) == (batch and batch_min <= 3)

@@ -60,8 +60,9 @@ def add_commands(subparsers) -> None:
     p.add_argument(
         "--embeddings",
         default=None,
-        help="also quantize the embeddings and the lm_head tied to them with this scheme, e.g. int8 "
-        "(default: keep them in float)",
+        help="also quantize the embeddings and the lm_head tied to them with this scheme: int8-g32 (llama.cpp's "
+        "Q8_0 grid; the embedded model's exactly) or int4-g32 (smaller, faster, less exact) (default: keep them "
+        "in float)",
     )
     p.add_argument(
         "--calib-samples", type=positive_int, default=32, help="GPTQ calibration windows (default: %(default)s)"

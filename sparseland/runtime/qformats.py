@@ -213,12 +213,12 @@ class Q8DenseFormat:
     def from_quantized(cls, qw: QuantizedWeight) -> Q8DenseFormat:
         _dense_only(qw)
         s = qw.scheme
-        inp = qw.shape[1]
-        if s.bits != 8 or not s.symmetric or (s.group and (s.group not in Q4_GROUPS or inp % s.group)):
+        if s.bits != 8 or not s.symmetric:
             raise SparselandError(
-                f"q8 format supports int8 (symmetric, one scale per output channel) and int8-g32 / -g64 / -g128 "
-                f"(a group dividing in_features), not {s.name} on {inp} columns; or use q4 with int4-g32 (-sym)"
+                f"q8 format supports symmetric int8, one scale per output channel (int8) or per group "
+                f"(int8-g32 / -g64 / -g128), not {s.name}; or use q4 with int4-g32 (-sym)"
             )
+        s.group_size(qw.shape[1])  # the scheme's own check: the group divides in_features
         codes = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
         return cls(codes, qw.scale.to(torch.float16).reshape(qw.shape[0], -1).contiguous())
 

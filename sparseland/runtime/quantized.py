@@ -37,7 +37,7 @@ def make_quant_format(qw: QuantizedWeight, format: str = "auto"):
         return forced[format].from_quantized(qw)
     if s.bits == 4 and qw.mask is None:
         return Q4DenseFormat.from_quantized(qw)
-    if s.bits == 8 and qw.mask is None and s.symmetric and s.group in (0, 32, 64, 128):
+    if s.bits == 8 and qw.mask is None and s.symmetric:  # QuantScheme allows only groups of 0/32/64/128
         return Q8DenseFormat.from_quantized(qw)
     if s.bits == 4 and qw.mask is not None:
         fmt = Q4NMFormat if fits_four_per_byte(qw.mask, s.symmetric) else Q4BitmaskFormat

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import time
@@ -28,19 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def prompts(tok, n: int, seed: int) -> list[list[int]]:
-    import sparseland as sl
-
-    ev = sl.load_corpus(tok).eval
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rng.randint(64, 256)
-        start = rng.randrange(len(ev) - length)
-        out.append(ev[start : start + length].tolist())
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_serve, beside this script
+from bench_serve import prompt_ids  # noqa: E402  (the serve benchmark's prompts, as token ids)
 
 
 def prefilled(model, ids: list[list[int]], room: int):
@@ -78,7 +66,7 @@ def run_batched(decs, toks, steps: int) -> tuple[float, list[list[int]]]:
 
 
 def measure(model, tok, B: int, steps: int, rounds: int, seed: int) -> dict:
-    ids = prompts(tok, B, seed)
+    ids = prompt_ids(tok, B, seed)
     room = steps * (rounds + 1) + 2
     sets = {"serial": prefilled(model, ids, room), "batched": prefilled(model, ids, room)}
     fns = {"serial": run_serial, "batched": run_batched}

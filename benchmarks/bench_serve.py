@@ -83,19 +83,27 @@ class Server:
         self.log.close()
 
 
-def prompts(n: int, seed: int) -> list[str]:
-    """``n`` texts of 64-256 tokens from the embedded text's evaluation part, at seeded offsets."""
+def prompt_ids(tok, n: int, seed: int) -> list[list[int]]:
+    """``n`` token windows of 64-256 tokens from the embedded text's evaluation part, at seeded offsets
+    (also ``bench_batch_decode.py``'s prompts)."""
     import sparseland as sl
 
-    _, tok = sl.load_model("smollm2-135m")
     ev = sl.load_corpus(tok).eval
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         length = rng.randint(64, 256)
         start = rng.randrange(len(ev) - length)
-        out.append(tok.decode(ev[start : start + length].tolist()))
+        out.append(ev[start : start + length].tolist())
     return out
+
+
+def prompts(n: int, seed: int) -> list[str]:
+    """``prompt_ids`` as texts."""
+    import sparseland as sl
+
+    _, tok = sl.load_model("smollm2-135m")
+    return [tok.decode(ids) for ids in prompt_ids(tok, n, seed)]
 
 
 async def one_request(http: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> dict:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -32,3 +35,19 @@ def write_results(directory: str | Path, stem: str, data: dict, markdown: str) -
     directory = Path(directory)
     write_text_atomic(directory / f"{stem}.json", json.dumps(data, indent=2))
     write_text_atomic(directory / f"{stem}.md", markdown)
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary directory beside ``out_dir`` to write into; when the block ends it is renamed to
+    ``out_dir`` (mode 0755), and if the block raises it is removed, so ``out_dir`` is never half-written."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

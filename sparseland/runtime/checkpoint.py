@@ -41,14 +41,13 @@ Tied tensors (lm_head tied to the embeddings) are stored once; ``aliases`` maps 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sparseland.errors import SparselandError
+from sparseland.io import atomic_directory
 from sparseland.runtime.packing import (
     combination_bits,
     max_nonzeros_per_group,
@@ -250,9 +249,7 @@ def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str 
 
     if moe := moe_spec(model):  # MoE-fied MLPs: their layout, so the loader can rebuild them
         manifest["moe"] = moe
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             str(tmp / WEIGHTS_FILE),
@@ -261,11 +258,6 @@ def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "sparseland.json").write_text(json.dumps(manifest, indent=1, default=str))
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from sparseland.api import FilterFn
 from sparseland.errors import SparselandError
+from sparseland.io import atomic_directory
 from sparseland.weights.config import PruningConfig
 from sparseland.weights.offload.blocks import BlockWorker, build_shell, load_config, materialize, release, sum_stats
 from sparseland.weights.offload.shards import ShardReader, assemble_safetensors, save_shard
@@ -288,12 +288,10 @@ def _assemble(run: _Run, report: OffloadReport, out_dir: Path, tokenizer, metada
     from sparseland.runtime.checkpoint import WEIGHTS_FILE
 
     manifest = _manifest(run, report, metadata)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        shards = [run.work / "shards" / "head.safetensors"] + [
-            run.work / "shards" / f"block-{i:05d}.safetensors" for i in range(len(run.layers))
-        ]
+    shards = [run.work / "shards" / "head.safetensors"] + [
+        run.work / "shards" / f"block-{i:05d}.safetensors" for i in range(len(run.layers))
+    ]
+    with atomic_directory(out_dir) as tmp:
         report.checkpoint_bytes = assemble_safetensors(shards, tmp / WEIGHTS_FILE)
         manifest["metadata"]["report"]["checkpoint_bytes"] = report.checkpoint_bytes
         if tokenizer is not None:
@@ -304,11 +302,6 @@ def _assemble(run: _Run, report: OffloadReport, out_dir: Path, tokenizer, metada
                     if f.is_file():
                         shutil.copy2(f, tmp / f.name)
         (tmp / "sparseland.json").write_text(json.dumps(manifest, indent=1, default=str))
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _open_run(model_dir, config, out_dir, calibration, calib_batch, resume, filter_fn, workers) -> _Run:

@@ -44,21 +44,27 @@ def recover_(
 ) -> RecoveryResult:
     """Distil ``teacher`` into the MoE-fied ``student`` in place for ``steps`` AdamW steps (or until
     ``max_seconds``) on token windows (N, T)."""
-    from sparseland.training.distill import distillation_loss
-    from sparseland.training.finetune import FinetuneConfig, batch_indices, lr_at, trainable_parameters
+    from sparseland.training.finetune import (
+        FinetuneConfig,
+        batch_indices,
+        distill_batch,
+        lr_at,
+        trainable_parameters,
+    )
 
     if not moe_layers(student):
         raise SparselandError("the student has no MoE MLPs; MoE-fy it first (sparsify_(model, MoEfyConfig(...)))")
     if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[1] < 2:
         raise SparselandError(f"windows must be a (N, T>=2) LongTensor of token ids; got {tuple(windows.shape)}")
-    cfg = FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, temperature=temperature, seed=seed)
+    cfg = FinetuneConfig(
+        steps=steps, lr=lr, batch_size=batch_size, temperature=temperature, feature_weight=feature_weight, seed=seed
+    )
     params = {n: p for n, p in trainable_parameters(student).items() if ".router." not in n}
     was = {n: p.requires_grad for n, p in student.named_parameters()}
     for name, p in student.named_parameters():
         p.requires_grad_(name in params)
     teacher.eval().requires_grad_(False)
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-    feat = feature_weight > 0
     losses: list[dict[str, float]] = []
     student.train()
     t0 = time.perf_counter()
@@ -66,19 +72,7 @@ def recover_(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x = windows[batch_indices(step, windows.shape[0], batch_size, seed)]  # (b, T)
-        with torch.no_grad():
-            t_out = teacher(input_ids=x, output_hidden_states=feat, use_cache=False)
-        s_out = student(input_ids=x, output_hidden_states=feat, use_cache=False)
-        loss = distillation_loss(
-            s_out.logits,
-            t_out.logits,
-            x,
-            temperature=temperature,
-            feature_weight=feature_weight,
-            student_hidden=s_out.hidden_states[1:] if feat else None,
-            teacher_hidden=t_out.hidden_states[1:] if feat else None,
-        )
+        loss = distill_batch(student, teacher, windows[batch_indices(step, windows.shape[0], batch_size, seed)], cfg)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)

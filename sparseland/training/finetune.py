@@ -282,28 +282,34 @@ def _trainable_and_optimizer(student: torch.nn.Module, teacher: torch.nn.Module,
     return params, optimizer
 
 
+def distill_batch(student, teacher, x: torch.Tensor, cfg: FinetuneConfig):
+    """The distillation loss of one batch of windows ``x`` (b, T) with ``cfg``'s temperature and
+    weights: the teacher's forward without gradients, the student's with them, hidden states only when
+    the feature term is on (also MoE recovery's step, ``sparseland.moe.recover``)."""
+    feat = cfg.feature_weight > 0
+    with torch.no_grad():
+        t_out = teacher(input_ids=x, output_hidden_states=feat, use_cache=False)
+    s_out = student(input_ids=x, output_hidden_states=feat, use_cache=False)
+    return distillation_loss(
+        s_out.logits,
+        t_out.logits,
+        x,
+        temperature=cfg.temperature,
+        kd_weight=cfg.kd_weight,
+        ce_weight=cfg.ce_weight,
+        feature_weight=cfg.feature_weight,
+        student_hidden=s_out.hidden_states[1:] if feat else None,  # block outputs (last one normed)
+        teacher_hidden=t_out.hidden_states[1:] if feat else None,
+    )
+
+
 def _accumulate_gradients(student, teacher, windows: torch.Tensor, idx: torch.Tensor, cfg: FinetuneConfig):
     """One step's gradients: the distillation loss of the windows ``idx`` in ``grad_accum``
     micro-batches, each scaled by 1/grad_accum; returns the step's mean loss terms."""
-    feat = cfg.feature_weight > 0
     micro = cfg.batch_size // cfg.grad_accum
     parts: dict[str, float] = {"total": 0.0, "kd": 0.0, "ce": 0.0, "feature": 0.0}
     for chunk in idx.split(micro):
-        x = windows[chunk]  # (b, T)
-        with torch.no_grad():
-            t_out = teacher(input_ids=x, output_hidden_states=feat, use_cache=False)
-        s_out = student(input_ids=x, output_hidden_states=feat, use_cache=False)
-        loss = distillation_loss(
-            s_out.logits,
-            t_out.logits,
-            x,
-            temperature=cfg.temperature,
-            kd_weight=cfg.kd_weight,
-            ce_weight=cfg.ce_weight,
-            feature_weight=cfg.feature_weight,
-            student_hidden=s_out.hidden_states[1:] if feat else None,  # block outputs (last one normed)
-            teacher_hidden=t_out.hidden_states[1:] if feat else None,
-        )
+        loss = distill_batch(student, teacher, windows[chunk], cfg)
         (loss.total / cfg.grad_accum).backward()
         for k, v in loss.to_floats().items():
             parts[k] += v / cfg.grad_accum

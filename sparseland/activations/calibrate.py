@@ -57,7 +57,12 @@ def linear_roles(
 
 
 def input_group(name: str, role: str) -> str:
-    """Key shared by Linears that read the same tensor (q/k/v; gate/up)."""
+    """Key shared by Linears that read the same tensor (q/k/v; gate/up; an MoE expert's gate/up)."""
+    from sparseland.activations.experts import expert_group
+
+    group = expert_group(name)
+    if group is not None:
+        return group
     return name.rpartition(".")[0] + "." + _SHARED_INPUT.get(role, role)
 
 

@@ -176,8 +176,12 @@ def _teal_sites(roles: dict[str, str], samples: Samples, sparsity: float) -> lis
 
 @register(TEALConfig)
 def apply_teal(model, config: TEALConfig, calibration=None, filter_fn=None, samples=None) -> ActivationState:
+    from sparseland.activations.experts import expert_roles, fill_missing
+
     roles = _inputs(_roles(model, config, filter_fn), config)
+    roles |= _inputs(expert_roles(model, filter_fn), config)  # per MoE expert: its routed tokens
     samples = _samples(model, config, calibration, roles, samples)
+    fell = fill_missing(samples.inputs, list(roles))
     allocation = config.allocation
     if config.greedy and allocation is None:
         from sparseland.activations import allocate
@@ -192,7 +196,9 @@ def apply_teal(model, config: TEALConfig, calibration=None, filter_fn=None, samp
     resolved = config.to_dict()
     if allocation is not None:  # record the levels used, so the saved config reproduces them
         resolved.update(allocation={r: levels[r] for r in sorted(set(roles.values()))}, greedy=False)
-    return install(model, resolved, sites)
+    state = install(model, resolved, sites)
+    state.expert_fallback = fell  # experts without calibration tokens: their block's pooled samples
+    return state
 
 
 @register(CATSConfig)

@@ -63,6 +63,8 @@ class ActivationState:
     sites: list[Site]
     handles: list[Any] = field(default_factory=list)
     counts: dict[str, list[int]] | None = None  # module -> [zeros, total] while measuring
+    # MoE experts (activations/experts.py) that got no calibration tokens: thresholds from their block's pool
+    expert_fallback: list[str] = field(default_factory=list)
 
     def by_module(self) -> dict[str, Site]:
         return {s.module: s for s in self.sites}

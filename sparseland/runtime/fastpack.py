@@ -19,6 +19,7 @@ import torch
 
 from sparseland.errors import SparselandError
 from sparseland.models.arch import NORM_SLOTS, Arch, describe
+from sparseland.runtime import fastpack_moe
 from sparseland.runtime.formats import (
     ActSparseBitmaskFormat,
     ActSparseFormat,
@@ -36,6 +37,8 @@ NORMS = {
     "Qwen3RMSNorm": 0.0,
     "Phi3RMSNorm": 0.0,
     "Olmo2RMSNorm": 0.0,
+    "MixtralRMSNorm": 0.0,
+    "Qwen2MoeRMSNorm": 0.0,
     "Gemma2RMSNorm": 1.0,
     "Gemma3RMSNorm": 1.0,
 }
@@ -127,7 +130,8 @@ def format_name(mod: torch.nn.Module) -> str:
 def shapes(arch: Arch) -> dict[str, tuple[int, int]]:
     """(out, in) of every projection role, from the architecture's widths."""
     C, HD, KD, inter = arch.hidden, arch.n_heads * arch.head_dim, arch.n_kv * arch.head_dim, intermediate(arch)
-    return {
+    moe = fastpack_moe.shapes(arch) if arch.moe is not None else {}
+    return moe | {
         "q": (HD, C),
         "k": (KD, C),
         "v": (KD, C),
@@ -141,7 +145,9 @@ def shapes(arch: Arch) -> dict[str, tuple[int, int]]:
 
 
 def intermediate(arch: Arch) -> int:
-    """The MLP width: the down projection's input features."""
+    """The MLP width: the down projection's input features (MoE: the wider of an expert and the shared one)."""
+    if arch.moe is not None:
+        return max(fastpack_moe.expert_inter(arch, 0), fastpack_moe.shared_inter(arch, 0))
     down = arch.linears(0)["down"][1]
     return down.weight.shape[1] if type(down) is torch.nn.Linear else down.in_features
 
@@ -184,8 +190,8 @@ def arch_reason(model: torch.nn.Module, max_len: int | None) -> str | None:
     f = arch.family
     if f.qkv_layout == "per_head" and arch.n_kv != arch.n_heads:
         return f"{arch.name} has a per-head fused qkv with {arch.n_kv} KV heads for {arch.n_heads} query heads"
-    if f.mlp_kind not in ("gated", "gated_fused", "plain"):
-        return f"{arch.name} has a {f.mlp_kind} MLP; the fused step runs a gated or a plain MLP"
+    if f.mlp_kind not in ("gated", "gated_fused", "plain", "moe"):
+        return f"{arch.name} has a {f.mlp_kind} MLP; the fused step runs a gated, a plain or an MoE MLP"
     other = [r for r in arch.biases if r not in BIASED]
     if other:
         return f"{arch.name} has biases on its {'/'.join(other)} projections (the fused step adds {'/'.join(BIASED)})"
@@ -211,7 +217,11 @@ def layer_reason(arch: Arch, i: int, method: object | None) -> str | None:
     qk = arch.qk_norms(i)
     if qk and eps_of(qk[0]) != eps_of(qk[1]):
         return f"layer {i} q and k norms have different eps"
-    if type(mlp).__name__ not in MLPS or act_code(mlp_act(mlp)) is None:
+    if arch.moe is not None:
+        why = fastpack_moe.reason(arch, i)
+        if why is not None:
+            return why
+    elif type(mlp).__name__ not in MLPS or act_code(mlp_act(mlp)) is None:
         return f"layer {i} MLP {type(mlp).__name__} is not an MLP with SiLU, GELU-tanh or GELU the fused step knows"
     dims = shapes(arch)
     for role, (name, mod) in arch.linears(i).items():
@@ -273,7 +283,14 @@ def pack_layer(
         tensors["q_norm"], tensors["k_norm"] = (n.weight.detach().contiguous() for n in qk)
         floats["qk_eps"] = eps_of(qk[0])
         floats["norm_offset"] = NORMS[type(qk[0]).__name__]
-    ints["act_fn"] = act_code(mlp_act(arch.mlp(i)))
+    if arch.moe is not None:
+        moe = fastpack_moe.pack(arch, i)
+        if moe is None:
+            return None
+        tensors |= moe[0]
+        ints |= moe[1]
+    else:
+        ints["act_fn"] = act_code(mlp_act(arch.mlp(i)))
     if arch.family.qkv_layout == "per_head":
         ints["qkv_per_head"] = 1
     if arch.parallel_residual:
@@ -309,6 +326,8 @@ def activation_plan(model: torch.nn.Module) -> ActivationPlan | str:
     from sparseland.activations.sites import get_state
 
     state, arch = get_state(model), describe(model)
+    if state is not None and arch.moe is not None:
+        return f"activation sparsity on {arch.name} (an MoE model) runs on the Python step only"
     if state is not None and (arch.family.mlp_kind == "plain" or arch.family.qkv_layout == "per_head"):
         return f"activation sparsity on {arch.name} (non-gated MLP, per-head qkv) runs on the Python step only"
     if state is None:

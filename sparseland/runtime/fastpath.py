@@ -7,12 +7,16 @@
 ``torch.classes.sparseland.DecodeStep`` (csrc/decode_step.cpp and its parts), which runs the same math
 as ``LeanDecoder.step``'s Python loop (the reference) with the same kernels and no per-layer dispatch.
 The layouts it runs (``models.arch``): Llama, Mistral and Qwen2/Qwen3 (q/k/v biases, per-head q/k
-norms), Gemma 2/3 ((1 + w) RMSNorms, sandwich norms, GELU-tanh MLP, attention soft-capping, sliding-window
-layers as a window over the cache, a local and a global rotary table), OLMo 2 (post-norms, q/k norms over
-all heads), Phi-3 (fused qkv and gate_up run as row views of one matrix) and GPT-NeoX (per-head fused
-qkv run whole and split per head, LayerNorms with biases, parallel or sequential residual, partial
-rotary, non-gated GELU MLP, biases on every projection). The embedding (and its scale) and the final
-norm, lm_head and logit soft-capping stay in Python.
+norms), Gemma 2/3 ((1 + w) RMSNorms, sandwich norms, GELU-tanh MLP, attention soft-capping,
+sliding-window layers as a window over the cache, a local and a global rotary table), OLMo 2
+(post-norms, q/k norms over all heads), Phi-3 (fused qkv and gate_up run as row views of one matrix) and
+GPT-NeoX (per-head fused qkv run whole and split per head, LayerNorms with biases, parallel or
+sequential residual, partial rotary, non-gated GELU MLP, biases on every projection), and the MoE blocks
+of Mixtral and Qwen2-MoE (csrc/decode_moe.cpp: the router's softmax top-k computed by every thread
+alike, the chosen experts' gate/up rows and then their weighted down projections split across the
+threads, Qwen2-MoE's sigmoid-gated shared expert; only the chosen experts' weights are read; experts as
+transformers' 3-D float32 weights or as ``runtime.experts.ExpertList`` projections in any row-major
+kind). The embedding (and its scale) and the final norm, lm_head and logit soft-capping stay in Python.
 
 Weights: plain fp32 Linear, or DenseFormat fp32/bf16, BitmaskFormat, NMFormat, ActSparseFormat,
 ActSparseBitmaskFormat, and the quantized Q4DenseFormat, Q8DenseFormat, Q4NMFormat and Q4BitmaskFormat.
@@ -34,15 +38,15 @@ same as the Python step counts them. ``LeanDecoder`` runs the fused step only wh
 carries the method (and config) the step was built with, and calls ``invalidate(pos)`` whenever the
 Python step writes the cache.
 
-Anything the C++ step would silently skip makes the model ineligible (``ineligible_reason`` names
-it): top-k (``keep``) or R-Sparse activation sites, activation-sparse formats without activation
-sparsity or on a fused projection, any other forward hook, sparse attention methods other than Quest
-(and Quest on a model whose windowed / soft-capped layers it leaves dense), activation sparsity on
-GPT-NeoX (its non-gated MLP and per-head qkv), a bias on an activation-sparse o/up/down, biases on a
-gate, MoE blocks, a norm, MLP or activation
-it does not know, a weight format it does not know, a cache that is not float32 or int8 (the int8 KV
-cache, ``LeanDecoder(kv_dtype="int8")``: codes and per-(layer, head, position) scales passed with
-``set_int8_cache``; dense attention only).
+Anything the C++ step would silently skip makes the model ineligible (``ineligible_reason`` names it):
+top-k (``keep``) or R-Sparse activation sites, activation-sparse formats without activation sparsity or
+on a fused projection, any other forward hook, sparse attention methods other than Quest (and Quest on a
+model whose windowed / soft-capped layers it leaves dense), activation sparsity on GPT-NeoX (its
+non-gated MLP and per-head qkv) or on an MoE model (per-expert TEAL runs on the Python step), a bias on
+an activation-sparse o/up/down, biases on a gate, an MoE block whose router, expert format or activation
+it does not know, a norm, MLP or activation it does not know, a weight format it does not know, a cache
+that is not float32 or int8 (the int8 KV cache, ``LeanDecoder(kv_dtype="int8")``: codes and per-(layer,
+head, position) scales passed with ``set_int8_cache``; dense attention only).
 
 One ``DecodeStep`` runs one call at a time (a mutex): two threads may share a decoder's step safely,
 and two decoders (each with its own step and cache) run concurrently.

@@ -357,10 +357,15 @@ class _Tally:
 
 
 def _block_experts(model, block, i: int, moe, filter_fn):
-    """The block's fused MoE experts module to prune (None: no MoE, or left out by ``filter_fn``)."""
+    """The block's fused MoE experts module to prune (None: no MoE, or left out by ``filter_fn``, or experts
+    already split into one Linear per projection (``runtime.experts.ExpertList``), pruned as Linears)."""
+    from sparseland.runtime.experts import is_experts
+
     if moe is None:
         return None
     experts = block.get_submodule(moe.experts)
+    if not is_experts(experts):
+        return None
     if filter_fn is not None and not filter_fn(experts, f"{block_prefix(model, i)}.{moe.experts}"):
         return None
     return experts

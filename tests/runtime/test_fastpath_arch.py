@@ -136,7 +136,7 @@ def test_gpt_neox_variants_fused_equal_python(parallel, act, rotary):
 
 
 def test_what_stays_off_the_fused_step_says_why():
-    assert "moe MLP" in fastpath.ineligible_reason(make_tiny("qwen2_moe"), torch.zeros(1))
+    assert fastpath.ineligible_reason(make_tiny("qwen2_moe"), torch.zeros(1)) is None  # MoE: test_fastpath_moe.py
     neox = make_tiny("gpt_neox")
     sparsify_(neox, TEALConfig(sparsity=0.4), calibration=torch.randint(3, 256, (4, 32)))
     assert "Python step only" in fastpath.ineligible_reason(neox, torch.zeros(1))  # TEAL on a non-gated MLP

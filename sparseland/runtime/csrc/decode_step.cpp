@@ -69,6 +69,7 @@ DecodeStep::DecodeStep(int64_t C, int64_t I, int64_t H, int64_t KVH, int64_t D, 
 // [q_h k_h v_h] per head, H == KVH; qkv.bias in that order), parallel = 1 (parallel residual), rope_dim
 // (the rotary dims of each head, default D; the same in every layer); no gate (up and down only: a
 // non-gated MLP act(up)); o.bias, up.bias, down.bias. Biases only on the row-major kinds.
+// MoE block (int moe.experts present): no gate/up/down; decode_moe.cpp parse_moe lists its names.
 int64_t DecodeStep::add_layer(Tensors tensors, Ints ints, Floats floats) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t l = int64_t(layers_.size()), HD = H_ * D_, KD = KVH_ * D_;
@@ -115,8 +116,10 @@ int64_t DecodeStep::add_layer(Tensors tensors, Ints ints, Floats floats) {
   }
   parse_lin(a, "o", ly.o, C_, HD);
   ly.o.bias = vec("o.bias", C_);
-  ly.gated = a.has("gate.kind") || a.has("gate_up.kind");
-  if (!ly.gated) {  // act(up): GPT-NeoX's dense_h_to_4h
+  ly.gated = a.has("gate.kind") || a.has("gate_up.kind") || a.has("moe.experts");
+  if (a.has("moe.experts")) {  // an MoE block (decode_moe.cpp) instead of the MLP
+    parse_moe(a, ly);
+  } else if (!ly.gated) {  // act(up): GPT-NeoX's dense_h_to_4h
     parse_lin(a, "up", ly.up, I_, C_);
     ly.up.bias = vec("up.bias", I_);
   } else if (a.has("gate_up.kind")) {  // views of one [gate | up] matrix
@@ -128,7 +131,7 @@ int64_t DecodeStep::add_layer(Tensors tensors, Ints ints, Floats floats) {
     parse_lin(a, "gate", ly.gate, I_, C_);
     parse_lin(a, "up", ly.up, I_, C_);
   }
-  parse_lin(a, "down", ly.down, C_, I_);
+  if (!ly.moe) parse_lin(a, "down", ly.down, C_, I_);
   ly.down.bias = vec("down.bias", C_);
   ly.gate_thr = vec("gate.act_thr", I_);
   for (const Lin* lin : {&ly.q, &ly.k, &ly.v, &ly.o, &ly.gate, &ly.up, &ly.down}) {
@@ -265,6 +268,10 @@ void DecodeStep::run(const Exec& ex, float* h_out, const float* cos, const float
     project_add(ex, ly.o, att_.data(), ly.attn_out, ly.norm_offset, H, xn);  // xn: free again, scratch
     // Step 5: the MLP input, act = act(Wg x) * (Wu x) (non-gated: act(Wu x + bu))
     if (!ly.parallel) normed(ly.mlp_in, ly.norm_offset, H, xn, C_);
+    if (ly.moe) {  // Steps 5 and 6 of an MoE block: h += mlp_out(the chosen experts' weighted sum)
+      moe(ex, ly, ly.parallel ? xn2 : xn, H, ly.parallel ? xn : xn2);
+      continue;
+    }
     mlp(ex, ly, ly.parallel ? xn2 : xn);
     // Step 6: h += mlp_out(Wd act)
     project_add(ex, ly.down, act_.data(), ly.mlp_out, ly.norm_offset, H, xn);

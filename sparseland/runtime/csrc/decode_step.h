@@ -4,6 +4,7 @@
 //   decode_attention.cpp  norms, RoPE, q/k extras, attention over the float32 and the int8 KV cache
 //   decode_quest.cpp      Quest's page bounds and page selection
 //   decode_act.cpp        activation sites: active-input lists and the (activation-sparse) MLP
+//   decode_moe.cpp        MoE blocks: the router's top-k experts (and a shared expert) per token
 #pragma once
 #include <ATen/core/Dict.h>
 #include <torch/custom_class.h>
@@ -94,6 +95,14 @@ struct Layer {
   int64_t window = 0;  // sliding window: attend positions (pos - window, pos] (0: all)
   float softcap = 0;   // attention scores -> cap * tanh(scores / cap) (0: none; Gemma 2)
   int64_t rope = 0;    // which of step's cos / sin tables (Gemma 3: local and global)
+  // MoE block (decode_moe.cpp; moe false: the gate/up/down MLP above): router (n_exp, C) fp32, top_k
+  // experts each a gated MLP of width e_inter (eg/eu/ed per expert); a shared expert of width s_inter
+  // (0: none) gated by sigmoid(sgate . x); norm_topk: the top-k probabilities renormalized to sum 1
+  bool moe = false, norm_topk = true;
+  int64_t n_exp = 0, top_k = 0, e_inter = 0, s_inter = 0;
+  const float* router = nullptr;
+  std::vector<Lin> eg, eu, ed;
+  Lin sg, su, sd, sgate;
 };
 
 // Per-thread scratch of the activation-sparse path: up to 3 active-input lists (q, k, v).
@@ -193,6 +202,9 @@ class DecodeStep : public torch::CustomClassHolder {
                    float* scratch);
   void mlp(const Exec& ex, const Layer& ly, const float* xn);
   void mlp_act(const Exec& ex, const Layer& ly, const float* xn);
+  // decode_moe.cpp
+  void parse_moe(decode::Args& a, Layer& ly);
+  void moe(const Exec& ex, const Layer& ly, const float* xn, float* H, float* scratch);
   // decode_attention.cpp
   void attend(const Exec& ex, int64_t l, const float* q, const float* kc, const float* vc, int64_t p1);
   void attend_int8(const Exec& ex, int64_t l, const float* q, int64_t p1);
@@ -221,6 +233,9 @@ class DecodeStep : public torch::CustomClassHolder {
   std::vector<decode::ActScratch> scratch_;
   std::vector<uint8_t> keep_;
   int64_t acc_n_ = 0;
+  // MoE: gate, up and act rows of the chosen experts and the shared one ([e_1 | ... | e_k | shared], each
+  // segment zero-padded), the weighted sum of their down projections and one down projection's rows
+  std::vector<float> moe_g_, moe_u_, moe_a_, moe_y_, moe_t_;
   // Quest: page size (0: off), budget, dense layers, refine; page bounds (L, KVH, Pmax, D) and how many
   // pages of each layer they hold; per-head scratch (H, T_max) of scored pages and positions
   int64_t q_page_ = 0, q_dense_ = 0, Pmax_ = 0;

@@ -256,7 +256,10 @@ def pack_layer(
                 if norm.bias is not None:
                     tensors[f"{slot}.bias"] = norm.bias.detach().contiguous()
     shared: list[torch.Tensor] = []
+    no_shared_expert = arch.moe is not None and fastpack_moe.shared_inter(arch, i) == 0  # width 0: adds 0
     for role, (_, mod) in arch.linears(i).items():
+        if no_shared_expert and role.startswith("shared_"):
+            continue
         out, inp = dims[role]
         packed = linear(mod, out, inp, bias=role in BIASED)
         if packed is None:
@@ -320,16 +323,23 @@ def _share_equal(tensors: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
 ActivationPlan = tuple[dict[tuple[int, str], torch.Tensor], dict[int, torch.Tensor]]
 
 
+def _python_only_activations(arch: Arch) -> str | None:
+    """Why activation sparsity on this architecture runs on the Python step only (None: it need not)."""
+    if arch.moe is not None:  # per-expert thresholds (activations/experts.py) on ExpertList Linears
+        return f"activation sparsity on {arch.name} (an MoE model) runs on the Python step only"
+    if arch.family.mlp_kind == "plain" or arch.family.qkv_layout == "per_head":
+        return f"activation sparsity on {arch.name} (non-gated MLP, per-head qkv) runs on the Python step only"
+    return None
+
+
 def activation_plan(model: torch.nn.Module) -> ActivationPlan | str:
     """The model's activation sites as thresholds for the fused step: ``({(layer, role): (in,) input
     threshold}, {layer: (I,) gate_act threshold})``, or why it cannot run them."""
     from sparseland.activations.sites import get_state
 
     state, arch = get_state(model), describe(model)
-    if state is not None and arch.moe is not None:
-        return f"activation sparsity on {arch.name} (an MoE model) runs on the Python step only"
-    if state is not None and (arch.family.mlp_kind == "plain" or arch.family.qkv_layout == "per_head"):
-        return f"activation sparsity on {arch.name} (non-gated MLP, per-head qkv) runs on the Python step only"
+    if state is not None and (why := _python_only_activations(arch)):
+        return why
     if state is None:
         for i in range(len(arch.blocks)):
             for name, mod in arch.linears(i).values():

@@ -11,7 +11,7 @@ def magnitude_prune_(model: torch.nn.Module, sparsity: float = 0.5, pattern: str
     """Zero the smallest-magnitude entries of every Linear weight except lm_head, in place."""
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if not isinstance(mod, torch.nn.Linear) or name.endswith("lm_head"):
+            if not isinstance(mod, torch.nn.Linear) or name.endswith("lm_head") or mod.weight.numel() == 0:
                 continue
             w = mod.weight
             if pattern:

@@ -4,11 +4,11 @@
         [--formats fp32,bf16,q4]
 
 Protocol: a random float32 Mixtral-shaped model built offline from a transformers config (hidden 512,
-8 heads of 64, 2 KV heads, ``--experts`` experts of width 1024, top-2 routing, vocab 32000, ``--layers``
-blocks). For each expert format in ``--formats`` (fp32: transformers' 3-D expert weights as they are;
-bf16: every Linear and expert projection as bf16 values; q4: the expert projections as int4-g32
-round-to-nearest, the rest bf16 -- converted in place, one after the other), the same model decodes the
-same prompt greedily with the lean loop (``greedy_generate``), fused step on and off, alternating
+8 heads of 64, 2 KV heads, ``--experts`` experts of width 1024, top-2 routing, vocab 8192, ``--layers``
+blocks; the same seed for every format). For each expert format in ``--formats`` (fp32: transformers'
+3-D expert weights as they are; bf16: every Linear and expert projection as bf16 values; q4: the expert
+projections as int4-g32 round-to-nearest, the other Linears bf16), a fresh model in that format decodes
+the same prompt greedily with the lean loop (``greedy_generate``), fused step on and off, alternating
 within each round; medians of per-token times. Reported: tok/s of each path, the fused/Python ratio,
 the path that ran, whether the two paths' tokens are equal, and the weight bytes read per token
 (attention, routers, the top-k experts' share of the expert bytes, lm_head).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,7 +48,7 @@ def build(layers: int, experts: int) -> torch.nn.Module:
         head_dim=64,
         num_local_experts=experts,
         num_experts_per_tok=2,
-        vocab_size=32000,
+        vocab_size=8192,
         num_hidden_layers=layers,
         max_position_embeddings=2048,
         pad_token_id=0,
@@ -105,8 +106,7 @@ def run_pair(model, prompt, new_tokens: int, rounds: int) -> dict:
 def convert(model, fmt: str) -> None:
     if fmt == "fp32":
         return
-    if not any(isinstance(m, SparseLinear) for m in model.modules()):
-        to_sparse_runtime_(model, format="dense", value_dtype="bfloat16")
+    to_sparse_runtime_(model, format="dense", value_dtype="bfloat16")
     experts_to_sparse_runtime_(model, format="dense" if fmt == "bf16" else fmt, value_dtype="bfloat16")
 
 
@@ -119,14 +119,15 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--formats", default="fp32,bf16,q4")
+    ap.add_argument("--out", default="moe_fused", help="results name under benchmarks/results/")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build(args.layers, args.experts)
     prompt = torch.randint(3, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    t0 = time.time()
+    t0, load = time.time(), [os.getloadavg()[0]]
     rows = []
     for fmt in args.formats.split(","):
+        model = build(args.layers, args.experts)
         convert(model, fmt)
         rows.append({"experts": fmt} | run_pair(model, prompt, args.new_tokens, args.rounds))
         print(rows[-1], flush=True)
@@ -135,16 +136,19 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "config": model.config.to_dict(),
         "rows": rows,
+        "load_average_1min": load + [os.getloadavg()[0]],  # at the start and at the end
         "seconds": time.time() - t0,
     }
     RESULTS.mkdir(exist_ok=True)
-    write_text_atomic(RESULTS / "moe_fused.json", json.dumps(out, indent=2, default=str))
+    write_text_atomic(RESULTS / f"{args.out}.json", json.dumps(out, indent=2, default=str))
     lines = [
         "# MoE (Mixtral-shaped) decode: fused C++ step vs Python step",
         "",
         f"Command: `{out['command']}` ({out['threads']} threads; {args.layers} layers, hidden 512, "
-        f"{args.experts} experts of width 1024, top-2, random weights; {args.prompt_tokens}-token prompt, "
-        f"{args.new_tokens} new tokens x {args.rounds} rounds, fused and Python alternating in each round).",
+        f"{args.experts} experts of width 1024, top-2, vocab 8192, random weights; {args.prompt_tokens}-token prompt, "
+        f"{args.new_tokens} new tokens x {args.rounds} rounds, fused and Python alternating in each round). "
+        f"Load average (1 min) {out['load_average_1min'][0]:.1f} at the start, "
+        f"{out['load_average_1min'][1]:.1f} at the end.",
         "",
         "| experts | weight MB / token | fused tok/s | Python tok/s | fused / Python | same tokens | path |",
         "|---|---|---|---|---|---|---|",
@@ -155,7 +159,7 @@ def main() -> int:
             f"{r['python_tokens_per_s']:.1f} | {r['fused_over_python']:.2f}x | {r['same_tokens']} | "
             f"{r['fused_path'][0]} / {r['python_path'][0]} |"
         )
-    write_text_atomic(RESULTS / "moe_fused.md", "\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

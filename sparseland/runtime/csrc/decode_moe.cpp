@@ -1,12 +1,14 @@
 // The fused decode step's MoE block (Mixtral, Qwen2-MoE; transformers' modeling_mixtral.py and
 // modeling_qwen2_moe.py are the reference, as the lean loop's Python step runs them). Per token x:
 //   p = softmax(Wr x) over all E experts (Wr: the router, dense float32) ;
-//   the top_k experts by p, ties to the lower index (torch.topk) ; w_j = p[e_j], divided by their sum
+//   the top_k experts by p, exact ties to the lower index ; w_j = p[e_j], divided by their sum
 //   when norm_topk (Mixtral always, Qwen2-MoE per config.norm_topk_prob) ;
 //   y = sum_j w_j Wd_j (act(Wg_j x) * Wu_j x)  [+ sigmoid(ws . x) Wd_s (act(Wg_s x) * Wu_s x): Qwen2-MoE's
 //   shared expert] ; h += mlp_out(y)
 // Every thread computes the router's E dot products and the top-k itself, the same arithmetic on the
-// same input, so all threads agree without a barrier. Then two splits, as the dense MLP: the gate/up
+// same input, so all threads agree without a barrier. torch.topk (the Python step) promises no order
+// among exactly equal values (on CPU 8 equal probabilities give experts [6, 5]), so on an exact tie --
+// e.g. an all-zero router -- the two steps may choose different experts of equal weight. Then two splits, as the dense MLP: the gate/up
 // rows of the chosen experts and the shared one as one row space [e_1 | ... | e_k | shared], then the
 // output rows of the weighted sum of their down projections. Each expert projection is one weight kind
 // (decode_lin.cpp), and only the chosen experts' weights are read.

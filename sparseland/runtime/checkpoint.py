@@ -216,7 +216,9 @@ def save_sparse_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str 
         qw = quant_state(m)
         if qw is not None:
             quantized[f"{n}.weight" if n else "weight"] = qw
-    state = model.state_dict()
+    from sparseland.runtime.experts import merged_state_dict
+
+    state = merged_state_dict(model)  # split MoE experts (activations/experts.py) as the 3-D weights again
     seen: dict[tuple[int, tuple[int, ...]], str] = {}
     aliases: dict[str, str] = {}
     records: dict[str, Any] = {}

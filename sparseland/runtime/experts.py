@@ -127,3 +127,25 @@ def experts_to_sparse_runtime_(
                 name = lst[e].weight_format.name
                 counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every ``ExpertList`` of Linears stored as transformers' 3-D
+    ``gate_up_proj`` (E, 2I, C) / ``down_proj`` (E, C, I) again, so a checkpoint of a model whose experts
+    were split (by TEAL, or ``split_experts_``) loads into the transformers class. Experts in a runtime
+    format (SparseLinear) are refused: save before ``experts_to_sparse_runtime_``."""
+    state = model.state_dict()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ExpertList):
+            continue
+        if not all(type(m) is torch.nn.Linear for lst in (mod.gate, mod.up, mod.down) for m in lst):
+            raise SparselandError(
+                f"{name} holds experts in runtime formats; save the checkpoint before experts_to_sparse_runtime_ "
+                "(the checkpoint stores float weights and the loader rebuilds the model's own experts)"
+            )
+        for key in [k for k in state if k.startswith(f"{name}.")]:
+            del state[key]
+        gu = [torch.cat([g.weight, u.weight]) for g, u in zip(mod.gate, mod.up, strict=True)]
+        state[f"{name}.gate_up_proj"] = torch.stack(gu).detach()
+        state[f"{name}.down_proj"] = torch.stack([d.weight for d in mod.down]).detach()
+    return state

@@ -224,3 +224,23 @@ def test_split_experts_pruned_as_linears():
         for lin in [*ex.gate, *ex.up, *ex.down]:
             assert abs(float((lin.weight == 0).float().mean()) - 0.5) < 0.01
         assert not bool((layer.mlp.gate.weight == 0).any())
+
+
+def test_checkpoint_of_split_experts_loads_as_transformers_experts(tmp_path):
+    """A model whose experts TEAL split saves them as the 3-D weights; the loaded model's logits equal."""
+    from sparseland.runtime import load_sparse_checkpoint, save_sparse_checkpoint
+    from sparseland.runtime.experts import split_experts_
+
+    model = make_tiny("mixtral", seed=13)
+    split_experts_(model)
+    ids = prompt(1, 6)
+    with torch.no_grad():
+        want = model(ids).logits
+    save_sparse_checkpoint(model, None, tmp_path / "ck", metadata={})
+    loaded = load_sparse_checkpoint(tmp_path / "ck")[0]
+    assert not isinstance(loaded.model.layers[0].mlp.experts, ExpertList)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
+    experts_to_sparse_runtime_(model)
+    with pytest.raises(Exception, match="before experts_to_sparse_runtime_"):
+        save_sparse_checkpoint(model, None, tmp_path / "ck2", metadata={})

@@ -35,6 +35,7 @@
 #include <string>
 
 #include "common.h"
+#include "qmatvec.h"
 
 namespace sparseland {
 namespace {
@@ -542,6 +543,56 @@ SPARSELAND_Q512 void convert_scales512(const at::Half* scale, const at::Half* of
   }
 }
 
+// Several vectors (prefill), AVX-512: a row expanded once to one code byte per column (the fill, 8 if SYM, in
+// pruned columns; asymmetric: also a kept byte per column), then each vector takes one vpdpbusd per 64 columns
+// (two if asymmetric) with no expansion. codes: the row's kept codes unpacked; dense / kept: in + 64 bytes.
+template <bool SYM>
+SPARSELAND_Q512 void expand_row512(const uint8_t* mrow, const uint8_t* cu, int64_t in, uint8_t* dense, uint8_t* kept) {
+  int64_t pos = 0;
+  for (int64_t c = 0; c < in; c += 64) {
+    const uint64_t k = mask64(mrow, c, in);
+    const __m512i raw = _mm512_loadu_si512(cu + pos);
+    _mm512_storeu_si512(dense + c, SYM ? _mm512_mask_expand_epi8(_mm512_set1_epi8(8), k, raw)
+                                       : _mm512_maskz_expand_epi8(k, raw));
+    if (!SYM) _mm512_storeu_si512(kept + c, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)));
+    pos += _mm_popcnt_u64(k);
+  }
+}
+
+template <bool G32, bool SYM>
+SPARSELAND_Q512 float dense_dot512(const uint8_t* dense, const uint8_t* kept, const float* d, const float* m, int gshift,
+                                   const int8_t* xq, const float* xs, int64_t in, const float* gsum) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const float* l64 = lanes64(xs, in);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t c = 0; c < in; c += 64) {  // past `in`: fill or 0 codes against zero x padding
+    const __m512i xv = _mm512_loadu_si512(xq + c);
+    const __m512i q = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(dense + c), xv);
+    const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
+    const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
+    if constexpr (SYM) {
+      acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), sl), dl, acc0);
+    } else {
+      const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(kept + c), xv);
+      const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
+      acc1 = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl, acc1);
+    }
+  }
+  const float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  return SYM ? r - 8.0f * dot_groups(d, gsum, in >> gshift) : r;
+}
+
+inline float dense_dot512(bool sym, const Scratch& S, int gs, const int8_t* xq, const float* xs, int64_t in,
+                          const float* gsum) {
+  const uint8_t *dn = S.dense.data(), *kp = S.kept.data();
+  const float *d = S.d.data(), *m = S.m.data();
+  if (gs == 5) return sym ? dense_dot512<true, true>(dn, kp, d, m, gs, xq, xs, in, gsum)
+                          : dense_dot512<true, false>(dn, kp, d, m, gs, xq, xs, in, gsum);
+  return sym ? dense_dot512<false, true>(dn, kp, d, m, gs, xq, xs, in, gsum)
+             : dense_dot512<false, false>(dn, kp, d, m, gs, xq, xs, in, gsum);
+}
+
 // One row of either format on the AVX-512 path; sym: the symmetric kernels (fill / joined offset).
 inline float row_dot512(bool nm, bool sym, const uint8_t* mrow, const uint8_t* prow, const Scratch& S, int gs,
                         const int8_t* xq, const float* xs, int64_t in, const float* gsum) {
@@ -594,10 +645,10 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
   const int isa = quant_isa();
   Scratch& S = scratch(in);
   bool ok = true;
-  // Unless qsparse_set_fill_kernels(false): symmetric schemes take the fill kernels; AVX2 with several
-  // vectors every row is expanded once (expand_row_avx2) and dotted with each vector.
+  // Unless qsparse_set_fill_kernels(false): symmetric schemes take the fill kernels; with several vectors
+  // every row is expanded once (expand_row_avx2 / expand_row512) and dotted with each vector.
   const bool on = g_fill_kernels.load(std::memory_order_relaxed), sym = offset == nullptr;
-  const bool fill = on && sym, expand_once = on && isa == kAvx2 && B > 1;
+  const bool fill = on && sym, expand_once = on && B > 1;
   if (fill) {  // per vector: S_G for the offset term
     const int64_t gstride = G + 8;
     if ((int64_t)S.gsum.size() < B * gstride) S.gsum.assign(B * gstride, 0.0f);
@@ -607,7 +658,9 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
     if (r + kAhead < r1) prefetch_row(mask, row_ptr, codes, scale, offset, in, G, r + kAhead);
     const uint8_t* mrow = mask + r * in8;
     const uint8_t* prow = nm ? codes + r * (in / 4) : nullptr;
-    if (nm && isa == kAvx512) {  // full chunks are unpacked in registers; only the partial last one here
+    if (nm && isa == kAvx512 && expand_once) {
+      unpack_codes512(prow, in / 2, S.codes.data());
+    } else if (nm && isa == kAvx512) {  // full chunks are unpacked in registers; only the partial last one here
       const int64_t full = in / 128;
       unpack_codes512(prow + 32 * full, (in % 128) / 2, S.codes.data() + 64 * full);
     } else if (nm) {
@@ -624,14 +677,18 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
     }
     if (isa == kAvx512) convert_scales512(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
     else convert_scales(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
-    if (expand_once && nm) expand_row_avx2<true>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
-    if (expand_once && !nm) expand_row_avx2<false>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
+    if (expand_once && isa == kAvx512 && sym) expand_row512<true>(mrow, S.codes.data(), in, S.dense.data(), S.kept.data());
+    else if (expand_once && isa == kAvx512) expand_row512<false>(mrow, S.codes.data(), in, S.dense.data(), S.kept.data());
+    else if (expand_once && nm) expand_row_avx2<true>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
+    else if (expand_once) expand_row_avx2<false>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
     for (int64_t b = 0; b < B; ++b) {
       const int8_t* xq = X.q + b * X.q_stride;
       const float* xs = X.s + b * X.s_stride;
       const float* gsum = fill ? S.gsum.data() + b * (G + 8) : nullptr;
       float v;
-      if (expand_once && sym)
+      if (expand_once && isa == kAvx512)
+        v = dense_dot512(sym, S, gs, xq, xs, in, gsum);
+      else if (expand_once && sym)
         v = dense_dot_sym_avx2(S.dense.data(), S.d.data(), gs, xq, xs, in, gsum);
       else if (expand_once)
         v = dense_dot_asym_avx2(S.dense.data(), S.kept.data(), S.d.data(), S.m.data(), gs, xq, xs, in);
@@ -699,9 +756,40 @@ struct XBuf {
 // Rows per parallel chunk; vectors per pass (each pass unpacks a row once and dots it with this many x).
 constexpr int64_t kGrain = 16, kBatch = 8;
 
+// Symmetric weights with many vectors (prefill): the whole weight as a dense Q4 weight (pruned columns get
+// code 8, value d (8 - 8) = 0; llama.cpp's block order, qmatvec.h), then the dense kernel's multi-vector
+// tiles, which unpack each weight block once for 8 vectors (AVX-512) where the sparse rows cannot.
+constexpr int64_t kDenseB = 8;
+
+at::Tensor sym_as_dense_q4(const uint8_t* M, const int64_t* R, const uint8_t* C, const Shape& sh) {
+  auto dense = at::empty({sh.out, sh.in / 2}, at::kByte);
+  uint8_t* D = dense.data_ptr<uint8_t>();
+  const int isa = quant_isa();
+  parallel_rows(sh.out, kGrain, [&](int64_t r0, int64_t r1) {
+    Scratch& S = scratch(sh.in);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* mrow = M + r * (sh.in / 8);
+      if (R) unpack_codes(C + R[r], popcount_row(mrow, sh.in / 8), S.codes.data());
+      else unpack_codes(C + r * (sh.in / 4), sh.in / 2, S.codes.data());
+      if (isa == kAvx512) expand_row512<true>(mrow, S.codes.data(), sh.in, S.dense.data(), S.kept.data());
+      else if (R) expand_row_avx2<false>(mrow, S.codes.data(), sh.in, true, S.dense.data(), S.kept.data());
+      else expand_row_avx2<true>(mrow, S.codes.data(), sh.in, true, S.dense.data(), S.kept.data());
+      for (int64_t k = 0; k < sh.in / XB; ++k) {  // 32 codes -> 16 bytes: low nibble j, high nibble j + 16
+        const uint8_t* e = S.dense.data() + XB * k;
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e + 16));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(D + r * (sh.in / 2) + 16 * k), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+      }
+    }
+  });
+  return dense;
+}
+
 at::Tensor run_mm(const uint8_t* M, const int64_t* R, const uint8_t* C, const at::Tensor& scale,
                   const std::optional<at::Tensor>& offset, const at::Tensor& x, const Shape& sh) {
   const int64_t B = x.size(0);
+  if (!offset.has_value() && B >= kDenseB && g_fill_kernels.load(std::memory_order_relaxed))
+    return q4_mm(sym_as_dense_q4(M, R, C, sh), scale, std::nullopt, sh.group, x);
   auto y = at::empty({B, sh.out}, x.options());
   if (B == 0 || sh.out == 0) return y;
   XBuf X(x, sh.in);

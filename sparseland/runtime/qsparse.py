@@ -114,7 +114,10 @@ def quantize_x_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xb = x.float().reshape(B, n // XBLOCK, XBLOCK)
     amax = xb.abs().amax(-1)  # (B, nb)
     s = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
+    # a true division, as the kernels do (torch turns `127.0 / t` into 127 * reciprocal(t), which can be one ulp
+    # off and flip a round-half-even tie such as 60.5)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / safe, torch.zeros_like(amax))
     xq = torch.round(xb * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return xq.reshape(B, n), s
 

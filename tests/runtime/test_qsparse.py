@@ -336,11 +336,16 @@ def test_malformed_inputs_are_rejected():
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("batch", [1, 6])
 @pytest.mark.parametrize("nm", [False, True])
-def test_fill_kernels_agree_with_the_per_step_kernels(batch, nm):
-    """The AVX2 symmetric fill kernels (no sum_kept xq per step) and the expand-once path for several vectors
-    compute the same products as the per-step kernels they replace, each within the tight reference bound."""
+def test_fill_kernels_agree_with_the_per_step_kernels(batch, nm, isa):
+    """The symmetric kernels (AVX2 and AVX-512 bitmask: pruned columns filled with code 8, no sum_kept xq per
+    step; AVX-512 N:M: the offset joined into the integer dot) and the AVX2 expand-once path for several
+    vectors compute the same products as the per-step kernels they replace, each within the tight reference
+    bound."""
+    if isa not in _isas():
+        pytest.skip("no AVX-512 VNNI/VBMI2")
     inp = 4 * 128 + 32  # a 32-column tail step
     if nm:
         f = qs.Q4NMFormat.from_dense(_nm_pruned(37, inp, 2, 4, seed=3), _scheme(32, True))
@@ -352,8 +357,34 @@ def test_fill_kernels_agree_with_the_per_step_kernels(batch, nm):
     for on in (True, False):
         prev = torch.ops.sparseland.qsparse_set_fill_kernels(on)
         try:
-            ys[on] = _run(f, x, "avx2", 1)
+            ys[on] = _run(f, x, isa, 1)
         finally:
             torch.ops.sparseland.qsparse_set_fill_kernels(prev)
         _check_against_refs(f, x, ys[on])
-    assert not torch.equal(ys[True], ys[False])  # the switch really changes the path (float order differs)
+    if isa == "avx2" or not nm:  # AVX-512 N:M: (q - 8 s) d and q d - 8 s d are often the same floats
+        assert not torch.equal(ys[True], ys[False])  # the switch really changes the path (float order differs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("nm", [False, True])
+@pytest.mark.parametrize("group", [32, 128])
+def test_symmetric_prefill_through_the_dense_q4_kernel(isa, nm, group):
+    """With 8 or more vectors a symmetric sparse weight runs as a dense Q4 weight (pruned columns code 8, value
+    0) through the dense kernel's tiles: within the tight reference bound, and the same as the dense Q4 format of
+    the same dense weight (to float summation order)."""
+    if isa not in _isas():
+        pytest.skip("no AVX-512 VNNI/VBMI2")
+    inp = 3 * 128 + (32 if group == 32 else 0)
+    w = _nm_pruned(45, inp, 2, 4, seed=11) if nm else _pruned(45, inp, 0.4, 11)
+    f = (
+        qs.Q4NMFormat.from_dense(w, _scheme(group, True))
+        if nm
+        else qs.Q4BitmaskFormat.from_dense(w, _scheme(group, True))
+    )
+    x = torch.randn(13, inp, generator=torch.Generator().manual_seed(12))
+    x[:, 3] *= 50.0
+    y = _run(f, x, isa, 2)
+    _check_against_refs(f, x, y)
+    per_vector = torch.cat([_run(f, x[i : i + 1], isa, 1) for i in range(x.shape[0])])
+    assert torch.allclose(y, per_vector, rtol=1e-5, atol=1e-4)

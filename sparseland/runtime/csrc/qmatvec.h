@@ -27,6 +27,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <cstdint>
+#include <optional>
 
 namespace sparseland {
 
@@ -36,6 +37,9 @@ void q4_mv(const uint8_t* codes, const at::Half* scale, const at::Half* offset /
 // codes (out, in) int8 (code - 128), scale (out,) float16 (group 0) or (out, in/group) (group 32, 64, 128).
 void q8_mv(const int8_t* codes, const at::Half* scale, int64_t in, int64_t group, const float* x, float* y, int64_t r0,
            int64_t r1);
+
+// The q4_mm op (qdense.cpp): x (B, in) float32 -> (B, out) for a Q4 weight, also called by qsparse.cpp.
+at::Tensor q4_mm(at::Tensor codes, at::Tensor scale, std::optional<at::Tensor> offset, int64_t group, at::Tensor x);
 
 // "avx512vnni" or "avx2": the path q4_mv / q8_mv / the q4_mm / q8_mm ops take in this process.
 const char* quant_isa_name();

@@ -14,8 +14,11 @@
 //     as is: lanes 0-7 are x block 0, 8-15 block 1. Here all vector work is per column (64 per step at any
 //     density), so higher sparsity saves only bytes and code unpacking: the kernel is compute-bound on
 //     Zen 4 and 50% vs 70% sparsity differ little (benchmarks/results/qsparse.md).
-//   Both: a second vpdpbusd (ones at kept columns) gives sum_kept xq for the offset term, then
+//   Both, asymmetric: a second vpdpbusd (ones at kept columns) gives sum_kept xq for the offset term, then
 //     acc += (d * Q + m * S) * s per lane (d, m, s permuted to the lanes' group / block).
+//   Symmetric (m = -8 d): q4bitmask expands with code 8 in the pruned columns (value 0 after the -8 d
+//     offset), so one vpdpbusd per step and the offset term is -8 sum_G d_G S_G once per row (S_G: x's
+//     group sums, once per call); q4nm subtracts 8 S in the integer lanes before the one conversion.
 // AVX2 (+FMA, F16C), both formats, 32 columns (one x block) per step: vpshufb expands the kept codes
 //   to their columns from a 256-entry table of 8 byte indices per mask byte, vpmaddubsw + vpmaddwd
 //   with xq, the same for sum_kept xq, then acc += Q * (d s) + S * (m s).
@@ -32,6 +35,7 @@
 #include <string>
 
 #include "common.h"
+#include "qmatvec.h"
 
 namespace sparseland {
 namespace {
@@ -54,8 +58,9 @@ bool cpu_has_avx512() {
 }
 
 std::atomic<int> g_isa{-1};  // -1: not chosen yet
-// The AVX2 fill kernels (symmetric schemes) and expand-once rows (several vectors) are on unless this is off:
-// an ablation switch for benchmarks/bench_qsparse.py, which then runs the per-step kernels they replace.
+// The symmetric kernels (AVX2 and AVX-512: fill / joined offset) and the AVX2 expand-once rows (several vectors)
+// are on unless this is off: an ablation switch for benchmarks/bench_qsparse.py, which then runs the per-step
+// kernels they replace.
 std::atomic<bool> g_fill_kernels{true};
 
 int quant_isa() {
@@ -411,18 +416,23 @@ inline uint64_t mask64(const uint8_t* mrow, int64_t c, int64_t in) {
 // One 64-column step by expansion: codes[pos..] (count popcount(k)) to their columns, dot with xq[c..].
 // Returns acc + the step's lanes (d Q + m S) * s; lanes 0-7 are x block c/32, lanes 8-15 block c/32 + 1.
 // G32: group of 32 columns (lanes 0-7 and 8-15 have their own d, m), else one d, m broadcast.
-template <bool G32>
+// SYM (m = -8 d): pruned columns are filled with code 8 instead of 0, so the step is d Q over all 64 columns
+// and the offset term, -8 sum_G d_G S_G with S_G the x sum of group G, is the same for every row (the
+// caller subtracts it once per row): no second dot product for sum_kept xq.
+template <bool G32, bool SYM>
 SPARSELAND_Q512 inline __m512 step64_expand(uint64_t k, const uint8_t* cu, const float* d, const float* m,
                                             const int8_t* xq, const float* l64, int64_t c, int gshift, __m512 acc) {
   const __m512i zero = _mm512_setzero_si512();
   const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i cv = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(cu));
+  const __m512i raw = _mm512_loadu_si512(cu);
+  const __m512i cv = SYM ? _mm512_mask_expand_epi8(_mm512_set1_epi8(8), k, raw) : _mm512_maskz_expand_epi8(k, raw);
   const __m512i xv = _mm512_loadu_si512(xq + c);
   const __m512i q = _mm512_dpbusd_epi32(zero, cv, xv);
-  const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)), xv);
   const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
-  const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
   const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
+  if constexpr (SYM) return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), sl), dl, acc);
+  const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)), xv);
+  const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
   return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl, acc);
 }
 
@@ -431,9 +441,10 @@ SPARSELAND_Q512 inline __m512i lane_groups(__m512i col_off, int gshift) {
   return _mm512_srlv_epi32(col_off, _mm512_set1_epi32(gshift));
 }
 
-template <bool G32>
+// gsum (SYM only): the x sums of the row's groups, S_G (group_sums).
+template <bool G32, bool SYM>
 SPARSELAND_Q512 float row_dot_bitmask512(const uint8_t* mrow, const uint8_t* cu, const float* d, const float* m,
-                                         int gshift, const int8_t* xq, const float* xs, int64_t in) {
+                                         int gshift, const int8_t* xq, const float* xs, int64_t in, const float* gsum) {
   const float* l64 = lanes64(xs, in);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t pos = 0, c = 0;
@@ -442,20 +453,23 @@ SPARSELAND_Q512 float row_dot_bitmask512(const uint8_t* mrow, const uint8_t* cu,
     std::memcpy(&k0, mrow + c / 8, 8);
     std::memcpy(&k1, mrow + c / 8 + 8, 8);
     const int64_t p1 = pos + _mm_popcnt_u64(k0);
-    acc0 = step64_expand<G32>(k0, cu + pos, d, m, xq, l64, c, gshift, acc0);
-    acc1 = step64_expand<G32>(k1, cu + p1, d, m, xq, l64, c + 64, gshift, acc1);
+    acc0 = step64_expand<G32, SYM>(k0, cu + pos, d, m, xq, l64, c, gshift, acc0);
+    acc1 = step64_expand<G32, SYM>(k1, cu + p1, d, m, xq, l64, c + 64, gshift, acc1);
     pos = p1 + _mm_popcnt_u64(k1);
   }
   for (; c < in; c += 64) {
     const uint64_t k = mask64(mrow, c, in);
-    acc0 = step64_expand<G32>(k, cu + pos, d, m, xq, l64, c, gshift, acc0);
+    acc0 = step64_expand<G32, SYM>(k, cu + pos, d, m, xq, l64, c, gshift, acc0);
     pos += _mm_popcnt_u64(k);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  const float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  return SYM ? r - 8.0f * dot_groups(d, gsum, in >> gshift) : r;
 }
 
 // prow: the row's packed codes (full 64-code chunks are unpacked here, in registers); cu: unpacked codes,
-// only the last partial chunk (codes from (in / 128) * 64 on) is read from it.
+// only the last partial chunk (codes from (in / 128) * 64 on) is read from it. SYM (m = -8 d): the offset
+// term joins the integer dot, d (Q - 8 S), one conversion per step; gsum is unused (the kept set is per row).
+template <bool SYM>
 SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* prow, const uint8_t* cu, const float* d,
                                     const float* m, int gshift, const int8_t* xq, const float* xs, int64_t in) {
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
@@ -478,18 +492,44 @@ SPARSELAND_Q512 float row_dot_nm512(const uint8_t* mrow, const uint8_t* prow, co
     const __m512i q = _mm512_dpbusd_epi32(zero, cv, xc);
     const __m512i s = _mm512_dpbusd_epi32(zero, ones, xc);
     const __m512 dl = _mm512_permutexvar_ps(gidx4, _mm512_loadu_ps(d + (c >> gshift)));
-    const __m512 ml = _mm512_permutexvar_ps(gidx4, _mm512_loadu_ps(m + (c >> gshift)));
     const __m512 sl = _mm512_loadu_ps(l128 + 16 * (c / 128));
-    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml));
+    __m512 t;
+    if constexpr (SYM) {
+      t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_slli_epi32(s, 3))), dl);
+    } else {
+      const __m512 ml = _mm512_permutexvar_ps(gidx4, _mm512_loadu_ps(m + (c >> gshift)));
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml));
+    }
     if ((c / 128) & 1) acc1 = _mm512_fmadd_ps(t, sl, acc1);
     else acc0 = _mm512_fmadd_ps(t, sl, acc0);
   }
   // the last 32, 64 or 96 columns: expansion steps (4 kept per mask byte: codes from c / 2)
   const float* l64 = lanes64(xs, in);
   for (; c < in; c += 64)
-    acc0 = gshift == 5 ? step64_expand<true>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, 5, acc0)
-                       : step64_expand<false>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, gshift, acc0);
+    acc0 = gshift == 5 ? step64_expand<true, false>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, 5, acc0)
+                       : step64_expand<false, false>(mask64(mrow, c, in), cu + c / 2, d, m, xq, l64, c, gshift, acc0);
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// unpack_codes with 64-byte loads: two full 64-code chunks (128 codes) per step, then a chunk at a time with
+// masked loads (same result, same bytes read and written).
+SPARSELAND_Q512 void unpack_codes512(const uint8_t* src, int64_t n, uint8_t* dst) {
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  const __m512i first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11), second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    const __m512i v = _mm512_loadu_si512(src + i / 2);
+    const __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+    _mm512_storeu_si512(dst + i, _mm512_permutex2var_epi64(lo, first, hi));
+    _mm512_storeu_si512(dst + i + 64, _mm512_permutex2var_epi64(lo, second, hi));
+  }
+  const __m256i lo4y = _mm256_set1_epi8(0x0F);
+  for (; i < n; i += 64) {  // the rest, a chunk at a time (a masked load for the short last one)
+    const int64_t cnt = std::min<int64_t>(64, n - i), h = (cnt + 1) / 2;
+    const __m256i v = _mm256_maskz_loadu_epi8(_bzhi_u32(~0u, static_cast<unsigned>(h)), src + i / 2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_and_si256(v, lo4y));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + h), _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4y));
+  }
 }
 
 // convert_scales with masked loads instead of a scalar tail.
@@ -503,9 +543,88 @@ SPARSELAND_Q512 void convert_scales512(const at::Half* scale, const at::Half* of
   }
 }
 
+// Several vectors (prefill), AVX-512: a row expanded once to one code byte per column (the fill, 8 if SYM, in
+// pruned columns; asymmetric: also a kept byte per column), then each vector takes one vpdpbusd per 64 columns
+// (two if asymmetric) with no expansion. codes: the row's kept codes unpacked; dense / kept: in + 64 bytes.
+template <bool SYM>
+SPARSELAND_Q512 void expand_row512(const uint8_t* mrow, const uint8_t* cu, int64_t in, uint8_t* dense, uint8_t* kept) {
+  int64_t pos = 0;
+  for (int64_t c = 0; c < in; c += 64) {
+    const uint64_t k = mask64(mrow, c, in);
+    const __m512i raw = _mm512_loadu_si512(cu + pos);
+    _mm512_storeu_si512(dense + c, SYM ? _mm512_mask_expand_epi8(_mm512_set1_epi8(8), k, raw)
+                                       : _mm512_maskz_expand_epi8(k, raw));
+    if (!SYM) _mm512_storeu_si512(kept + c, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)));
+    pos += _mm_popcnt_u64(k);
+  }
+}
+
+template <bool G32, bool SYM>
+SPARSELAND_Q512 float dense_dot512(const uint8_t* dense, const uint8_t* kept, const float* d, const float* m, int gshift,
+                                   const int8_t* xq, const float* xs, int64_t in, const float* gsum) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const float* l64 = lanes64(xs, in);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t c = 0; c < in; c += 64) {  // past `in`: fill or 0 codes against zero x padding
+    const __m512i xv = _mm512_loadu_si512(xq + c);
+    const __m512i q = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(dense + c), xv);
+    const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
+    const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
+    if constexpr (SYM) {
+      acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), sl), dl, acc0);
+    } else {
+      const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(kept + c), xv);
+      const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
+      acc1 = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl, acc1);
+    }
+  }
+  const float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  return SYM ? r - 8.0f * dot_groups(d, gsum, in >> gshift) : r;
+}
+
+inline float dense_dot512(bool sym, const Scratch& S, int gs, const int8_t* xq, const float* xs, int64_t in,
+                          const float* gsum) {
+  const uint8_t *dn = S.dense.data(), *kp = S.kept.data();
+  const float *d = S.d.data(), *m = S.m.data();
+  if (gs == 5) return sym ? dense_dot512<true, true>(dn, kp, d, m, gs, xq, xs, in, gsum)
+                          : dense_dot512<true, false>(dn, kp, d, m, gs, xq, xs, in, gsum);
+  return sym ? dense_dot512<false, true>(dn, kp, d, m, gs, xq, xs, in, gsum)
+             : dense_dot512<false, false>(dn, kp, d, m, gs, xq, xs, in, gsum);
+}
+
+// One row of either format on the AVX-512 path; sym: the symmetric kernels (fill / joined offset).
+inline float row_dot512(bool nm, bool sym, const uint8_t* mrow, const uint8_t* prow, const Scratch& S, int gs,
+                        const int8_t* xq, const float* xs, int64_t in, const float* gsum) {
+  const uint8_t* cu = S.codes.data();
+  const float *d = S.d.data(), *m = S.m.data();
+  if (nm) return sym ? row_dot_nm512<true>(mrow, prow, cu, d, m, gs, xq, xs, in)
+                     : row_dot_nm512<false>(mrow, prow, cu, d, m, gs, xq, xs, in);
+  if (gs == 5) return sym ? row_dot_bitmask512<true, true>(mrow, cu, d, m, gs, xq, xs, in, gsum)
+                          : row_dot_bitmask512<true, false>(mrow, cu, d, m, gs, xq, xs, in, gsum);
+  return sym ? row_dot_bitmask512<false, true>(mrow, cu, d, m, gs, xq, xs, in, gsum)
+             : row_dot_bitmask512<false, false>(mrow, cu, d, m, gs, xq, xs, in, gsum);
+}
+
 // ---- row loops ----------------------------------------------------------------------------------------
 
 inline int group_shift(int64_t group) { return group == 32 ? 5 : (group == 64 ? 6 : 7); }
+
+// Software prefetch of row r's mask, codes and scales (the kernels run `kAhead` rows behind): a row is unpacked
+// and then dotted, so without it each row's first touch waits on memory and the loads never overlap the math.
+constexpr int64_t kAhead = 6;
+inline void prefetch_bytes(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+inline void prefetch_row(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, const at::Half* scale,
+                         const at::Half* offset, int64_t in, int64_t G, int64_t r) {
+  prefetch_bytes(mask + r * (in / 8), in / 8);
+  if (row_ptr) prefetch_bytes(codes + row_ptr[r], row_ptr[r + 1] - row_ptr[r]);
+  else prefetch_bytes(codes + r * (in / 4), in / 4);
+  prefetch_bytes(scale + r * G, G * 2);
+  if (offset) prefetch_bytes(offset + r * G, G * 2);
+}
 
 // Quantized x vectors: xq (B, xq_stride) int8 and xs (B, xs_stride) fp32.
 struct XQ {
@@ -526,21 +645,24 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
   const int isa = quant_isa();
   Scratch& S = scratch(in);
   bool ok = true;
-  // AVX2 (unless qsparse_set_fill_kernels(false)): symmetric schemes take the fill kernels; with several
-  // vectors every row is expanded once (expand_row_avx2) and dotted with each vector.
+  // Unless qsparse_set_fill_kernels(false): symmetric schemes take the fill kernels; with several vectors
+  // every row is expanded once (expand_row_avx2 / expand_row512) and dotted with each vector.
   const bool on = g_fill_kernels.load(std::memory_order_relaxed), sym = offset == nullptr;
-  const bool fill = on && isa == kAvx2 && sym, expand_once = on && isa == kAvx2 && B > 1;
+  const bool fill = on && sym, expand_once = on && B > 1;
   if (fill) {  // per vector: S_G for the offset term
     const int64_t gstride = G + 8;
     if ((int64_t)S.gsum.size() < B * gstride) S.gsum.assign(B * gstride, 0.0f);
     for (int64_t b = 0; b < B; ++b) group_sums(X.s + b * X.s_stride, in, gs, S.gsum.data() + b * gstride);
   }
   for (int64_t r = r0; r < r1; ++r) {
+    if (r + kAhead < r1) prefetch_row(mask, row_ptr, codes, scale, offset, in, G, r + kAhead);
     const uint8_t* mrow = mask + r * in8;
     const uint8_t* prow = nm ? codes + r * (in / 4) : nullptr;
-    if (nm && isa == kAvx512) {  // full chunks are unpacked in registers; only the partial last one here
+    if (nm && isa == kAvx512 && expand_once) {
+      unpack_codes512(prow, in / 2, S.codes.data());
+    } else if (nm && isa == kAvx512) {  // full chunks are unpacked in registers; only the partial last one here
       const int64_t full = in / 128;
-      unpack_codes(prow + 32 * full, (in % 128) / 2, S.codes.data() + 64 * full);
+      unpack_codes512(prow + 32 * full, (in % 128) / 2, S.codes.data() + 64 * full);
     } else if (nm) {
       unpack_codes(prow, in / 2, S.codes.data());
     } else {
@@ -550,28 +672,31 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
         for (int64_t b = 0; b < B; ++b) y[b * y_stride + r] = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
-      unpack_codes(codes + row_ptr[r], n, S.codes.data());
+      if (isa == kAvx512) unpack_codes512(codes + row_ptr[r], n, S.codes.data());
+      else unpack_codes(codes + row_ptr[r], n, S.codes.data());
     }
     if (isa == kAvx512) convert_scales512(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
     else convert_scales(scale + r * G, offset ? offset + r * G : nullptr, G, S.d.data(), S.m.data());
-    if (expand_once && nm) expand_row_avx2<true>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
-    if (expand_once && !nm) expand_row_avx2<false>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
+    if (expand_once && isa == kAvx512 && sym) expand_row512<true>(mrow, S.codes.data(), in, S.dense.data(), S.kept.data());
+    else if (expand_once && isa == kAvx512) expand_row512<false>(mrow, S.codes.data(), in, S.dense.data(), S.kept.data());
+    else if (expand_once && nm) expand_row_avx2<true>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
+    else if (expand_once) expand_row_avx2<false>(mrow, S.codes.data(), in, sym, S.dense.data(), S.kept.data());
     for (int64_t b = 0; b < B; ++b) {
       const int8_t* xq = X.q + b * X.q_stride;
       const float* xs = X.s + b * X.s_stride;
       const float* gsum = fill ? S.gsum.data() + b * (G + 8) : nullptr;
       float v;
-      if (expand_once && sym)
+      if (expand_once && isa == kAvx512)
+        v = dense_dot512(sym, S, gs, xq, xs, in, gsum);
+      else if (expand_once && sym)
         v = dense_dot_sym_avx2(S.dense.data(), S.d.data(), gs, xq, xs, in, gsum);
       else if (expand_once)
         v = dense_dot_asym_avx2(S.dense.data(), S.kept.data(), S.d.data(), S.m.data(), gs, xq, xs, in);
-      else if (fill)
+      else if (fill && isa == kAvx2)
         v = nm ? row_dot_sym_avx2<true>(mrow, S.codes.data(), S.d.data(), gs, xq, xs, in, gsum)
                : row_dot_sym_avx2<false>(mrow, S.codes.data(), S.d.data(), gs, xq, xs, in, gsum);
       else if (isa == kAvx512)
-        v = nm ? row_dot_nm512(mrow, prow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
-               : (gs == 5 ? row_dot_bitmask512<true>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in)
-                          : row_dot_bitmask512<false>(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in));
+        v = row_dot512(nm, sym && on, mrow, prow, S, gs, xq, xs, in, gsum);
       else
         v = row_dot_avx2(mrow, S.codes.data(), S.d.data(), S.m.data(), gs, xq, xs, in);
       y[b * y_stride + r] = v;
@@ -631,9 +756,40 @@ struct XBuf {
 // Rows per parallel chunk; vectors per pass (each pass unpacks a row once and dots it with this many x).
 constexpr int64_t kGrain = 16, kBatch = 8;
 
+// Symmetric weights with many vectors (prefill): the whole weight as a dense Q4 weight (pruned columns get
+// code 8, value d (8 - 8) = 0; llama.cpp's block order, qmatvec.h), then the dense kernel's multi-vector
+// tiles, which unpack each weight block once for 8 vectors (AVX-512) where the sparse rows cannot.
+constexpr int64_t kDenseB = 8;
+
+at::Tensor sym_as_dense_q4(const uint8_t* M, const int64_t* R, const uint8_t* C, const Shape& sh) {
+  auto dense = at::empty({sh.out, sh.in / 2}, at::kByte);
+  uint8_t* D = dense.data_ptr<uint8_t>();
+  const int isa = quant_isa();
+  parallel_rows(sh.out, kGrain, [&](int64_t r0, int64_t r1) {
+    Scratch& S = scratch(sh.in);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* mrow = M + r * (sh.in / 8);
+      if (R) unpack_codes(C + R[r], popcount_row(mrow, sh.in / 8), S.codes.data());
+      else unpack_codes(C + r * (sh.in / 4), sh.in / 2, S.codes.data());
+      if (isa == kAvx512) expand_row512<true>(mrow, S.codes.data(), sh.in, S.dense.data(), S.kept.data());
+      else if (R) expand_row_avx2<false>(mrow, S.codes.data(), sh.in, true, S.dense.data(), S.kept.data());
+      else expand_row_avx2<true>(mrow, S.codes.data(), sh.in, true, S.dense.data(), S.kept.data());
+      for (int64_t k = 0; k < sh.in / XB; ++k) {  // 32 codes -> 16 bytes: low nibble j, high nibble j + 16
+        const uint8_t* e = S.dense.data() + XB * k;
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e + 16));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(D + r * (sh.in / 2) + 16 * k), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+      }
+    }
+  });
+  return dense;
+}
+
 at::Tensor run_mm(const uint8_t* M, const int64_t* R, const uint8_t* C, const at::Tensor& scale,
                   const std::optional<at::Tensor>& offset, const at::Tensor& x, const Shape& sh) {
   const int64_t B = x.size(0);
+  if (!offset.has_value() && B >= kDenseB && g_fill_kernels.load(std::memory_order_relaxed))
+    return q4_mm(sym_as_dense_q4(M, R, C, sh), scale, std::nullopt, sh.group, x);
   auto y = at::empty({B, sh.out}, x.options());
   if (B == 0 || sh.out == 0) return y;
   XBuf X(x, sh.in);
@@ -716,7 +872,7 @@ std::string qsparse_set_isa(std::string isa) {
 
 std::string qsparse_isa() { return quant_isa() == kAvx512 ? "avx512" : "avx2"; }
 
-// Turn the AVX2 fill / expand-once kernels on or off (benchmarks only); returns the previous setting.
+// Turn the symmetric (fill) and AVX2 expand-once kernels on or off (benchmarks only); returns the previous setting.
 bool qsparse_set_fill_kernels(bool on) { return g_fill_kernels.exchange(on); }
 
 }  // namespace sparseland

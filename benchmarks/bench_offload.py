@@ -80,7 +80,7 @@ def _child(case: str, args: argparse.Namespace, out: Path) -> dict:
 
             report = prune_distributed(path, cfg, out, calib, num_workers=2, calib_batch=1, progress=True)
         else:
-            report = prune_offload(path, cfg, out, calib, calib_batch=1, progress=True)
+            report = prune_offload(path, cfg, out, calib, calib_batch=1, progress=True, resume=args.resume is not None)
         bs = report.block_seconds
         rec = {
             "method": f"{cfg.kind} 50%",
@@ -91,11 +91,13 @@ def _child(case: str, args: argparse.Namespace, out: Path) -> dict:
             "block_seconds_second_half_median": statistics.median(bs[len(bs) // 2 :]),
             "source_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
             "workers": report.workers,
+            "resumed_from": report.resumed_from,  # block_seconds are this process's blocks only
         }
         # the checkpoint loads block by block: decode and check the head, block 0 and the last block
         t1 = time.perf_counter()
         checked = []
-        for key, tensors in iter_checkpoint_blocks(out, blocks={None, 0, len(bs) - 1}):
+        last = report.resumed_from + len(bs) - 1
+        for key, tensors in iter_checkpoint_blocks(out, blocks={None, 0, last}):
             w = next((v for k, v in tensors.items() if k.endswith("down_proj.weight")), None)
             if w is not None:
                 assert abs(float((w == 0).float().mean()) - 0.5) < 0.01, key
@@ -126,6 +128,8 @@ def _forward(args) -> list[str]:
         out += ["--tinyllama", args.tinyllama]
     if args.llama7b:
         out += ["--llama7b", args.llama7b]
+    if args.resume:
+        out += ["--resume", args.resume]
     return out
 
 
@@ -192,6 +196,12 @@ def main(argv=None) -> None:
     p.add_argument("--big-calib", default="4x128", help="big models: WINDOWSxTOKENS of random ids")
     p.add_argument("--stem", default="offload", help="results file stem in benchmarks/results (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (deleted after; default: a temp dir)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="the work directory (bench-offload-*) of a killed run: its big-model case resumes from the last "
+        "finished block (the work directory is kept)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
@@ -204,12 +214,14 @@ def main(argv=None) -> None:
     import platform
 
     json_path = RESULTS / f"{args.stem}.json"
-    data = json.loads(json_path.read_text()) if json_path.is_file() else {"cases": {}}
+    data = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if "cases" not in data:  # no file, or one in another layout: start a new one (cases already run are kept)
+        data = {"cases": {}}
     data["command"] = "python benchmarks/bench_offload.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = ", ".join(f"{x:.0f}" for x in os.getloadavg())
     data["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, shared; load average at start {load}"
     data["calib_batch"] = args.calib_batch
-    tmp = Path(tempfile.mkdtemp(prefix="bench-offload-", dir=args.workdir))
+    tmp = Path(args.resume) if args.resume else Path(tempfile.mkdtemp(prefix="bench-offload-", dir=args.workdir))
     from sparseland.io import write_results
 
     try:
@@ -225,7 +237,8 @@ def main(argv=None) -> None:
             write_results(RESULTS, args.stem, data, _markdown(data))
             print(_markdown(data), flush=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.resume:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Ray is an optional extra (``pip install -e ".[ray]"``); nothing here imports it 
 
 from __future__ import annotations
 
+import os
+
 from sparseland.errors import SparselandError
 
 INSTALL = 'Ray is not installed; install the extra with `pip install -e ".[ray]"` (or `pip install "ray>=2.9"`)'
@@ -29,6 +31,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
         if address in (None, "", "local"):
+            # Ray runs its workers at nice 15 by default; on a shared machine they then get almost no CPU
+            # (measured: 5 s of CPU in 5 min at load 10) while the driver only waits on them. Equal priority,
+            # unless the user set RAY_worker_niceness. A cluster from `ray start` takes it from its own env.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus, **kwargs)
         else:
             ray.init(address=address, **kwargs)

@@ -142,10 +142,11 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
         self.n += x.shape[0]
-        self.sum += x.sum(0).double()
-        self.sumsq += (x * x).sum(0).double()
+        # float32 terms added into float64 sums (exactly as .double() then +=, without the float64 copy)
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
         if self.gram is not None:
-            self.gram += (x.T @ x).double()
+            self.gram += x.T @ x
 
     @property
     def norm(self) -> torch.Tensor:  # ||X_j||_2 over all calibration tokens

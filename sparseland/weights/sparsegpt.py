@@ -18,7 +18,12 @@ from sparseland.weights.masks import check_nm_shape
 
 def _hinv_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * I)^-1, damp = percdamp * mean(diag(H)). Step 1 of the paper."""
-    H = H.clone()
+    return _hinv_upper_(H.clone(), percdamp)
+
+
+def _hinv_upper_(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """``_hinv_upper`` that overwrites ``H`` (the caller's copy): the inverse is written into H's memory
+    and the factor into the Cholesky factor's, so at most two (in, in) matrices are alive, not five."""
     diag = torch.arange(H.shape[0])
     damp = percdamp * torch.mean(torch.diag(H))
     if not damp > 0:
@@ -31,8 +36,8 @@ def _hinv_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         H[diag, diag] += damp * (10**attempt)
     else:
         raise SparselandError("the calibration Hessian is not positive definite even with damping; use more data")
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
+    torch.cholesky_inverse(L, out=H)  # H := (H + damp)^-1
+    return torch.linalg.cholesky(H, upper=True, out=L)
 
 
 class _JointQuant:
@@ -155,11 +160,12 @@ def _sparsegpt(
     out_f, in_f = W.shape
     jq = _JointQuant(quant, out_f, in_f) if quant is not None else None
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H = H.detach().to(torch.float32, copy=True)  # one copy (a clone of a float64 Gram, then .float(), made two)
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = _hinv_upper(H, percdamp)  # (in, in) upper triangular
+    Hinv = _hinv_upper_(H, percdamp)  # (in, in) upper triangular; H's memory now holds scratch
+    del H
 
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)

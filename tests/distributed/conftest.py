@@ -7,7 +7,9 @@ import pytest
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'); CI installs it")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from sparseland.distributed import init_ray
+
+    init_ray(None, num_cpus=2)  # as the executor starts it (workers at the driver's priority, not nice 15)
     try:
         yield ray
     finally:

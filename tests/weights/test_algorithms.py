@@ -142,3 +142,34 @@ def test_owl_more_outliers_less_sparsity():
 def test_outlier_ratio():
     scores = [torch.ones(99), torch.tensor([1000.0])]
     assert outlier_ratio(scores, 5.0) == pytest.approx(0.01)
+
+
+def test_hinv_upper_in_place_equals_textbook_and_keeps_input():
+    """The in-place inverse-Hessian factor (two (in, in) buffers) is bit-identical to the plain formula,
+    and the copying variant leaves its argument untouched."""
+    from sparseland.weights.sparsegpt import _hinv_upper, _hinv_upper_
+
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    H = x.T @ x
+    before = H.clone()
+    damped = H + 0.01 * torch.mean(torch.diag(H)) * torch.eye(48)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(_hinv_upper(H, 0.01), expected)
+    assert torch.equal(H, before)
+    assert torch.equal(_hinv_upper_(H.clone(), 0.01), expected)
+
+
+def test_input_stats_add_equals_float64_copies():
+    """InputStats adds float32 terms into its float64 sums, exactly as converting each term first."""
+    from sparseland.weights.pruner import InputStats
+
+    st = InputStats(24, gram=True)
+    gram = torch.zeros(24, 24, dtype=torch.float64)
+    sumsq = torch.zeros(24, dtype=torch.float64)
+    for seed in range(3):
+        x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(seed))
+        st.add(x)
+        x2 = x.reshape(-1, 24)
+        gram += (x2.T @ x2).double()
+        sumsq += (x2 * x2).sum(0).double()
+    assert torch.equal(st.gram, gram) and torch.equal(st.sumsq, sumsq) and st.n == 42

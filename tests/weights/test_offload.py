@@ -183,3 +183,18 @@ def test_cli_flags(src, tmp_path, capsys):
     assert "tokenizer" in capsys.readouterr().err
     assert main(["prune", "--model", str(tmp_path), "--offload", "--out", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_heap_trimmed_after_every_block(src, tmp_path, monkeypatch):
+    """The C heap's free memory goes back to the system after each block (the peak must not creep)."""
+    import sparseland.weights.offload.driver as driver
+    from sparseland.weights.offload.state import trim_heap
+
+    calls = []
+    monkeypatch.setattr(driver, "trim_heap", lambda: calls.append(1))
+    prune_offload(src, MagnitudeConfig(sparsity=0.5), tmp_path / "out", progress=False)
+    import json
+
+    assert len(calls) == json.loads((Path(src) / "config.json").read_text())["num_hidden_layers"]
+    if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):  # glibc
+        assert trim_heap() is True

@@ -22,7 +22,7 @@ Peak memory is one float32 block + one micro-batch of activations + the embeddin
 Everything lives in a work directory beside the output (``<out>.partial``); a run that was killed
 resumes from the last finished block (``resume=True``) and gives the same checkpoint as an
 uninterrupted run, because every input of block k+1 (activations and the pruned block k's shard) is on
-disk when block k is recorded as done. At the end the shards are streamed (in 64 MiB pieces) into one
+disk when block k is recorded as done. At the end the shards are streamed (in 8 MiB pieces through one buffer) into one
 ``model.safetensors`` of the usual sparse checkpoint format, with ``sparseland.json`` and the tokenizer,
 in a temporary directory that is renamed into place.
 

@@ -26,6 +26,7 @@ from sparseland.weights.offload.state import (
     fingerprint,
     open_state,
     peak_rss_mb,
+    trim_heap,
     work_dir_for,
 )
 from sparseland.weights.pruner import _check_calibration, block_linears, prune_weight, quantize_pruned_
@@ -257,6 +258,7 @@ def _block_loop(run: _Run, report: OffloadReport, tokens: int, progress: bool, o
             index += _do_block(run, i, index, report.block_sparsity[i])
             state["done"] = i + 1
             run.commit()
+            trim_heap()  # the block's freed memory back to the system, so the peak does not creep up
             dt = time.perf_counter() - t0
             report.block_seconds.append(dt)
             bar.update(1)

@@ -20,6 +20,27 @@ STATE_FILE = "state.json"
 STATE_VERSION = 1
 
 
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``); False where there is none.
+
+    glibc serves allocations below its mmap threshold (which rises to 32 MB as large blocks are freed)
+    from the heap and keeps what is freed there: after each block of a small model the freed float32
+    weights and activations were left fragmented, and the peak RSS of the embedded model's run grew
+    from 649 MiB (block 4) to 821 MiB (block 28) instead of staying at one block's worth."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -413,27 +413,35 @@ inline uint64_t mask64(const uint8_t* mrow, int64_t c, int64_t in) {
   return k;
 }
 
-// One 64-column step by expansion: codes[pos..] (count popcount(k)) to their columns, dot with xq[c..].
-// Returns acc + the step's lanes (d Q + m S) * s; lanes 0-7 are x block c/32, lanes 8-15 block c/32 + 1.
+// One 64-column step whose codes are one byte per column (cv) and, asymmetric, whose kept columns are 1 in kv:
+// returns acc + the step's lanes (d Q + m S) * s; lanes 0-7 are x block c/32, lanes 8-15 block c/32 + 1.
 // G32: group of 32 columns (lanes 0-7 and 8-15 have their own d, m), else one d, m broadcast.
-// SYM (m = -8 d): pruned columns are filled with code 8 instead of 0, so the step is d Q over all 64 columns
-// and the offset term, -8 sum_G d_G S_G with S_G the x sum of group G, is the same for every row (the
-// caller subtracts it once per row): no second dot product for sum_kept xq.
+// SYM (m = -8 d): pruned columns hold code 8 instead of 0, so the step is d Q over all 64 columns and the
+// offset term, -8 sum_G d_G S_G with S_G the x sum of group G, is the same for every row (the caller
+// subtracts it once per row): no second dot product for sum_kept xq, and kv is not read.
 template <bool G32, bool SYM>
-SPARSELAND_Q512 inline __m512 step64_expand(uint64_t k, const uint8_t* cu, const float* d, const float* m,
-                                            const int8_t* xq, const float* l64, int64_t c, int gshift, __m512 acc) {
+SPARSELAND_Q512 inline __m512 step64(__m512i cv, __m512i kv, const float* d, const float* m, const int8_t* xq,
+                                     const float* l64, int64_t c, int gshift, __m512 acc) {
   const __m512i zero = _mm512_setzero_si512();
   const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i raw = _mm512_loadu_si512(cu);
-  const __m512i cv = SYM ? _mm512_mask_expand_epi8(_mm512_set1_epi8(8), k, raw) : _mm512_maskz_expand_epi8(k, raw);
   const __m512i xv = _mm512_loadu_si512(xq + c);
   const __m512i q = _mm512_dpbusd_epi32(zero, cv, xv);
   const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
   const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
   if constexpr (SYM) return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), sl), dl, acc);
-  const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)), xv);
+  const __m512i s = _mm512_dpbusd_epi32(zero, kv, xv);
   const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
   return _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl, acc);
+}
+
+// step64 by expansion: codes[pos..] (count popcount(k)) scattered to their columns (SYM: code 8 elsewhere).
+template <bool G32, bool SYM>
+SPARSELAND_Q512 inline __m512 step64_expand(uint64_t k, const uint8_t* cu, const float* d, const float* m,
+                                            const int8_t* xq, const float* l64, int64_t c, int gshift, __m512 acc) {
+  const __m512i raw = _mm512_loadu_si512(cu);
+  const __m512i cv = SYM ? _mm512_mask_expand_epi8(_mm512_set1_epi8(8), k, raw) : _mm512_maskz_expand_epi8(k, raw);
+  const __m512i kv = SYM ? _mm512_setzero_si512() : _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1));
+  return step64<G32, SYM>(cv, kv, d, m, xq, l64, c, gshift, acc);
 }
 
 // Lane -> group index relative to the step's first group, for lanes covering columns off(l).
@@ -562,24 +570,12 @@ SPARSELAND_Q512 void expand_row512(const uint8_t* mrow, const uint8_t* cu, int64
 template <bool G32, bool SYM>
 SPARSELAND_Q512 float dense_dot512(const uint8_t* dense, const uint8_t* kept, const float* d, const float* m, int gshift,
                                    const int8_t* xq, const float* xs, int64_t in, const float* gsum) {
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const float* l64 = lanes64(xs, in);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (int64_t c = 0; c < in; c += 64) {  // past `in`: fill or 0 codes against zero x padding
-    const __m512i xv = _mm512_loadu_si512(xq + c);
-    const __m512i q = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(dense + c), xv);
-    const __m512 dl = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(d + c / 32)) : _mm512_set1_ps(d[c >> gshift]);
-    const __m512 sl = _mm512_loadu_ps(l64 + 16 * (c / 64));
-    if constexpr (SYM) {
-      acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), sl), dl, acc0);
-    } else {
-      const __m512i s = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(kept + c), xv);
-      const __m512 ml = G32 ? _mm512_permutexvar_ps(half, _mm512_loadu_ps(m + c / 32)) : _mm512_set1_ps(m[c >> gshift]);
-      acc1 = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dl, _mm512_mul_ps(_mm512_cvtepi32_ps(s), ml)), sl, acc1);
-    }
-  }
-  const float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < in; c += 64)  // past `in`: fill or 0 codes against zero x padding
+    acc = step64<G32, SYM>(_mm512_loadu_si512(dense + c), SYM ? _mm512_setzero_si512() : _mm512_loadu_si512(kept + c),
+                           d, m, xq, l64, c, gshift, acc);
+  const float r = _mm512_reduce_add_ps(acc);
   return SYM ? r - 8.0f * dot_groups(d, gsum, in >> gshift) : r;
 }
 

@@ -21,7 +21,13 @@ from sparseland.runtime.generate import LeanDecoder
 from sparseland.runtime.modules import to_sparse_runtime_
 from tests.conftest import make_tiny_llama
 from tests.models.arch_configs import make_tiny
-from tests.runtime.helpers import compare_fast_and_python, magnitude_prune_, prompt, require_fast_step
+from tests.runtime.helpers import (
+    compare_fast_and_python,
+    fused_tracks_python,
+    magnitude_prune_,
+    prompt,
+    require_fast_step,
+)
 
 NEW = ("gemma2", "gemma3", "phi3", "olmo2", "gpt_neox")
 
@@ -62,14 +68,7 @@ def test_quantized_new_layouts(family):
     model = make_tiny(family, seed=2)
     sl.sparsify_(model, QuantConfig(scheme="int4-g32"))
     to_sparse_runtime_(model)
-    fast, ref = LeanDecoder(model, 16), LeanDecoder(model, 16)
-    assert fast.fast is not None, fast.fast_reason
-    ref.fast = None
-    a, b = fast.step(prompt(0, 10)), ref.step(prompt(0, 10))
-    for _ in range(5):
-        tok = torch.tensor([[int(b.argmax())]])
-        a, b = fast.step(tok), ref.step(tok)
-        assert float((a - b).norm() / b.norm()) < 1e-2
+    fast, _ = fused_tracks_python(model, prompt_len=10)
     assert fast.fused_steps == 5
 
 

@@ -9,7 +9,7 @@ from sparseland.quant import QuantConfig
 from sparseland.runtime.generate import LeanDecoder, greedy_generate
 from sparseland.runtime.modules import SparseLinear, to_sparse_runtime_
 from tests.conftest import make_tiny_llama
-from tests.runtime.helpers import compare_fast_and_python, magnitude_prune_
+from tests.runtime.helpers import compare_fast_and_python, fused_tracks_python, magnitude_prune_
 from tests.runtime.helpers import prompt as _prompt
 
 
@@ -62,22 +62,9 @@ def test_fused_step_matches_python_step(scheme, pattern, sparsity, fmt, threads)
     step. So the two agree to the x-rounding error (well under 1%), not to float rounding."""
     model = _quantized(scheme, pattern, sparsity)
     to_sparse_runtime_(model)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fast, ref = LeanDecoder(model, 12), LeanDecoder(model, 12)
-        assert fast.fast is not None
-        ref.fast = None
-        ids = _prompt(0, 6)
-        a, b = fast.step(ids), ref.step(ids)
-        for _ in range(5):
-            tok = torch.tensor([[int(b.argmax())]])
-            a, b = fast.step(tok), ref.step(tok)
-            assert float((a - b).norm() / b.norm()) < 1e-2
-        for x, y in ((fast.k_cache, ref.k_cache), (fast.v_cache, ref.v_cache)):
-            assert float((x - y).norm() / y.norm()) < 1e-2
-    finally:
-        torch.set_num_threads(old)
+    fast, ref = fused_tracks_python(model, prompt_len=6, max_len=12, threads=threads)
+    for x, y in ((fast.k_cache, ref.k_cache), (fast.v_cache, ref.v_cache)):
+        assert float((x - y).norm() / y.norm()) < 1e-2
 
 
 def test_fused_step_on_a_float_model_still_matches_exactly():

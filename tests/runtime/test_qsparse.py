@@ -317,6 +317,14 @@ def test_malformed_inputs_are_rejected():
     for kw in cases:
         with pytest.raises(RuntimeError):
             call(**kw)
+    # the symmetric prefill route (8+ vectors as a dense Q4 weight) checks each row's byte count too
+    g = qs.Q4BitmaskFormat.from_dense(w, "int4-g64-sym")
+    bad = g.row_ptr.clone()
+    bad[1:] += 1
+    codes = torch.cat([g.codes, g.codes.new_zeros(1)])
+    for batch in (2, 8):
+        with pytest.raises(RuntimeError, match="ceil"):
+            op(g.mask, bad, codes, g.scale, None, torch.randn(batch, 128))
 
     g = qs.Q4NMFormat.from_dense(_nm_pruned(8, 128, 2, 4, 0), "int4-g64")
     nm = torch.ops.sparseland.q4nm_mm

@@ -181,6 +181,13 @@ inline int64_t popcount_row(const uint8_t* mrow, int64_t in8) {
   return n;
 }
 
+// The number of kept codes of bitmask row r (popcount of its mask), or -1 if its byte count in row_ptr is not
+// ceil(n / 2): such a row must not be read (its codes would run into the next row's or past the end).
+inline int64_t bitmask_row_codes(const uint8_t* mrow, const int64_t* row_ptr, int64_t r, int64_t in8) {
+  const int64_t n = popcount_row(mrow, in8);
+  return row_ptr[r + 1] - row_ptr[r] == (n + 1) / 2 ? n : -1;
+}
+
 // Per-thread scratch: unpacked codes of the current row, its fp32 scales, and (single-vector entry
 // points) the quantized x. Grown, never shrunk; no allocation once large enough.
 struct Scratch {
@@ -662,8 +669,8 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
     } else if (nm) {
       unpack_codes(prow, in / 2, S.codes.data());
     } else {
-      const int64_t n = popcount_row(mrow, in8);
-      if (row_ptr[r + 1] - row_ptr[r] != (n + 1) / 2) {
+      const int64_t n = bitmask_row_codes(mrow, row_ptr, r, in8);
+      if (n < 0) {
         ok = false;
         for (int64_t b = 0; b < B; ++b) y[b * y_stride + r] = std::numeric_limits<float>::quiet_NaN();
         continue;
@@ -756,8 +763,11 @@ constexpr int64_t kGrain = 16, kBatch = 8;
 // code 8, value d (8 - 8) = 0; llama.cpp's block order, qmatvec.h), then the dense kernel's multi-vector
 // tiles, which unpack each weight block once for 8 vectors (AVX-512) where the sparse rows cannot.
 constexpr int64_t kDenseB = 8;
+constexpr const char* kBadRowMessage =
+    "q4bitmask: a row's code byte count (row_ptr[r+1] - row_ptr[r]) is not ceil(popcount/2)";
 
-at::Tensor sym_as_dense_q4(const uint8_t* M, const int64_t* R, const uint8_t* C, const Shape& sh) {
+// ok: false if a bitmask row's byte count disagrees with its mask (that row is left unread, as in rows()).
+at::Tensor sym_as_dense_q4(const uint8_t* M, const int64_t* R, const uint8_t* C, const Shape& sh, std::atomic<bool>& ok) {
   auto dense = at::empty({sh.out, sh.in / 2}, at::kByte);
   uint8_t* D = dense.data_ptr<uint8_t>();
   const int isa = quant_isa();
@@ -765,8 +775,12 @@ at::Tensor sym_as_dense_q4(const uint8_t* M, const int64_t* R, const uint8_t* C,
     Scratch& S = scratch(sh.in);
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* mrow = M + r * (sh.in / 8);
-      if (R) unpack_codes(C + R[r], popcount_row(mrow, sh.in / 8), S.codes.data());
-      else unpack_codes(C + r * (sh.in / 4), sh.in / 2, S.codes.data());
+      const int64_t n = R ? bitmask_row_codes(mrow, R, r, sh.in / 8) : sh.in / 2;
+      if (n < 0) {
+        ok = false;
+        continue;
+      }
+      unpack_codes(R ? C + R[r] : C + r * (sh.in / 4), n, S.codes.data());
       if (isa == kAvx512) expand_row512<true>(mrow, S.codes.data(), sh.in, S.dense.data(), S.kept.data());
       else if (R) expand_row_avx2<false>(mrow, S.codes.data(), sh.in, true, S.dense.data(), S.kept.data());
       else expand_row_avx2<true>(mrow, S.codes.data(), sh.in, true, S.dense.data(), S.kept.data());
@@ -784,15 +798,18 @@ at::Tensor sym_as_dense_q4(const uint8_t* M, const int64_t* R, const uint8_t* C,
 at::Tensor run_mm(const uint8_t* M, const int64_t* R, const uint8_t* C, const at::Tensor& scale,
                   const std::optional<at::Tensor>& offset, const at::Tensor& x, const Shape& sh) {
   const int64_t B = x.size(0);
-  if (!offset.has_value() && B >= kDenseB && g_fill_kernels.load(std::memory_order_relaxed))
-    return q4_mm(sym_as_dense_q4(M, R, C, sh), scale, std::nullopt, sh.group, x);
+  std::atomic<bool> ok{true};
+  if (!offset.has_value() && B >= kDenseB && g_fill_kernels.load(std::memory_order_relaxed)) {
+    at::Tensor dense = sym_as_dense_q4(M, R, C, sh, ok);
+    TORCH_CHECK(ok.load(), kBadRowMessage);
+    return q4_mm(dense, scale, std::nullopt, sh.group, x);
+  }
   auto y = at::empty({B, sh.out}, x.options());
   if (B == 0 || sh.out == 0) return y;
   XBuf X(x, sh.in);
   const at::Half* D = scale.data_ptr<at::Half>();
   const at::Half* O = offset.has_value() ? offset->data_ptr<at::Half>() : nullptr;
   float* Y = y.data_ptr<float>();
-  std::atomic<bool> ok{true};
   for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
     const int64_t nb = std::min(kBatch, B - b0);
     XQ xv{X.view.q + b0 * X.view.q_stride, X.view.s + b0 * X.view.s_stride, X.view.q_stride, X.view.s_stride};
@@ -800,7 +817,7 @@ at::Tensor run_mm(const uint8_t* M, const int64_t* R, const uint8_t* C, const at
       if (!rows(M, R, C, D, O, xv, nb, Y + b0 * sh.out, sh.out, sh.in, sh.group, r0, r1)) ok = false;
     });
   }
-  TORCH_CHECK(ok.load(), "q4bitmask: a row's code byte count (row_ptr[r+1] - row_ptr[r]) is not ceil(popcount/2)");
+  TORCH_CHECK(ok.load(), kBadRowMessage);
   return y;
 }
 

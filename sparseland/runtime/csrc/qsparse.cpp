@@ -613,22 +613,6 @@ inline float row_dot512(bool nm, bool sym, const uint8_t* mrow, const uint8_t* p
 
 inline int group_shift(int64_t group) { return group == 32 ? 5 : (group == 64 ? 6 : 7); }
 
-// Software prefetch of row r's mask, codes and scales (the kernels run `kAhead` rows behind): a row is unpacked
-// and then dotted, so without it each row's first touch waits on memory and the loads never overlap the math.
-constexpr int64_t kAhead = 6;
-inline void prefetch_bytes(const void* p, int64_t n) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
-inline void prefetch_row(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, const at::Half* scale,
-                         const at::Half* offset, int64_t in, int64_t G, int64_t r) {
-  prefetch_bytes(mask + r * (in / 8), in / 8);
-  if (row_ptr) prefetch_bytes(codes + row_ptr[r], row_ptr[r + 1] - row_ptr[r]);
-  else prefetch_bytes(codes + r * (in / 4), in / 4);
-  prefetch_bytes(scale + r * G, G * 2);
-  if (offset) prefetch_bytes(offset + r * G, G * 2);
-}
-
 // Quantized x vectors: xq (B, xq_stride) int8 and xs (B, xs_stride) fp32.
 struct XQ {
   const int8_t* q;
@@ -658,7 +642,6 @@ bool rows(const uint8_t* mask, const int64_t* row_ptr, const uint8_t* codes, con
     for (int64_t b = 0; b < B; ++b) group_sums(X.s + b * X.s_stride, in, gs, S.gsum.data() + b * gstride);
   }
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + kAhead < r1) prefetch_row(mask, row_ptr, codes, scale, offset, in, G, r + kAhead);
     const uint8_t* mrow = mask + r * in8;
     const uint8_t* prow = nm ? codes + r * (in / 4) : nullptr;
     if (nm && isa == kAvx512 && expand_once) {
